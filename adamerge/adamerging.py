@@ -1,0 +1,221 @@
+"""The AdaMerging Lightning module: learn merging coefficients by test-time entropy minimisation."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .merged_model import Granularity, MergedModel
+from .pool import DTYPES, LoadedPool, ModelPool
+from .task_vectors import TaskVectors, fingerprint_difference
+
+COEFFICIENTS_KEY = "merged.coefficients"
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy (nats) of ``softmax(logits)`` over the batch."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def images_of(batch: Any) -> torch.Tensor:
+    """The image tensor of a batch that is ``images``, ``(images, labels, ...)`` or a dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        return batch["image"] if "image" in batch else next(iter(batch.values()))
+    return batch[0]
+
+
+class AdaMerging(L.LightningModule):
+    """Task-wise or layer-wise AdaMerging.
+
+    Args:
+        pool: where the base encoder, the fine-tuned experts and the task heads come from.
+        granularity: ``taskwise`` (one coefficient per task) or ``layerwise`` (one per task per
+            parameter tensor).
+        prior: initial coefficient (the paper uses 0.3).
+        clamp: clamp coefficients to [0, 1] when merging.
+        lr: Adam learning rate (the paper uses 1e-3).
+        per_task_backward: back-propagate task by task through the shared merged weights, so
+            peak activation memory is that of one task's batch instead of all K.
+        trim: AdaMerging++: keep this fraction of each task vector's largest magnitudes, elect
+            signs and drop disagreeing entries (TIES) before learning; ``None`` is plain
+            AdaMerging, the paper's ++ uses 0.2.
+        task_vector_dtype: storage dtype of the task vectors (float32, bfloat16, float16);
+            ``None`` keeps the pool's.
+        offload: keep task vectors in (pinned) CPU memory and stream them to the device per merge.
+    """
+
+    def __init__(self, pool: ModelPool, granularity: Granularity = "layerwise", prior: float = 0.3,
+                 clamp: bool = True, lr: float = 1e-3, per_task_backward: bool = False,
+                 trim: float | None = None,
+                 task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+                 offload: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["pool"])
+        self.strict_loading = False  # frozen tensors are rebuilt from the pool, not the checkpoint
+        loaded = pool.load()
+        self.loaded = loaded
+        tv = loaded.task_vectors
+        if trim is not None:
+            from .merge_methods import ties_task_vectors
+            tv = ties_task_vectors(tv, keep=trim)
+        if task_vector_dtype is not None:
+            tv = tv.to(dtype=DTYPES[task_vector_dtype])
+        if offload:
+            tv = tv.to("cpu")
+            if torch.cuda.is_available():
+                tv = TaskVectors(tv.task_names, tv.names, [t.pin_memory() for t in tv.tensors], tv.meta)
+        self.merged = MergedModel(loaded.encoder, tv, granularity=granularity, prior=prior,
+                                  clamp=clamp, offload=offload)
+        self.heads = nn.ModuleDict({t: h.requires_grad_(False) for t, h in loaded.heads.items()})
+        self.fingerprint = tv.fingerprint()
+        self.lr, self.per_task_backward = lr, per_task_backward
+        self.metrics = nn.ModuleDict({t: MulticlassAccuracy(num_classes=self.num_classes(t), average="micro")
+                                      for t in self.task_names})
+        self._eval_params: dict[str, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------------------- helpers
+    @property
+    def task_names(self) -> list[str]:
+        return self.merged.task_names
+
+    def num_classes(self, task: str) -> int:
+        """Output width of a task's head, found by probing its last linear layer."""
+        head = self.heads[task]
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"cannot tell the class count of head {task!r}: no nn.Linear in it")
+        return linears[-1].out_features
+
+    def task_logits(self, images: dict[str, torch.Tensor],
+                    params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Logits of each task's head on the merged encoder's features; one encoder call if possible."""
+        tasks = list(images)
+        shapes = {tuple(images[t].shape[1:]) for t in tasks}
+        if len(shapes) == 1 and len(tasks) > 1:
+            feats = self.merged(torch.cat([images[t] for t in tasks]), params=params)
+            chunks = feats.split([images[t].shape[0] for t in tasks])
+        else:
+            chunks = [self.merged(images[t], params=params) for t in tasks]
+        return {t: self.heads[t](f) for t, f in zip(tasks, chunks)}
+
+    def _batch_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        missing = [t for t in self.task_names if t not in batch]
+        if missing:
+            raise ValueError(f"training batch has no data for tasks {missing}; got {list(batch)}")
+        return {t: images_of(batch[t]) for t in self.task_names}
+
+    # ------------------------------------------------------------------------------ train
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images = self._batch_images(batch)
+        params = self.merged.merged_parameters()
+        if not self.per_task_backward:
+            ents = {t: entropy(z) for t, z in self.task_logits(images, params).items()}
+            loss = torch.stack(list(ents.values())).sum()
+            self._log_train(loss.detach(), {t: e.detach() for t, e in ents.items()})
+            return loss
+        # Task by task: gradients w.r.t. the merged tensors are accumulated, then pushed through
+        # the merge once via a surrogate whose gradient w.r.t. the coefficients is exact.
+        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+        grads = [torch.zeros_like(p) for p in leaves.values()]
+        ents = {}
+        for t in self.task_names:
+            e = entropy(self.task_logits({t: images[t]}, leaves)[t])
+            for acc, g in zip(grads, torch.autograd.grad(e, list(leaves.values()), allow_unused=True)):
+                if g is not None:
+                    acc.add_(g)
+            ents[t] = e.detach()
+        self._log_train(torch.stack(list(ents.values())).sum(), ents)
+        return sum((p * g).sum() for p, g in zip(params.values(), grads))
+
+    def _log_train(self, loss: torch.Tensor, ents: dict[str, torch.Tensor]) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite entropy {loss.item()} at step {self.global_step} "
+                                     f"(per task: { {t: float(e) for t, e in ents.items()} }); the last "
+                                     "good checkpoint is kept")
+        self.log("train/entropy", loss, prog_bar=True)
+        for t, e in ents.items():
+            self.log(f"train/entropy/{t}", e)
+        lam = self.merged.lambdas().detach()
+        self.log_dict({"coef/mean": lam.mean(), "coef/min": lam.min(), "coef/max": lam.max()})
+        for k, t in enumerate(self.task_names):
+            self.log(f"coef/{t}", lam[:, k].mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.merged.coefficients], lr=self.lr)
+
+    # -------------------------------------------------------------------------- evaluate
+    def _start_eval(self) -> None:
+        with torch.no_grad():
+            self._eval_params = self.merged.merged_parameters()  # one merge per evaluation
+        for m in self.metrics.values():
+            m.reset()
+
+    def _eval_step(self, batch: Any, dataloader_idx: int) -> None:
+        task = self.task_names[dataloader_idx]
+        x, y = batch[0], batch[1]
+        n = self.num_classes(task)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n):
+            raise ValueError(f"task {task!r}: label {int(y.max()) if int(y.max()) >= n else int(y.min())} "
+                             f"is outside the head's {n} classes")
+        logits = self.task_logits({task: x}, self._eval_params)[task]
+        self.metrics[task].update(logits, y)
+
+    def _end_eval(self, stage: str) -> dict[str, float]:
+        accs = {t: float(m.compute()) * 100 for t, m in self.metrics.items() if m.update_called}
+        for t, a in accs.items():
+            self.log(f"{stage}/acc/{t}", a)
+        if accs:
+            self.log(f"{stage}/acc_avg", sum(accs.values()) / len(accs), prog_bar=True)
+        self._eval_params = None
+        self.last_accuracies = accs
+        return accs
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    # ------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only the coefficients: base weights, task vectors and heads come back from the pool.
+        checkpoint["state_dict"] = {COEFFICIENTS_KEY: checkpoint["state_dict"][COEFFICIENTS_KEY]}
+        checkpoint["adamerge"] = {"fingerprint": self.fingerprint,
+                                  "granularity": self.merged.granularity}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint(checkpoint, self.fingerprint, tuple(self.merged.coefficients.shape))
+
+
+def check_checkpoint(checkpoint: dict[str, Any], fingerprint: dict, coeff_shape: tuple[int, ...],
+                     source: str = "checkpoint") -> None:
+    """Refuse a checkpoint made on another model pool, naming the difference."""
+    meta = checkpoint.get("adamerge")
+    if meta is None or COEFFICIENTS_KEY not in checkpoint.get("state_dict", {}):
+        raise ValueError(f"{source} is not an adamerge checkpoint (no coefficients / fingerprint)")
+    diff = fingerprint_difference(meta["fingerprint"], fingerprint)
+    if diff:
+        raise ValueError(f"{source} was made on a different model pool: {diff}")
+    shape = tuple(checkpoint["state_dict"][COEFFICIENTS_KEY].shape)
+    if shape != coeff_shape:
+        raise ValueError(f"{source} holds {meta.get('granularity')} coefficients of shape {shape}, "
+                         f"this run expects {coeff_shape}: use the same granularity")

@@ -1,0 +1,79 @@
+"""The ``adamerge`` command line.
+
+``fit``, ``validate`` and ``test`` are LightningCLI subcommands driven by YAML configs; the
+other commands are small argparse programs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+HELP = """usage: adamerge COMMAND [options]
+
+Test-time adaptive model merging (AdaMerging) on Lightning.
+
+commands:
+  fit       learn merging coefficients:  adamerge fit --config configs/tiny.yaml
+            resume with --ckpt_path last (same --trainer.default_root_dir)
+  validate  evaluate merged model(s):     adamerge validate --config FILE [--ckpt_path CKPT]
+  test      same, on the evaluation split: adamerge test --config FILE [--ckpt_path CKPT]
+
+Run `adamerge COMMAND --help` for the options of a command.
+"""
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+class AdaMergeCLI(LightningCLI):
+    """LightningCLI with a checkpoint section that every run gets (periodic + ``last.ckpt``)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from .callbacks import RunCheckpoint
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50,
+                             "checkpoint.save_top_k": -1})
+
+
+def lightning_main(args: Sequence[str]) -> None:
+    """Run a LightningCLI subcommand (fit / validate / test)."""
+    from .adamerging import AdaMerging
+    from .data import MultiTaskDataModule
+    AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=list(args),
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={"max_steps": 500, "check_val_every_n_epoch": None,
+                                  "val_check_interval": 500, "log_every_n_steps": 10})
+
+
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError,
+                                                  FloatingPointError, RuntimeError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    command, rest = argv[0], argv[1:]
+    commands = {c: lightning_main for c in LIGHTNING_COMMANDS}
+    if command not in commands:
+        print(f"adamerge: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
+        return 2
+    try:
+        commands[command]([command, *rest] if command in LIGHTNING_COMMANDS else rest)
+    except KNOWN_ERRORS as exc:
+        if os.environ.get("ADAMERGE_DEBUG"):
+            raise
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"adamerge {command}: error: {msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

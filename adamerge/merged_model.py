@@ -1,0 +1,151 @@
+"""The merged functional model: ``theta_p = base_p + sum_k lambda[row(p), k] * tau[k, p]``.
+
+The base module is frozen and never copied or modified: it is called with
+``torch.func.functional_call`` on merged tensors. The merge and its backward run as one fused
+matrix-vector product per parameter (:class:`_Merge`), so autograd records P nodes, not P x K,
+and no gradient is ever computed for a frozen tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .task_vectors import TaskVectors
+
+Granularity = Literal["taskwise", "layerwise"]
+
+
+class _Merge(torch.autograd.Function):
+    """Fused merge of all parameters; the only differentiable input is the coefficient matrix."""
+
+    @staticmethod
+    def forward(ctx: Any, coeffs: torch.Tensor, rows: torch.Tensor, bases: tuple[torch.Tensor, ...],
+                taus: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        ctx.taus, ctx.rows, ctx.coeff_shape = taus, rows, coeffs.shape
+        outs = []
+        rows_list = rows.tolist()
+        for row, base, tau in zip(rows_list, bases, taus):
+            flat_tau = tau.reshape(tau.shape[0], -1)
+            lam = coeffs[row]
+            if flat_tau.device != base.device:  # task vectors streamed from (pinned) CPU memory
+                flat_tau = flat_tau.to(base.device, non_blocking=True)
+            if flat_tau.dtype == base.dtype:
+                merged = torch.addmv(base.reshape(-1), flat_tau.t(), lam.to(base.dtype))
+            else:  # low-precision storage: combine in the storage dtype, add in the base dtype
+                merged = base.reshape(-1) + torch.mv(flat_tau.t(), lam.to(flat_tau.dtype)).to(base.dtype)
+            outs.append(merged.view(base.shape))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None):
+        # d loss / d lambda[row(p), k] = <d loss / d theta_p, tau_k,p>
+        per_param, used_rows = [], []
+        for p, (g, tau) in enumerate(zip(grads, ctx.taus)):
+            if g is None:
+                continue
+            flat_tau = tau.reshape(tau.shape[0], -1)
+            if flat_tau.device != g.device:
+                flat_tau = flat_tau.to(g.device, non_blocking=True)
+            per_param.append(torch.mv(flat_tau, g.reshape(-1).to(flat_tau.dtype)))
+            used_rows.append(p)
+        grad = torch.zeros(ctx.coeff_shape, dtype=torch.float32, device=ctx.rows.device)
+        if per_param:
+            index = ctx.rows[torch.tensor(used_rows, device=ctx.rows.device)]
+            grad.index_add_(0, index, torch.stack(per_param).to(grad.dtype))
+        return grad, None, None, None
+
+
+class MergedModel(nn.Module):
+    """A frozen base module whose merged parameters are ``base + coefficients @ task vectors``.
+
+    Args:
+        module: the base (pretrained) module. It is frozen; its floating-point parameters named
+            in ``task_vectors`` are replaced at call time by merged tensors, every other
+            parameter and every buffer comes from it unchanged.
+        task_vectors: stacked task vectors whose names are parameters of ``module``.
+        granularity: ``"taskwise"`` (coefficients ``[1, K]``) or ``"layerwise"`` (``[P, K]``,
+            one row per parameter tensor, as in the AdaMerging paper).
+        prior: initial value of every coefficient.
+        clamp: clamp the coefficients to ``[0, 1]`` when merging (gradients outside are zero).
+        offload: keep the task vectors where they are (e.g. pinned CPU memory) and stream them
+            to the module's device at each merge instead of moving them with ``.to()``.
+    """
+
+    def __init__(self, module: nn.Module, task_vectors: TaskVectors,
+                 granularity: Granularity = "layerwise", prior: float = 0.3, clamp: bool = True,
+                 offload: bool = False) -> None:
+        super().__init__()
+        if granularity not in ("taskwise", "layerwise"):
+            raise ValueError(f"granularity must be 'taskwise' or 'layerwise', got {granularity!r}")
+        params = dict(module.named_parameters())
+        for name, tau in zip(task_vectors.names, task_vectors.tensors):
+            if name not in params:
+                raise ValueError(f"task vector {name!r} is not a parameter of "
+                                 f"{type(module).__name__}")
+            if tuple(tau.shape[1:]) != tuple(params[name].shape):
+                raise ValueError(f"task vector {name!r} has shape {tuple(tau.shape[1:])}, the "
+                                 f"parameter has {tuple(params[name].shape)}")
+        module.requires_grad_(False)
+        module.eval()
+        self.module = module
+        # A shallow copy: moving it with .to() must not change the caller's object.
+        self.task_vectors = TaskVectors(list(task_vectors.task_names), list(task_vectors.names),
+                                        list(task_vectors.tensors), dict(task_vectors.meta))
+        self.granularity = granularity
+        self.clamp = clamp
+        self.offload = offload
+        n_rows = task_vectors.num_params if granularity == "layerwise" else 1
+        self.coefficients = nn.Parameter(torch.full((n_rows, task_vectors.num_tasks), float(prior)))
+        rows = torch.arange(task_vectors.num_params) if granularity == "layerwise" else \
+            torch.zeros(task_vectors.num_params, dtype=torch.long)
+        self.register_buffer("rows", rows, persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):  # keep the task vectors next to the module
+        super()._apply(fn, recurse)
+        if not self.offload:
+            self.task_vectors.tensors = [fn(t) for t in self.task_vectors.tensors]
+        return self
+
+    def train(self, mode: bool = True) -> "MergedModel":
+        """The base module stays in eval mode: no dropout, no batch-norm statistics updates."""
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.task_vectors.task_names
+
+    def lambdas(self) -> torch.Tensor:
+        """Effective coefficients ``[rows, K]`` (clamped if clamping is on), differentiable."""
+        return self.coefficients.clamp(0.0, 1.0) if self.clamp else self.coefficients
+
+    def merged_parameters(self) -> dict[str, torch.Tensor]:
+        """Merged tensors of the merged parameters, differentiable w.r.t. the coefficients."""
+        params = dict(self.module.named_parameters())
+        bases = tuple(params[n] for n in self.task_vectors.names)
+        merged = _Merge.apply(self.lambdas(), self.rows, bases, tuple(self.task_vectors.tensors))
+        return dict(zip(self.task_vectors.names, merged))
+
+    def forward(self, *args: Any, params: dict[str, torch.Tensor] | None = None,
+                **kwargs: Any) -> Any:
+        """Call the base module with merged parameters (``params`` reuses an earlier merge)."""
+        if params is None:
+            params = self.merged_parameters()
+        return functional_call(self.module, params, args, kwargs, strict=False)
+
+    @torch.no_grad()
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full state dict of the merged module: plain, detached, contiguous tensors."""
+        merged = self.merged_parameters()
+        return {k: (merged[k] if k in merged else v).detach().contiguous().clone()
+                for k, v in self.module.state_dict().items()}
+
+    def coefficient_table(self) -> dict[str, list[float]]:
+        """Effective coefficients per task (one value per row)."""
+        lam = self.lambdas().detach().float().cpu()
+        return {t: lam[:, k].tolist() for k, t in enumerate(self.task_names)}

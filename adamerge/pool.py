@@ -1,0 +1,132 @@
+"""Model pools: where the base encoder, the K fine-tuned experts and the K heads come from.
+
+A pool is a small config object; :meth:`ModelPool.load` does the work and returns a
+:class:`LoadedPool`. Subclasses exist for checkpoint files (:class:`CheckpointPool`), the
+built-in synthetic suite (``adamerge.suite.SuitePool``) and open_clip (``adamerge.clip``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError, StateDict, load_state_dict
+from .task_vectors import TaskVectors, select_names
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedPool:
+    """Everything the merge needs, in memory.
+
+    Attributes:
+        encoder: the base module (shared features for every task).
+        task_vectors: stacked ``finetuned - base`` of the merged parameters.
+        heads: task -> frozen classification head applied to the encoder's output.
+        expert_state: task -> callable giving that expert's full state dict (for reference rows).
+    """
+
+    encoder: nn.Module
+    task_vectors: TaskVectors
+    heads: dict[str, nn.Module]
+    expert_state: dict[str, Callable[[], StateDict]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        tasks = self.task_vectors.task_names
+        if list(self.heads) != list(tasks):
+            raise ValueError(f"heads are for tasks {list(self.heads)}, but the task vectors are for "
+                             f"{tasks}: need one head per task, in the same order")
+
+
+class ModelPool:
+    """Base class of model pools. Subclasses implement :meth:`load`."""
+
+    def load(self) -> LoadedPool:
+        raise NotImplementedError(f"{type(self).__name__} must implement load()")
+
+
+def merged_parameter_names(module: nn.Module, include: Sequence[str] | None = None,
+                           exclude: Sequence[str] | None = None) -> list[str]:
+    """Floating-point parameters of ``module`` filtered by ``include``/``exclude`` globs."""
+    names = select_names([n for n, p in module.named_parameters() if p.is_floating_point()],
+                         include, exclude)
+    if not names:
+        raise ValueError(f"no parameter of {type(module).__name__} matches include={include} "
+                         f"exclude={exclude}")
+    return names
+
+
+def linear_heads_from_state(state: Mapping[str, torch.Tensor], tasks: Sequence[str],
+                            source: str = "heads") -> dict[str, nn.Module]:
+    """Frozen ``nn.Linear`` heads from ``{task}.weight`` (``[classes, dim]``) and optional ``{task}.bias``."""
+    heads = {}
+    for task in tasks:
+        if f"{task}.weight" not in state:
+            raise CheckpointError(f"{source}: no head for task {task!r} (expected key "
+                                  f"'{task}.weight'; found {sorted(state)[:6]})")
+        w = state[f"{task}.weight"]
+        if w.ndim != 2:
+            raise CheckpointError(f"{source}: '{task}.weight' has shape {tuple(w.shape)}, expected "
+                                  "[num_classes, feature_dim]")
+        b = state.get(f"{task}.bias")
+        head = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        with torch.no_grad():
+            head.weight.copy_(w)
+            if b is not None:
+                head.bias.copy_(b)
+        heads[task] = head.requires_grad_(False)
+    return heads
+
+
+class CheckpointPool(ModelPool):
+    """Any ``nn.Module`` architecture with weights from files.
+
+    Args:
+        model: the architecture (its own weights are replaced by ``base``).
+        base: state dict file of the pretrained model (``.safetensors`` or a torch file).
+        experts: task name -> state dict file of the model fine-tuned on that task.
+        heads: file with ``{task}.weight`` / ``{task}.bias`` linear heads over the model's output.
+        include: globs of parameter names to merge (default: every floating-point parameter).
+        exclude: globs of parameter names not to merge (they keep the base value).
+        task_vector_dtype: storage dtype of the task vectors (float32, bfloat16, float16).
+        allow_pickle: allow torch files holding pickled objects (runs code from the file).
+    """
+
+    def __init__(self, model: nn.Module, base: str, experts: dict[str, str], heads: str,
+                 include: list[str] | None = None, exclude: list[str] | None = None,
+                 task_vector_dtype: str | None = None, allow_pickle: bool = False) -> None:
+        self.model, self.base, self.experts, self.heads = model, base, dict(experts), heads
+        self.include, self.exclude = include, exclude
+        if task_vector_dtype is not None and task_vector_dtype not in DTYPES:
+            raise ValueError(f"task_vector_dtype must be one of {list(DTYPES)}, got {task_vector_dtype!r}")
+        self.task_vector_dtype = task_vector_dtype
+        self.allow_pickle = allow_pickle
+
+    def load(self) -> LoadedPool:
+        base = load_state_dict(self.base, self.allow_pickle)
+        module = self.model
+        result = module.load_state_dict(base, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f"{self.base}: does not fit {type(module).__name__}: missing "
+                                  f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
+        names = merged_parameter_names(module, self.include, self.exclude)
+        experts = {t: load_state_dict(p, self.allow_pickle) for t, p in self.experts.items()}
+        dtype = DTYPES[self.task_vector_dtype] if self.task_vector_dtype else None
+        tv = TaskVectors.from_state_dicts(base, experts, names=names, dtype=dtype)
+        del experts
+        heads = linear_heads_from_state(load_state_dict(self.heads, self.allow_pickle),
+                                        list(self.experts), source=str(self.heads))
+        loaders = {t: (lambda p=p: load_state_dict(p, self.allow_pickle))
+                   for t, p in self.experts.items()}
+        return LoadedPool(module, tv, heads, loaders)
+
+
+def resolve(path: str | Path, root: str | Path | None) -> Path:
+    """``path`` relative to ``root`` unless absolute (config paths are relative to the config)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or root is None else Path(root) / p
