@@ -211,7 +211,8 @@ class SuiteSpec:
 
 SUITES: dict[str, SuiteSpec] = {
     "tiny": SuiteSpec(tasks=("digits", "shapes", "gratings"), dim=32, depth=2, heads=2, n_train=400,
-                      n_val=100, n_test=200, pretrain_steps=60, head_steps=100, expert_steps=60),
+                      n_val=100, n_test=200, pretrain_steps=150, head_steps=200, expert_steps=150,
+                      expert_lr=2e-3),
     "demo": SuiteSpec(),
 }
 

@@ -1,0 +1,57 @@
+"""Shared fixtures: small random models and pools built in memory, and a per-session cache dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from adamerge.pool import LoadedPool, ModelPool
+from adamerge.suite import TinyViT
+from adamerge.task_vectors import TaskVectors
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory) -> Path:
+    """Suites built by tests go to a temp cache, never the user's."""
+    path = tmp_path_factory.mktemp("adamerge-cache")
+    os.environ["ADAMERGE_CACHE"] = str(path)
+    return path
+
+
+def perturbed(module: nn.Module, scale: float, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+            for k, v in module.state_dict().items()}
+
+
+class RandomPool(ModelPool):
+    """A random TinyViT and K randomly perturbed "experts" with random linear heads."""
+
+    def __init__(self, tasks: tuple[str, ...] = ("a", "b", "c"), classes: int = 5, seed: int = 0,
+                 scale: float = 0.05) -> None:
+        self.tasks, self.classes, self.seed, self.scale = list(tasks), classes, seed, scale
+
+    def load(self) -> LoadedPool:
+        torch.manual_seed(self.seed)
+        enc = TinyViT(image_size=8, patch=4, dim=16, depth=1, heads=2, out_dim=16)
+        base = {k: v.clone() for k, v in enc.state_dict().items()}
+        experts = {t: perturbed(enc, self.scale, self.seed + i + 1) for i, t in enumerate(self.tasks)}
+        names = [n for n, _ in enc.named_parameters()]
+        tv = TaskVectors.from_state_dicts(base, experts, names=names)
+        heads = {t: nn.Linear(16, self.classes) for t in self.tasks}
+        for h in heads.values():
+            h.weight.data *= 10
+        return LoadedPool(enc, tv, heads, {t: (lambda sd=sd: sd) for t, sd in experts.items()})
+
+
+@pytest.fixture
+def random_pool() -> RandomPool:
+    return RandomPool()
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,52 @@
+"""The command line, run as users run it (a subprocess on the shipped config)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=ROOT, check=True):
+    proc = subprocess.run([sys.executable, "-m", "adamerge", *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_help_lists_commands():
+    out = run("--help").stdout
+    assert "fit" in out and "validate" in out and "test" in out
+    assert "--ckpt_path" in run("fit", "--help").stdout
+
+
+def test_tiny_config_fits_and_resumes(tmp_path):
+    common = ["--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.enable_progress_bar", "false"]
+    run("fit", *common, "--trainer.max_steps", "10", "--trainer.val_check_interval", "10")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.stat().st_size < 1_000_000
+    assert list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))
+    assert torch.load(last, weights_only=False)["global_step"] == 10
+    run("fit", *common, "--trainer.max_steps", "20", "--trainer.val_check_interval", "20",
+        "--ckpt_path", "last")
+    assert torch.load(last, weights_only=False)["global_step"] == 20
+    res = run("test", *common, "--ckpt_path", str(last))
+    assert "test/acc_avg" in res.stdout
+
+
+def test_unknown_command_and_bad_file_fail_cleanly(tmp_path):
+    assert run("frobnicate", check=False).returncode == 2
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text((ROOT / "configs/tiny.yaml").read_text().replace(
+        "class_path: adamerge.suite.SuitePool\n    init_args:\n      suite: tiny",
+        "class_path: adamerge.pool.CheckpointPool\n    init_args:\n      model: {class_path: torch.nn.Linear, init_args: {in_features: 2, out_features: 2}}\n"
+        "      base: missing.safetensors\n      experts: {a: x.pt}\n      heads: h.safetensors"))
+    res = run("fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path), check=False)
+    assert res.returncode == 1
+    assert "missing.safetensors: no such file" in res.stderr
+    assert "Traceback" not in res.stderr
