@@ -21,6 +21,9 @@ commands:
             resume with --ckpt_path last (same --trainer.default_root_dir)
   validate  evaluate merged model(s):     adamerge validate --config FILE [--ckpt_path CKPT]
   test      same, on the evaluation split: adamerge test --config FILE [--ckpt_path CKPT]
+  demo      offline miniature benchmark, every method: adamerge demo [--out DIR]
+  compare   every method on the pool and data of a fit config:
+            adamerge compare --config FILE --out DIR
 
 Run `adamerge COMMAND --help` for the options of a command.
 """
@@ -48,6 +51,67 @@ def lightning_main(args: Sequence[str]) -> None:
                                   "val_check_interval": 500, "log_every_n_steps": 10})
 
 
+def _compare_parser(prog: str, demo: bool):
+    import argparse
+    from .compare import ALL_METHODS
+    p = argparse.ArgumentParser(prog=prog, description=(
+        "Build the offline demo suite (a small ViT 'pretrained' on synthetic 16x16 images and 6 "
+        "experts: scikit-learn digits, shapes, gratings, dot counts, letters, textures; cached "
+        "under $ADAMERGE_CACHE or ~/.cache/adamerge) and compare every merging method on it."
+        if demo else
+        "Run every merging method on the model pool and data of a fit config (LightningCLI "
+        "options such as --config, --model.*, --data.* are accepted) and write the report."))
+    p.add_argument("--out", default="runs/demo" if demo else None, required=not demo,
+                   help="output folder: results.json, results.md, coefficient heatmaps, TensorBoard runs"
+                        + (" (default: runs/demo)" if demo else ""))
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS),
+                   metavar="METHOD", help=f"methods to run (default: all): {' '.join(ALL_METHODS)}")
+    p.add_argument("--steps", type=int, default=None,
+                   help="AdaMerging steps (default: 500 for the demo, trainer.max_steps of the config)")
+    p.add_argument("--val-split", default="val",
+                   help="labeled split on which task arithmetic / TIES pick their lambda from a grid "
+                        "('none': fixed 0.3 / 1.0) (default: val)")
+    p.add_argument("--ta-scaling", type=float, default=None, help="fixed task-arithmetic lambda")
+    p.add_argument("--ties-scaling", type=float, default=None, help="fixed TIES lambda")
+    if demo:
+        p.add_argument("--cache-dir", default=None, help="where the built suite is cached")
+    return p
+
+
+def demo_main(args: Sequence[str]) -> None:
+    """``adamerge demo``: the offline miniature benchmark."""
+    from pathlib import Path
+    from .compare import CompareSettings, compare
+    from .data import MultiTaskDataModule
+    from .suite import SuitePool, SuiteSource
+    ns = _compare_parser("adamerge demo", demo=True).parse_args(list(args))
+    pool = SuitePool("demo", cache_dir=ns.cache_dir)
+    loaded = pool.load()
+    dm = MultiTaskDataModule(SuiteSource("demo"), batch_size=16, eval_batch_size=500)
+    settings = CompareSettings(steps=ns.steps or 500, val_split=None if ns.val_split == "none" else ns.val_split,
+                               ta_scaling=ns.ta_scaling, ties_scaling=ns.ties_scaling,
+                               extra={"suite_key": pool.spec.key()})
+    compare(loaded, dm, Path(ns.out), settings, tuple(ns.methods), suite="demo")
+
+
+def compare_main(args: Sequence[str]) -> None:
+    """``adamerge compare``: every method on the pool and data of a fit config."""
+    from pathlib import Path
+    from .adamerging import AdaMerging
+    from .compare import CompareSettings, compare
+    from .data import MultiTaskDataModule
+    ns, rest = _compare_parser("adamerge compare", demo=False).parse_known_args(list(args))
+    cli = AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=rest, run=False,
+                      save_config_kwargs={"overwrite": True})
+    model, dm = cli.model, cli.datamodule
+    settings = CompareSettings(steps=ns.steps or int(cli.trainer.max_steps), lr=model.lr,
+                               prior=float(model.hparams.prior),
+                               val_split=None if ns.val_split == "none" else ns.val_split,
+                               ta_scaling=ns.ta_scaling, ties_scaling=ns.ties_scaling,
+                               accelerator="auto")
+    compare(model.loaded, dm, Path(ns.out), settings, tuple(ns.methods), suite="custom")
+
+
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError,
                                                   FloatingPointError, RuntimeError)
 
@@ -59,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     commands = {c: lightning_main for c in LIGHTNING_COMMANDS}
+    commands.update({"demo": demo_main, "compare": compare_main})
     if command not in commands:
         print(f"adamerge: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
         return 2

@@ -130,3 +130,13 @@ def resolve(path: str | Path, root: str | Path | None) -> Path:
     """``path`` relative to ``root`` unless absolute (config paths are relative to the config)."""
     p = Path(path).expanduser()
     return p if p.is_absolute() or root is None else Path(root) / p
+
+
+class PreloadedPool(ModelPool):
+    """A pool already in memory (to run several methods on one load)."""
+
+    def __init__(self, loaded: LoadedPool) -> None:
+        self.loaded = loaded
+
+    def load(self) -> LoadedPool:
+        return self.loaded

@@ -32,7 +32,7 @@ from .data import DatasetSource
 from .pool import LoadedPool, ModelPool, linear_heads_from_state, merged_parameter_names
 from .task_vectors import TaskVectors
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2  # bump when generators or training change: it is part of the cache key
 
 
 # ----------------------------------------------------------------------------------- model
@@ -80,7 +80,7 @@ def _grid(s: int) -> tuple[np.ndarray, np.ndarray]:
     return np.mgrid[0:s, 0:s].astype(np.float32) / (s - 1) * 2 - 1
 
 
-def _finish(rng: np.random.Generator, img: np.ndarray, noise: float = 0.15) -> np.ndarray:
+def _finish(rng: np.random.Generator, img: np.ndarray, noise: float = 0.08) -> np.ndarray:
     img = img * rng.uniform(0.6, 1.0) + rng.normal(0, noise, img.shape)
     return np.clip(img, 0, 1).astype(np.float32)
 
@@ -102,7 +102,7 @@ def gen_shapes(rng, n, s):
     y, x = _grid(s)
     imgs, labels = np.zeros((n, s, s), np.float32), rng.integers(0, len(SHAPES), n)
     for i, c in enumerate(labels):
-        cx, cy, r = rng.uniform(-0.35, 0.35), rng.uniform(-0.35, 0.35), rng.uniform(0.35, 0.6)
+        cx, cy, r = rng.uniform(-0.25, 0.25), rng.uniform(-0.25, 0.25), rng.uniform(0.5, 0.75)
         u, v = (x - cx) / r, (y - cy) / r
         m = {0: u**2 + v**2 < 1, 1: (abs(u) < 0.8) & (abs(v) < 0.8),
              2: (v > -0.7) & (v < 0.8) & (abs(u) < (v + 0.7) * 0.6),
@@ -124,16 +124,19 @@ def gen_gratings(rng, n, s, k: int = 8):
     return imgs, labels, [f"{180 * c // k} degrees" for c in range(k)]
 
 
-def gen_dots(rng, n, s, k: int = 6):
+def gen_dots(rng, n, s, k: int = 4):
     y, x = _grid(s)
     labels = rng.integers(0, k, n)
     imgs = np.zeros((n, s, s), np.float32)
     for i, c in enumerate(labels):
-        img = np.zeros((s, s), np.float32)
-        for _ in range(c + 1):
-            cx, cy = rng.uniform(-0.8, 0.8, 2)
-            img = np.maximum(img, (((x - cx) ** 2 + (y - cy) ** 2) < 0.03).astype(np.float32))
-        imgs[i] = _finish(rng, img, 0.1)
+        img, centers = np.zeros((s, s), np.float32), []
+        while len(centers) < c + 1:  # dots never touch, so the count is unambiguous
+            p = rng.uniform(-0.8, 0.8, 2)
+            if all(np.hypot(*(p - q)) > 0.6 for q in centers):
+                centers.append(p)
+        for cx, cy in centers:
+            img = np.maximum(img, (((x - cx) ** 2 + (y - cy) ** 2) < 0.05).astype(np.float32))
+        imgs[i] = _finish(rng, img)
     return imgs, labels, [str(c + 1) for c in range(k)]
 
 
@@ -142,12 +145,12 @@ LETTERS = list("AEHKMNRSXZ")
 
 def gen_letters(rng, n, s):
     from PIL import Image, ImageDraw, ImageFont
-    fonts = [ImageFont.load_default(size=sz) for sz in (9, 11, 13)]
+    fonts = [ImageFont.load_default(size=sz) for sz in (12, 14)]
     labels = rng.integers(0, len(LETTERS), n)
     imgs = np.zeros((n, s, s), np.float32)
     for i, c in enumerate(labels):
         im = Image.new("L", (s, s))
-        ImageDraw.Draw(im).text((rng.integers(0, 6), rng.integers(-2, 4)), LETTERS[c], fill=255,
+        ImageDraw.Draw(im).text((rng.integers(1, 5), rng.integers(-2, 2)), LETTERS[c], fill=255,
                                 font=fonts[rng.integers(0, len(fonts))])
         imgs[i] = _finish(rng, np.asarray(im, np.float32) / 255.0)
     return imgs, labels, LETTERS
@@ -198,9 +201,9 @@ class SuiteSpec:
     n_val: int = 200
     n_test: int = 500
     pretrain_steps: int = 300
-    head_steps: int = 200
+    pretrain_noise: float = 0.15
     expert_steps: int = 300
-    expert_lr: float = 1e-3
+    expert_lr: float = 5e-4
     batch_size: int = 64
     seed: int = 0
 
@@ -211,7 +214,7 @@ class SuiteSpec:
 
 SUITES: dict[str, SuiteSpec] = {
     "tiny": SuiteSpec(tasks=("digits", "shapes", "gratings"), dim=32, depth=2, heads=2, n_train=400,
-                      n_val=100, n_test=200, pretrain_steps=150, head_steps=200, expert_steps=150,
+                      n_val=100, n_test=200, pretrain_steps=150, expert_steps=150,
                       expert_lr=2e-3),
     "demo": SuiteSpec(),
 }
@@ -311,7 +314,7 @@ def _fit(params, loss_fn: Callable, x, y, steps: int, lr: float, bs: int, g: tor
             progress(f"{label} step {i + 1}/{steps} loss {loss.item():.3f}")
 
 
-LOGIT_SCALE = 20.0  # heads act on normalised features, like CLIP's zero-shot heads
+LOGIT_SCALE = 30.0  # heads act on normalised features, like CLIP's zero-shot heads
 
 
 def build_suite(spec: SuiteSpec, out: Path, progress: Callable[[str], None] | None = print) -> None:
@@ -321,25 +324,28 @@ def build_suite(spec: SuiteSpec, out: Path, progress: Callable[[str], None] | No
     g = torch.Generator().manual_seed(spec.seed)
     data = {t: task_data(spec, t) for t in spec.tasks}
     model = make_encoder(spec)
-    # Pretext pretraining: which domain does an image come from (not the tasks' own labels).
-    px = torch.cat([data[t]["train"][0] for t in spec.tasks])
-    py = torch.cat([torch.full((len(data[t]["train"][1]),), i) for i, t in enumerate(spec.tasks)])
-    pre_head = nn.Linear(model.proj.out_features, len(spec.tasks))
-    _fit(list(model.parameters()) + list(pre_head.parameters()),
-         lambda xb, yb: F.cross_entropy(pre_head(model(xb)) * LOGIT_SCALE, yb), px, py,
-         spec.pretrain_steps, 1e-3, spec.batch_size, g, say, "pretrain")
+    # "Pretraining", CLIP-like: image features are aligned with one learned unit-norm class
+    # embedding per class of every task (the stand-in for CLIP's text embeddings), on noisier,
+    # lower-contrast copies of the training images, briefly. The class embeddings times a logit
+    # scale become the frozen "zero-shot" heads; the base is decent on every task, not good.
+    embeds = nn.ParameterList(nn.Parameter(torch.randn(len(class_names(t)), spec.dim, generator=g))
+                              for t in spec.tasks)
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+
+    def pre_loss(_xb, _yb):
+        loss = 0.0
+        for i, t in enumerate(spec.tasks):
+            x, y = data[t]["train"]
+            idx = torch.randint(0, len(y), (spec.batch_size // 2,), generator=gen)
+            xb = x[idx] * 0.8 + spec.pretrain_noise * torch.randn(x[idx].shape, generator=gen)
+            loss = loss + F.cross_entropy(model(xb) @ F.normalize(embeds[i], dim=-1).t() * LOGIT_SCALE, y[idx])
+        return loss
+
+    dummy = torch.zeros(1)
+    _fit(list(model.parameters()) + list(embeds), pre_loss, dummy, dummy, spec.pretrain_steps, 1e-3,
+         1, g, say, "pretrain")
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    # Heads: linear probes on the frozen pretrained features, then frozen (zero-shot stand-ins).
-    heads = {}
-    model.eval()
-    for t in spec.tasks:
-        x, y = data[t]["train"]
-        with torch.no_grad():
-            feats = torch.cat([model(c) for c in x.split(512)])
-        head = nn.Linear(feats.shape[1], len(class_names(t)), bias=False)
-        _fit(head.parameters(), lambda xb, yb: F.cross_entropy(head(xb), yb), feats, y,
-             spec.head_steps, 1e-1, spec.batch_size * 4, g)
-        heads[t] = head.weight.detach().clone()
+    heads = {t: (F.normalize(e.detach(), dim=-1) * LOGIT_SCALE).clone() for t, e in zip(spec.tasks, embeds)}
     save_state_dict(base_state, out / "base.safetensors")
     save_state_dict({f"{t}.weight": w for t, w in heads.items()}, out / "heads.safetensors")
     # Experts: fine-tune the whole encoder on one task with its head frozen.

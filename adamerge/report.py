@@ -1,0 +1,145 @@
+"""Evaluation of merged weights, the results table (JSON, Markdown, terminal) and coefficient heatmaps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoints import atomic_write
+
+
+@torch.no_grad()
+def evaluate(encoder: nn.Module, params: Mapping[str, torch.Tensor] | None,
+             heads: Mapping[str, nn.Module], datasets: Mapping[str, Dataset],
+             batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Top-1 accuracy in percent of ``encoder`` (with ``params`` substituted) per task.
+
+    Args:
+        encoder: the base module (its own tensors are used where ``params`` has no entry).
+        params: merged tensors by name (``None``: the encoder as it is).
+        heads: task -> head over the encoder's output.
+        datasets: task -> labeled dataset yielding ``(image, label)``.
+    """
+    encoder.eval()
+    accs = {}
+    for task, ds in datasets.items():
+        correct = total = 0
+        for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
+            x, y = batch[0].to(device), batch[1].to(device)
+            feats = functional_call(encoder, dict(params), (x,), strict=False) if params else encoder(x)
+            correct += int((heads[task](feats).argmax(-1) == y).sum())
+            total += len(y)
+        if total == 0:
+            raise ValueError(f"task {task!r}: the evaluation dataset is empty")
+        accs[task] = 100.0 * correct / total
+    return accs
+
+
+def summarize(per_task: Mapping[str, float], individual: Mapping[str, float] | None) -> dict[str, Any]:
+    """``{"per_task", "avg", "normalized_avg"}``; normalized = mean of acc / individual acc (in %)."""
+    avg = sum(per_task.values()) / len(per_task)
+    norm = None
+    if individual:
+        norm = 100.0 * sum(per_task[t] / individual[t] if individual[t] else 0.0
+                           for t in per_task) / len(per_task)
+    return {"per_task": dict(per_task), "avg": avg, "normalized_avg": norm}
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+    """The methods x tasks table of a results dict, in Markdown."""
+    tasks = results["tasks"]
+    lines = ["| method | " + " | ".join(tasks) + " | avg | normalized |",
+             "|---" * (len(tasks) + 3) + "|"]
+    for name, row in results["methods"].items():
+        norm = "" if row.get("normalized_avg") is None else f"{row['normalized_avg']:.1f}"
+        lines.append(f"| {name} | " + " | ".join(f"{row['per_task'][t]:.1f}" for t in tasks)
+                     + f" | **{row['avg']:.1f}** | {norm} |")
+    return "\n".join(lines)
+
+
+def terminal_table(results: Mapping[str, Any]) -> str:
+    """A plain fixed-width table for the terminal."""
+    tasks = results["tasks"]
+    width = max(len(m) for m in results["methods"]) + 2
+    cols = [t[:9] for t in tasks] + ["avg", "norm"]
+    head = " " * width + "".join(f"{c:>10}" for c in cols)
+    rows = [head, "-" * len(head)]
+    for name, row in results["methods"].items():
+        vals = [row["per_task"][t] for t in tasks] + [row["avg"]]
+        norm = row.get("normalized_avg")
+        rows.append(f"{name:<{width}}" + "".join(f"{v:>10.1f}" for v in vals)
+                    + (f"{norm:>10.1f}" if norm is not None else f"{'':>10}"))
+    return "\n".join(rows)
+
+
+def write_results(results: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``results.md`` atomically into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+    with atomic_write(out / "results.md") as tmp:
+        tmp.write_text(markdown_table(results) + "\n")
+    return out / "results.json", out / "results.md"
+
+
+def coefficient_figure(coefficients: torch.Tensor, param_names: Sequence[str], task_names: Sequence[str],
+                       title: str = "learned coefficients"):
+    """A matplotlib heatmap of ``[P, K]`` coefficients (parameters x tasks)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lam = coefficients.detach().float().cpu().numpy()
+    p, k = lam.shape
+    fig, ax = plt.subplots(figsize=(2 + 0.9 * k, 1.5 + 0.16 * p))
+    im = ax.imshow(lam, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1.0, float(lam.max())))
+    ax.set_xticks(range(k), list(task_names), rotation=45, ha="right")
+    if p > 1:
+        ax.set_yticks(range(p), list(param_names), fontsize=5)
+    else:
+        ax.set_yticks([0], ["all parameters"])
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    return fig
+
+
+def save_heatmap(coefficients: torch.Tensor, param_names: Sequence[str], task_names: Sequence[str],
+                 path: Path, title: str = "learned coefficients") -> Path:
+    """Write the coefficient heatmap as a PNG (atomically)."""
+    import matplotlib.pyplot as plt
+    fig = coefficient_figure(coefficients, param_names, task_names, title)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+class CoefficientHeatmap(L.Callback):
+    """Logs the coefficient heatmap to TensorBoard at the end of fit and writes it as a PNG.
+
+    Args:
+        path: PNG to write (default: ``<log_dir>/coefficients.png``, else ``<default_root_dir>``).
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        merged = pl_module.merged
+        lam = merged.lambdas().detach()
+        names = merged.task_vectors.names if lam.shape[0] > 1 else ["all"]
+        fig = coefficient_figure(lam, names, merged.task_names, f"coefficients at step {trainer.global_step}")
+        logger = trainer.logger
+        if logger is not None and hasattr(logger.experiment, "add_figure"):
+            logger.experiment.add_figure("coefficients", fig, global_step=trainer.global_step)
+        folder = Path(self.path).parent if self.path else Path(getattr(logger, "log_dir", None) or trainer.default_root_dir)
+        save_heatmap(lam, names, merged.task_names, Path(self.path) if self.path else folder / "coefficients.png")

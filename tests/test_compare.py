@@ -1,0 +1,51 @@
+"""The comparison report: every method row, JSON schema, Markdown table, heatmaps."""
+
+import json
+
+import pytest
+import torch
+
+from adamerge.compare import ALL_METHODS, CompareSettings, compare
+from adamerge.data import MultiTaskDataModule
+from adamerge.report import markdown_table, summarize
+from adamerge.suite import SuitePool, SuiteSource
+
+
+def test_compare_writes_every_row(tmp_path):
+    loaded = SuitePool("tiny").load()
+    dm = MultiTaskDataModule(SuiteSource("tiny"), batch_size=8, eval_batch_size=256)
+    settings = CompareSettings(steps=3, ta_grid=(0.1, 0.3), ties_grid=(0.5, 1.0))
+    lines = []
+    res = compare(loaded, dm, tmp_path, settings, suite="tiny", say=lines.append)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["suite"] == "tiny" and list(saved["methods"]) == list(ALL_METHODS)
+    for name, row in saved["methods"].items():
+        assert set(row["per_task"]) == {"digits", "shapes", "gratings"}, name
+        assert 0 <= row["avg"] <= 100
+        assert row["avg"] == pytest.approx(sum(row["per_task"].values()) / 3)
+    assert saved["methods"]["individual"]["normalized_avg"] == pytest.approx(100.0)
+    assert saved["chosen_scaling"]["task_arithmetic"] in (0.1, 0.3)
+    assert (tmp_path / "results.md").read_text().startswith("| method |")
+    for m in ("adamerging_taskwise", "adamerging_layerwise", "adamerging_layerwise_pp"):
+        png = tmp_path / f"coefficients_{m}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG"
+        assert list((tmp_path / "runs" / m).rglob("events.out.tfevents.*"))
+    assert any("adamerging_layerwise" in line and "avg" in line for line in lines)
+    # the pool's tensors were not changed by any method
+    base = SuitePool("tiny").load()
+    for a, b in zip(base.task_vectors.tensors, loaded.task_vectors.tensors):
+        assert torch.equal(a, b)
+
+
+def test_summarize_and_table():
+    row = summarize({"a": 50.0, "b": 80.0}, {"a": 100.0, "b": 80.0})
+    assert row["avg"] == 65.0 and row["normalized_avg"] == pytest.approx(75.0)
+    table = markdown_table({"tasks": ["a", "b"], "methods": {"m": row}})
+    assert "| m | 50.0 | 80.0 | **65.0** | 75.0 |" in table
+
+
+def test_unknown_method_is_an_error(tmp_path):
+    loaded = SuitePool("tiny").load()
+    dm = MultiTaskDataModule(SuiteSource("tiny"))
+    with pytest.raises(ValueError, match="unknown methods"):
+        compare(loaded, dm, tmp_path, methods=("magic",))
