@@ -21,6 +21,13 @@ commands:
             resume with --ckpt_path last (same --trainer.default_root_dir)
   validate  evaluate merged model(s):     adamerge validate --config FILE [--ckpt_path CKPT]
   test      same, on the evaluation split: adamerge test --config FILE [--ckpt_path CKPT]
+  export    write the merged model as safetensors:
+            adamerge export --config FILE --ckpt_path CKPT --out DIR
+  convert   CLIP image-encoder checkpoint (open_clip, Hugging Face, pickled task-vectors
+            ImageEncoder with --allow-pickle) -> open_clip image tower safetensors:
+            adamerge convert SRC OUT.safetensors
+  finetune  make an expert: fine-tune CLIP's image tower on one task (task-vectors recipe):
+            adamerge finetune --task mnist --out experts/ViT-B-32/mnist.safetensors
 
 Run `adamerge COMMAND --help` for the options of a command.
 """
@@ -52,6 +59,14 @@ KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFo
                                                   FloatingPointError, RuntimeError)
 
 
+def _lazy(module: str, function: str):
+    """A command whose module is imported only when it runs (keeps `adamerge --help` fast)."""
+    def run(args: Sequence[str]) -> None:
+        import importlib
+        getattr(importlib.import_module(f"adamerge.{module}"), function)(args)
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -59,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     commands = {c: lightning_main for c in LIGHTNING_COMMANDS}
+    commands.update(export=_lazy("export", "export_main"), convert=_lazy("convert", "convert_main"),
+                    finetune=_lazy("finetune", "finetune_main"))
     if command not in commands:
         print(f"adamerge: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
         return 2
