@@ -24,6 +24,13 @@ commands:
   demo      offline miniature benchmark, every method: adamerge demo [--out DIR]
   compare   every method on the pool and data of a fit config:
             adamerge compare --config FILE --out DIR
+  export    write the merged model as safetensors:
+            adamerge export --config FILE --ckpt_path CKPT --out DIR
+  convert   CLIP image-encoder checkpoint (open_clip, Hugging Face, pickled task-vectors
+            ImageEncoder with --allow-pickle) -> open_clip image tower safetensors:
+            adamerge convert SRC OUT.safetensors
+  finetune  make an expert: fine-tune CLIP's image tower on one task (task-vectors recipe):
+            adamerge finetune --task mnist --out experts/ViT-B-32/mnist.safetensors
 
 Run `adamerge COMMAND --help` for the options of a command.
 """
@@ -116,6 +123,14 @@ KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFo
                                                   FloatingPointError, RuntimeError)
 
 
+def _lazy(module: str, function: str):
+    """A command whose module is imported only when it runs (keeps `adamerge --help` fast)."""
+    def run(args: Sequence[str]) -> None:
+        import importlib
+        getattr(importlib.import_module(f"adamerge.{module}"), function)(args)
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -124,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     commands = {c: lightning_main for c in LIGHTNING_COMMANDS}
     commands.update({"demo": demo_main, "compare": compare_main})
+    commands.update(export=_lazy("export", "export_main"), convert=_lazy("convert", "convert_main"),
+                    finetune=_lazy("finetune", "finetune_main"))
     if command not in commands:
         print(f"adamerge: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
         return 2

@@ -1,0 +1,266 @@
+"""open_clip CLIP models: the image tower is merged, each task's head is a frozen zero-shot head.
+
+* :func:`create_clip` builds an open_clip model from a name and a pretrained tag or file.
+* :func:`clip_transform` is the evaluation transform open_clip uses for that model.
+* :func:`zero_shot_heads` builds one :class:`ZeroShotHead` per task with the text tower from the
+  task's class names and templates, cached on disk (safetensors) under a key that hashes the
+  model's identity (name, architecture config, text-tower weights and logit scale), the class
+  names and the templates.
+* :class:`OpenCLIPPool` is the model pool for AdaMerging: base = ``model.visual`` of the pretrained
+  model, experts = fine-tuned image towers in any layout :mod:`adamerge.convert` reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoints import CheckpointError, StateDict, check_compatible, load_state_dict, save_state_dict
+from .convert import load_visual
+from .pool import DTYPES, LoadedPool, ModelPool, merged_parameter_names
+from .task_vectors import TaskVectors
+from .tasks import TaskSpec, get_task, load_registry
+
+log = logging.getLogger(__name__)
+HEADS_VERSION = 1
+
+
+def _is_file(pretrained: str | None) -> bool:
+    return pretrained is not None and (Path(pretrained).expanduser().is_file()
+                                       or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
+
+
+def create_clip(model: str, pretrained: str | None = None, cache_dir: str | None = None,
+                device: str | torch.device = "cpu") -> nn.Module:
+    """An open_clip model in eval mode.
+
+    Args:
+        model: open_clip model name (``ViT-B-32``, ``ViT-L-14``, or one added with
+            ``open_clip.add_model_config``).
+        pretrained: a pretrained tag (``openai``: downloaded once by open_clip) or a local
+            checkpoint file of the whole CLIP model; ``None`` keeps the random initialisation.
+        cache_dir: where open_clip caches downloads (default: its own).
+        device: where the model goes.
+    """
+    import open_clip
+    if open_clip.get_model_config(model) is None:
+        raise ValueError(f"unknown open_clip model {model!r}; known: "
+                         f"{', '.join(m for m in open_clip.list_models() if m.startswith('ViT'))[:400]}")
+    if _is_file(pretrained) and not Path(pretrained).expanduser().is_file():
+        raise FileNotFoundError(f"{pretrained}: pretrained checkpoint file does not exist")
+    clip = open_clip.create_model(model, pretrained=pretrained, cache_dir=cache_dir, device=device)
+    return clip.eval()
+
+
+def clip_transform(model: str, pretrained: str | None = None, train: bool = False):
+    """open_clip's preprocessing for ``model`` (+ the pretrained tag's mean/std/interpolation).
+
+    Built from the configs alone, without creating (or downloading) the model.
+    """
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model!r}")
+    pp = merge_preprocess_dict(PreprocessCfg(), cfg.get("preprocess_cfg", {}))
+    if pretrained and not _is_file(pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
+        if not tag_cfg:
+            raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {model!r}; tags: "
+                             f"{open_clip.list_pretrained_tags_by_model(model)}")
+        pp = merge_preprocess_dict(pp, tag_cfg)
+    pp["size"] = cfg["vision_cfg"].get("image_size", pp["size"])
+    return image_transform_v2(PreprocessCfg(**pp), is_train=train)
+
+
+# ------------------------------------------------------------------------------- heads
+class ZeroShotHead(nn.Module):
+    """``logits = logit_scale * normalize(features) @ text_embeddings.T`` (frozen).
+
+    ``linear.weight`` holds ``logit_scale * text_embeddings`` (``[classes, dim]``).
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+        self.requires_grad_(False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.normalize(features, dim=-1).to(self.linear.weight.dtype))
+
+
+def _digest_tensors(state: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def text_identity(clip: nn.Module, model: str) -> dict:
+    """What zero-shot embeddings depend on besides the prompts: name, config, text weights."""
+    import open_clip
+    text_state = {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
+    return {"model": model, "config": open_clip.get_model_config(model),
+            "text_weights": _digest_tensors(text_state)}
+
+
+def head_cache_key(identity: Mapping, classnames: Sequence[str], templates: Sequence[str]) -> str:
+    """Hex key of one task's head: model identity + class names + templates."""
+    blob = json.dumps({"v": HEADS_VERSION, "id": identity, "classnames": list(classnames),
+                       "templates": list(templates)}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def text_head_weight(clip: nn.Module, tokenizer, spec: TaskSpec, device: str | torch.device = "cpu",
+                     classes_per_batch: int = 16) -> torch.Tensor:
+    """``logit_scale * normalised mean prompt embedding`` per class, ``[classes, dim]`` (float32)."""
+    from open_clip import build_zero_shot_classifier
+    templates = [lambda c, t=t: t.format(c=c) for t in spec.templates]
+    clip = clip.to(device)
+    w = build_zero_shot_classifier(clip, tokenizer, list(spec.classnames), templates,
+                                   num_classes_per_batch=classes_per_batch, device=device)
+    return (clip.logit_scale.exp().float() * w.float().t()).cpu().contiguous()
+
+
+def zero_shot_heads(clip: nn.Module, model: str, specs: Mapping[str, TaskSpec],
+                    cache_dir: str | Path | None = None,
+                    device: str | torch.device = "cpu") -> dict[str, ZeroShotHead]:
+    """One frozen zero-shot head per task, read from / written to ``cache_dir``.
+
+    Args:
+        clip: the open_clip model whose text tower embeds the prompts.
+        model: its open_clip name (part of the cache key, with its config and text weights).
+        specs: task name -> spec (class names and templates).
+        cache_dir: cache folder (default ``$ADAMERGE_CACHE/zeroshot_heads``); ``None`` uses it.
+        device: where the text tower runs.
+    """
+    import open_clip
+    from .suite import default_cache_dir
+    folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "zeroshot_heads"
+    identity = text_identity(clip, model)
+    tokenizer = None
+    heads = {}
+    for task, spec in specs.items():
+        key = head_cache_key(identity, spec.classnames, spec.templates)
+        path = folder / f"{spec.name}-{key}.safetensors"
+        if path.is_file():
+            weight = load_state_dict(path)["weight"]
+            log.info("zero-shot head of %s read from %s", task, path)
+        else:
+            tokenizer = tokenizer or open_clip.get_tokenizer(model)
+            weight = text_head_weight(clip, tokenizer, spec, device)
+            save_state_dict({"weight": weight}, path,
+                            metadata={"model": model, "task": spec.name, "classes": str(spec.num_classes)})
+            log.info("zero-shot head of %s built and cached at %s", task, path)
+        if weight.shape[0] != spec.num_classes:
+            raise CheckpointError(f"{path}: head has {weight.shape[0]} classes, task {task!r} has "
+                                  f"{spec.num_classes}")
+        heads[task] = ZeroShotHead(weight)
+    return heads
+
+
+# --------------------------------------------------------------------------------- pool
+def complete_visual_state(state: StateDict, base: Mapping[str, torch.Tensor],
+                          source: str = "expert") -> StateDict:
+    """Check an image-tower state dict against the base's; a missing ``proj`` comes from the base.
+
+    Hugging Face ``CLIPVisionModel`` fine-tunes have no projection (it stays frozen at the
+    pretrained value in that recipe), so its task vector there is zero.
+    """
+    state = dict(state)
+    if "proj" in base and "proj" not in state:
+        log.info("%s has no 'proj' (Hugging Face CLIPVisionModel layout): using the base's", source)
+        state["proj"] = base["proj"].clone()
+    state = {k: (v.to(base[k].dtype) if k in base and v.dtype != base[k].dtype
+                 and v.is_floating_point() else v) for k, v in state.items()}
+    check_compatible(base, state, other_name=source, base_name="the base model's image tower")
+    return state
+
+
+class OpenCLIPPool(ModelPool):
+    """An open_clip CLIP model whose image tower is merged; zero-shot heads per task.
+
+    Args:
+        model: open_clip model name (``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ...).
+        pretrained: pretrained tag (``openai``) or a local file with the whole CLIP model's weights.
+        experts: task name -> fine-tuned image encoder file: open_clip image tower or whole CLIP
+            state dict, Hugging Face ``CLIPVisionModel`` weights, or (with ``allow_pickle``) a
+            pickled task-vectors ``ImageEncoder``. Task names are looked up in the task registry
+            (class names, templates).
+        tasks_file: YAML file of extra / overriding tasks (see ``adamerge/tasks.yaml``).
+        head_cache: folder of cached zero-shot heads (default ``$ADAMERGE_CACHE/zeroshot_heads``).
+        include: globs of image-tower parameter names to merge (default: all).
+        exclude: globs of parameter names that keep the base value.
+        task_vector_dtype: storage dtype of the task vectors (float32, bfloat16, float16).
+        allow_pickle: allow expert files holding pickled objects (runs code from the file).
+        cache_dir: open_clip's download cache.
+        text_device: device that runs the text tower when heads are built.
+    """
+
+    def __init__(self, model: str = "ViT-B-32", pretrained: str | None = "openai",
+                 experts: dict[str, str] | None = None, tasks_file: str | None = None,
+                 head_cache: str | None = None, include: list[str] | None = None,
+                 exclude: list[str] | None = None, task_vector_dtype: str | None = None,
+                 allow_pickle: bool = False, cache_dir: str | None = None,
+                 text_device: str = "cpu") -> None:
+        if not experts:
+            raise ValueError("OpenCLIPPool needs experts: a mapping of task name -> checkpoint file")
+        if task_vector_dtype is not None and task_vector_dtype not in DTYPES:
+            raise ValueError(f"task_vector_dtype must be one of {list(DTYPES)}, got {task_vector_dtype!r}")
+        self.model, self.pretrained, self.experts = model, pretrained, dict(experts)
+        self.tasks_file, self.head_cache = tasks_file, head_cache
+        self.include, self.exclude = include, exclude
+        self.task_vector_dtype, self.allow_pickle = task_vector_dtype, allow_pickle
+        self.cache_dir, self.text_device = cache_dir, text_device
+        registry = load_registry(tasks_file)
+        self.specs = {t: get_task(t, registry) for t in self.experts}  # fail early on unknown tasks
+        missing = [p for p in self.experts.values() if not Path(p).expanduser().is_file()]
+        if missing:
+            raise FileNotFoundError(f"expert checkpoint(s) not found: {missing}")
+
+    def load(self) -> LoadedPool:
+        clip = create_clip(self.model, self.pretrained, cache_dir=self.cache_dir)
+        heads = zero_shot_heads(clip, self.model, self.specs, self.head_cache, self.text_device)
+        visual = clip.visual.cpu()
+        del clip  # the text tower is no longer needed
+        base = {k: v.detach().clone() for k, v in visual.state_dict().items()}
+        names = merged_parameter_names(visual, self.include, self.exclude)
+        experts = {t: self._expert(t, base) for t in self.experts}
+        dtype = DTYPES[self.task_vector_dtype] if self.task_vector_dtype else None
+        tv = TaskVectors.from_state_dicts(base, experts, names=names, dtype=dtype)
+        tv.meta.update({"model": self.model, "pretrained": str(self.pretrained)})
+        del experts
+        loaders = {t: (lambda t=t: self._expert(t, base)) for t in self.experts}
+        return LoadedPool(visual, tv, heads, loaders)
+
+    def _expert(self, task: str, base: Mapping[str, torch.Tensor]) -> StateDict:
+        path = self.experts[task]
+        return complete_visual_state(load_visual(path, self.allow_pickle), base, source=str(path))
+
+
+def preprocess_config(model: str, pretrained: str | None = None) -> dict:
+    """The preprocessing settings of :func:`clip_transform` as a plain dict (for cache keys)."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+    cfg = open_clip.get_model_config(model) or {}
+    pp = merge_preprocess_dict(PreprocessCfg(), cfg.get("preprocess_cfg", {}))
+    if pretrained and not _is_file(pretrained):
+        pp = merge_preprocess_dict(pp, open_clip.get_pretrained_cfg(model, pretrained) or {})
+    pp["size"] = cfg.get("vision_cfg", {}).get("image_size", pp["size"])
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
+
+
+__all__ = ["OpenCLIPPool", "ZeroShotHead", "clip_transform", "complete_visual_state", "create_clip",
+           "head_cache_key", "preprocess_config", "text_identity", "zero_shot_heads"]

@@ -1,0 +1,210 @@
+"""Checkpoint formats of CLIP image encoders, and ``adamerge convert``.
+
+Fine-tuned CLIP image towers come in three layouts; :func:`visual_state_dict` turns each into
+open_clip's ``model.visual`` keys (``conv1.weight``, ``transformer.resblocks.0.attn.in_proj_weight``,
+``proj``, ...):
+
+* open_clip: the image tower alone, or a whole CLIP state dict (``visual.`` prefix), or the
+  task-vectors ``ImageEncoder`` (``model.visual.`` prefix);
+* Hugging Face ``CLIPVisionModel`` / ``CLIPModel`` (``vision_model.`` keys, e.g. the public
+  ``tanganke/clip-vit-base-patch32_<task>`` fine-tunes): q/k/v projections are concatenated into
+  ``in_proj``, layer norms and MLPs renamed, ``visual_projection.weight`` transposed into ``proj``
+  (a ``CLIPVisionModel`` has no projection: ``proj`` is then absent and taken from the base);
+* whole pickled modules (the original task-vectors release): read only with ``allow_pickle``,
+  because unpickling runs code from the file. Classes that cannot be imported (the release's
+  ``src.modeling.ImageEncoder``) are replaced by empty ``nn.Module`` stand-ins, so no copy of that
+  code base is needed to read the weights.
+
+``adamerge convert SRC OUT`` writes any of them once as a safetensors image tower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError, StateDict, _unwrap, load_state_dict, save_state_dict
+
+_HF_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+_HF_RENAMES = {
+    "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+_HF_TOP = {
+    "embeddings.class_embedding": "class_embedding",
+    "embeddings.patch_embedding.weight": "conv1.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "pre_layrnorm.weight": "ln_pre.weight", "pre_layrnorm.bias": "ln_pre.bias",
+    "post_layernorm.weight": "ln_post.weight", "post_layernorm.bias": "ln_post.bias",
+}
+
+
+def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """``"hf"``, ``"open_clip"`` (image tower keys, possibly under a prefix) or ``"unknown"``."""
+    keys = list(state)
+    if any(k.startswith("vision_model.") or ".vision_model." in k for k in keys):
+        return "hf"
+    if any(k == "conv1.weight" or k.endswith(".conv1.weight") for k in keys):
+        return "open_clip"
+    return "unknown"
+
+
+def hf_to_open_clip(state: Mapping[str, torch.Tensor], source: str = "state dict") -> StateDict:
+    """Hugging Face CLIP vision keys -> open_clip ``VisionTransformer`` keys (same computation).
+
+    Text-tower keys of a full ``CLIPModel`` are dropped; ``visual_projection.weight``
+    (``[embed, width]``) becomes ``proj`` (``[width, embed]``).
+    """
+    vision: dict[str, torch.Tensor] = {}
+    projection = None
+    for key, value in state.items():
+        if "vision_model." in key:
+            vision[key.split("vision_model.", 1)[1]] = value
+        elif key.endswith("visual_projection.weight"):
+            projection = value
+    out: StateDict = {}
+    qkv: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in vision.items():
+        if key in _HF_TOP:
+            out[_HF_TOP[key]] = value
+            continue
+        if key == "embeddings.position_ids":
+            continue  # a buffer of indices, not a weight
+        m = _HF_LAYER.match(key)
+        if not m:
+            raise CheckpointError(f"{source}: unexpected Hugging Face vision key 'vision_model.{key}'")
+        layer, rest = int(m.group(1)), m.group(2)
+        part = re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", rest)
+        if part:
+            qkv.setdefault(layer, {})[f"{part.group(1)}.{part.group(2)}"] = value
+            continue
+        for hf_name, oc_name in _HF_RENAMES.items():
+            if rest.startswith(hf_name + "."):
+                out[f"transformer.resblocks.{layer}.{oc_name}{rest[len(hf_name):]}"] = value
+                break
+        else:
+            raise CheckpointError(f"{source}: unexpected Hugging Face vision key 'vision_model.{key}'")
+    for layer, parts in sorted(qkv.items()):
+        for kind in ("weight", "bias"):
+            missing = [p for p in "qkv" if f"{p}.{kind}" not in parts]
+            if missing:
+                raise CheckpointError(f"{source}: layer {layer} lacks self_attn.{missing[0]}_proj.{kind}")
+            out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
+                [parts[f"{p}.{kind}"] for p in "qkv"], dim=0)
+    if projection is not None:
+        out["proj"] = projection.t().contiguous()
+    if "conv1.weight" not in out:
+        raise CheckpointError(f"{source}: Hugging Face layout without "
+                              "'vision_model.embeddings.patch_embedding.weight'")
+    return out
+
+
+def visual_state_dict(state: Mapping[str, torch.Tensor], source: str = "state dict") -> StateDict:
+    """The open_clip image-tower state dict held in ``state``, whatever its layout."""
+    layout = detect_layout(state)
+    if layout == "hf":
+        return hf_to_open_clip(state, source)
+    if layout == "unknown":
+        raise CheckpointError(f"{source}: not a CLIP image encoder: no 'conv1.weight' (open_clip) or "
+                              f"'vision_model.' (Hugging Face) key; keys start with {list(state)[:5]}")
+    prefix = next(k for k in state if k == "conv1.weight" or k.endswith(".conv1.weight"))[:-len("conv1.weight")]
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# ------------------------------------------------------------------------------ pickles
+class _StandIn(nn.Module):
+    """Replaces a class that a pickle names but that cannot be imported here."""
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_pickled_state"] = state
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - never called
+        raise RuntimeError(f"{type(self).__qualname__} is a stand-in for an unavailable class")
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    stand_ins: dict[tuple[str, str], type] = {}
+
+    def find_class(self, module: str, name: str):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            key = (module, name)
+            if key not in self.stand_ins:
+                self.stand_ins[key] = type(name, (_StandIn,), {"__module__": f"adamerge.standin.{module}"})
+            return self.stand_ins[key]
+
+
+_lenient_pickle = types.ModuleType("adamerge_lenient_pickle")
+_lenient_pickle.Unpickler = _LenientUnpickler  # type: ignore[attr-defined]
+_lenient_pickle.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()  # type: ignore[attr-defined]
+_lenient_pickle.__name__ = "adamerge_lenient_pickle"
+
+
+def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> StateDict:
+    """A state dict from safetensors, a torch weights file, or (with ``allow_pickle``) a pickled module."""
+    path = Path(path)
+    if not allow_pickle or path.suffix == ".safetensors":
+        return load_state_dict(path, allow_pickle=False)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read pickled checkpoint: {first}") from exc
+    if isinstance(obj, Mapping) and "state_dict" not in obj and any(isinstance(v, nn.Module) for v in obj.values()):
+        obj = next(v for v in obj.values() if isinstance(v, nn.Module))
+    return _unwrap(obj, path)
+
+
+def load_visual(path: str | Path, allow_pickle: bool = False) -> StateDict:
+    """An open_clip image-tower state dict from a file in any supported layout."""
+    return visual_state_dict(read_checkpoint(path, allow_pickle), source=str(path))
+
+
+# ---------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="adamerge convert",
+        description="Convert a CLIP image-encoder checkpoint (open_clip state dict, Hugging Face "
+                    "CLIPVisionModel/CLIPModel weights, or a pickled task-vectors ImageEncoder) "
+                    "into an open_clip image-tower safetensors file (keys of model.visual).")
+    p.add_argument("src", help="input file (.safetensors, .bin/.pt/.pth)")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow files holding pickled Python objects (runs code from the file; "
+                        "needed for the original task-vectors checkpoints). Only for files you trust.")
+    p.add_argument("--model", default=None,
+                   help="open_clip model name (e.g. ViT-B-32): check keys and shapes against its "
+                        "image tower and fill a missing 'proj' from --pretrained")
+    p.add_argument("--pretrained", default=None,
+                   help="with --model: pretrained tag or file whose projection fills a missing 'proj'")
+    return p
+
+
+def convert_main(argv: Sequence[str]) -> None:
+    args = build_parser().parse_args(list(argv))
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: the output must be a .safetensors file")
+    state = load_visual(args.src, allow_pickle=args.allow_pickle)
+    if args.model:
+        from .clip import complete_visual_state, create_clip
+        model = create_clip(args.model, args.pretrained)
+        state = complete_visual_state(state, model.visual.state_dict(), source=args.src)
+    save_state_dict(state, out, metadata={"format": "open_clip.visual", "source": Path(args.src).name})
+    print(f"wrote {out} ({len(state)} tensors, {sum(v.numel() for v in state.values()):,} values)",
+          file=sys.stderr)
