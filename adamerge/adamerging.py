@@ -6,9 +6,12 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .checkpoints import read_checkpoint
+from .data import MultiTaskDataModule
 from .merged_model import Granularity, MergedModel
 from .pool import DTYPES, LoadedPool, ModelPool
 from .task_vectors import TaskVectors, fingerprint_difference
@@ -148,6 +151,11 @@ class AdaMerging(L.LightningModule):
         return sum((p * g).sum() for p, g in zip(params.values(), grads))
 
     def _log_train(self, loss: torch.Tensor, ents: dict[str, torch.Tensor]) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Every rank must take the same decision (a rank that raised alone would leave the
+            # others waiting in the gradient all-reduce), and the logged value is the global one.
+            loss = trainer.strategy.reduce(loss, reduce_op="mean")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite entropy {loss.item()} at step {self.global_step} "
                                      f"(per task: { {t: float(e) for t, e in ents.items()} }); the last "
@@ -159,6 +167,15 @@ class AdaMerging(L.LightningModule):
         self.log_dict({"coef/mean": lam.mean(), "coef/min": lam.min(), "coef/max": lam.max()})
         for k, t in enumerate(self.task_names):
             self.log(f"coef/{t}", lam[:, k].mean())
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # After the (all-reduced) backward, before the step: a non-finite gradient would make
+        # the coefficients NaN and every later checkpoint useless.
+        grad = self.merged.coefficients.grad
+        if grad is not None and not torch.isfinite(grad).all():
+            raise FloatingPointError(f"non-finite coefficient gradient at step {self.global_step} "
+                                     f"({int((~torch.isfinite(grad)).sum())} of {grad.numel()} "
+                                     "entries); the last good checkpoint is kept")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.merged.coefficients], lr=self.lr)
@@ -182,10 +199,11 @@ class AdaMerging(L.LightningModule):
 
     def _end_eval(self, stage: str) -> dict[str, float]:
         accs = {t: float(m.compute()) * 100 for t, m in self.metrics.items() if m.update_called}
+        # torchmetrics already reduced the counts over ranks: every rank logs the same value.
         for t, a in accs.items():
-            self.log(f"{stage}/acc/{t}", a)
+            self.log(f"{stage}/acc/{t}", a, sync_dist=True)
         if accs:
-            self.log(f"{stage}/acc_avg", sum(accs.values()) / len(accs), prog_bar=True)
+            self.log(f"{stage}/acc_avg", sum(accs.values()) / len(accs), prog_bar=True, sync_dist=True)
         self._eval_params = None
         self.last_accuracies = accs
         return accs
@@ -208,10 +226,65 @@ class AdaMerging(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._end_eval("test")
 
+    # -------------------------------------------------------------------- run set-up
+    def setup(self, stage: str) -> None:
+        """Check the data against the pool before any step, and keep DDP to the coefficients."""
+        trainer = self.trainer
+        dm = getattr(trainer, "datamodule", None)
+        if isinstance(dm, MultiTaskDataModule):
+            dm.select_tasks(self.task_names)
+            splits = {"fit": [dm.adapt_split], "validate": [dm.eval_split],
+                      "test": [dm.eval_split]}.get(stage, [])
+            if stage == "fit" and trainer.limit_val_batches != 0:
+                splits.append(dm.eval_split)
+            dm.check({t: self.num_classes(t) for t in self.task_names}, splits)
+        # DDP broadcasts every parameter and buffer at start-up and the buffers at every forward.
+        # Only the coefficients differ between steps; every rank rebuilds the frozen weights from
+        # the same files, so nothing else needs to travel.
+        from torch.nn.parallel import DistributedDataParallel
+        frozen = [n for n, _ in self.named_parameters() if n != COEFFICIENTS_KEY]
+        frozen += [n for n, _ in self.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
+
+    def on_fit_start(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, DistributedDataParallel):
+            synced = [n for n, _ in self.named_parameters() if n not in wrapped.parameters_to_ignore]
+            synced += [n for n, _ in self.named_buffers() if n not in wrapped.parameters_to_ignore]
+            numel = sum(p.numel() for n, p in self.named_parameters() if n in synced)
+            rank_zero_info(f"adamerge: DDP on {self.trainer.world_size} processes synchronises "
+                           f"{synced} ({numel} values); frozen weights and buffers are not broadcast")
+
+    def on_train_end(self) -> None:
+        if self.trainer.world_size > 1:  # all ranks must hold the same coefficients
+            every = self.all_gather(self.merged.coefficients.detach())
+            spread = float((every - every[0:1]).abs().max())
+            if spread > 0:
+                raise RuntimeError(f"coefficients differ between DDP ranks by up to {spread:.3g}")
+            rank_zero_info(f"adamerge: coefficients identical on all {self.trainer.world_size} ranks")
+
     # ------------------------------------------------------------------------ checkpoints
+    def load_coefficients(self, path: str) -> dict[str, Any]:
+        """Set the coefficients from an adamerge checkpoint file made on this pool; returns it.
+
+        The file is read without unpickling code and checked with :func:`check_checkpoint`
+        (task order, merged parameter names and shapes, weights hash, granularity).
+        """
+        checkpoint = read_checkpoint(path)
+        check_checkpoint(checkpoint, self.fingerprint, tuple(self.merged.coefficients.shape),
+                         source=str(path))
+        with torch.no_grad():
+            self.merged.coefficients.copy_(checkpoint["state_dict"][COEFFICIENTS_KEY])
+        return checkpoint
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only the coefficients: base weights, task vectors and heads come back from the pool.
-        checkpoint["state_dict"] = {COEFFICIENTS_KEY: checkpoint["state_dict"][COEFFICIENTS_KEY]}
+        coeffs = checkpoint["state_dict"][COEFFICIENTS_KEY]
+        if not torch.isfinite(coeffs).all():
+            raise FloatingPointError(f"refusing to save non-finite coefficients at step {self.global_step}; "
+                                     "the last good checkpoint is kept")
+        checkpoint["state_dict"] = {COEFFICIENTS_KEY: coeffs}
         checkpoint["adamerge"] = {"fingerprint": self.fingerprint,
                                   "granularity": self.merged.granularity}
 
@@ -221,9 +294,23 @@ class AdaMerging(L.LightningModule):
 
 def check_checkpoint(checkpoint: dict[str, Any], fingerprint: dict, coeff_shape: tuple[int, ...],
                      source: str = "checkpoint") -> None:
-    """Refuse a checkpoint made on another model pool, naming the difference."""
+    """Refuse a checkpoint made on another model pool, naming the difference.
+
+    The one check every path that consumes coefficients goes through (resume, validate, test,
+    export): task order, merged parameter names and shapes, a hash of the task vectors (other
+    files), the task-vector transform (e.g. TIES trimming) and the coefficient shape
+    (granularity). Raises ``ValueError`` with a one-line message.
+
+    Args:
+        checkpoint: the loaded checkpoint dict (see :func:`adamerge.checkpoints.read_checkpoint`).
+        fingerprint: ``TaskVectors.fingerprint()`` of the pool in use.
+        coeff_shape: shape of the coefficients this run expects.
+        source: how to name the checkpoint in messages (its path).
+    """
     meta = checkpoint.get("adamerge")
-    if meta is None or COEFFICIENTS_KEY not in checkpoint.get("state_dict", {}):
+    state = checkpoint.get("state_dict")
+    if not isinstance(meta, dict) or not isinstance(state, dict) or COEFFICIENTS_KEY not in state \
+            or "fingerprint" not in meta:
         raise ValueError(f"{source} is not an adamerge checkpoint (no coefficients / fingerprint)")
     diff = fingerprint_difference(meta["fingerprint"], fingerprint)
     if diff:

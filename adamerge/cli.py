@@ -6,11 +6,15 @@ other commands are small argparse programs.
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from lightning.pytorch.cli import LightningCLI
+
+from .errors import unknown_name
 
 HELP = """usage: adamerge COMMAND [options]
 
@@ -39,7 +43,12 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
 class AdaMergeCLI(LightningCLI):
-    """LightningCLI with a checkpoint section that every run gets (periodic + ``last.ckpt``)."""
+    """LightningCLI with a checkpoint section that every run gets (periodic + ``last.ckpt``).
+
+    Config files are plain YAML read with a safe loader (no ``!!python`` tags, nothing is
+    evaluated); ``class_path`` entries name classes to import and instantiate. File paths in a
+    config (``Path_fr`` / ``Path_dr`` arguments) are relative to that config file.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         from .callbacks import RunCheckpoint
@@ -47,13 +56,45 @@ class AdaMergeCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50,
                              "checkpoint.save_top_k": -1})
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads --ckpt_path itself (for hyperparameters) right after parsing; check
+        # the file first so a missing, corrupt or pickled one gets a message naming it.
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if isinstance(ckpt, str) and ckpt not in ("last", "best", "hpc") and "://" not in ckpt \
+                and not ckpt.startswith("registry"):
+            from .checkpoints import read_checkpoint
+            read_checkpoint(ckpt)
+
+    def before_instantiate_classes(self) -> None:
+        # The config saved next to the run (lightning_logs/version_N/config.yaml) must still
+        # point at the same files: write resolved paths into it, not the relative spelling.
+        absolute_paths(self.config)
+
+
+def absolute_paths(value: Any) -> Any:
+    """Replace, in place, every jsonargparse ``Path`` in a parsed config by its absolute form."""
+    from jsonargparse import Namespace, Path as ArgPath
+    if isinstance(value, ArgPath):
+        return type(value)(os.path.normpath(value.absolute))
+    if isinstance(value, Namespace):
+        for key in list(value.keys()):
+            value[key] = absolute_paths(value[key])
+    elif isinstance(value, dict):
+        for key in list(value):
+            value[key] = absolute_paths(value[key])
+    elif isinstance(value, list):
+        value[:] = [absolute_paths(v) for v in value]
+    return value
+
 
 def lightning_main(args: Sequence[str]) -> None:
     """Run a LightningCLI subcommand (fit / validate / test)."""
     from .adamerging import AdaMerging
     from .data import MultiTaskDataModule
     AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=list(args),
-                save_config_kwargs={"overwrite": True},
+                save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False},
                 trainer_defaults={"max_steps": 500, "check_val_every_n_epoch": None,
                                   "val_check_interval": 500, "log_every_n_steps": 10})
 
@@ -109,7 +150,7 @@ def compare_main(args: Sequence[str]) -> None:
     from .data import MultiTaskDataModule
     ns, rest = _compare_parser("adamerge compare", demo=False).parse_known_args(list(args))
     cli = AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=rest, run=False,
-                      save_config_kwargs={"overwrite": True})
+                      save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     model, dm = cli.model, cli.datamodule
     settings = CompareSettings(steps=ns.steps or int(cli.trainer.max_steps), lr=model.lr,
                                prior=float(model.hparams.prior),
@@ -119,8 +160,27 @@ def compare_main(args: Sequence[str]) -> None:
     compare(model.loaded, dm, Path(ns.out), settings, tuple(ns.methods), suite="custom")
 
 
-KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError,
-                                                  FloatingPointError, RuntimeError)
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, FloatingPointError,
+                                                  RuntimeError, argparse.ArgumentError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of an error on one line.
+
+    jsonargparse nests its messages (``Parser key "model.pool": / Problem with given class_path
+    ... / Parser key "base": / Not of type Path_fr: File does not exist: ...``); they become
+    ``model.pool.base: File does not exist: ...``. Other messages keep their first line.
+    """
+    msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    if isinstance(exc, argparse.ArgumentError):
+        lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+        keys = re.findall(r'Parser key "([^"]+)"', msg)
+        if keys and lines and not lines[-1].startswith("Parser key"):
+            last = re.sub(r"^Not of type [\w\[\], |]+: ", "", lines[-1])
+            return f"{'.'.join(keys)}: {last}"
+        return " ".join(lines) or type(exc).__name__
+    msg = msg.strip()
+    return msg.splitlines()[0] if msg else type(exc).__name__
 
 
 def _lazy(module: str, function: str):
@@ -142,16 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.update(export=_lazy("export", "export_main"), convert=_lazy("convert", "convert_main"),
                     finetune=_lazy("finetune", "finetune_main"))
     if command not in commands:
-        print(f"adamerge: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
+        print(f"adamerge: {unknown_name('command', command, commands)}\n\n{HELP}", file=sys.stderr)
         return 2
     try:
         commands[command]([command, *rest] if command in LIGHTNING_COMMANDS else rest)
     except KNOWN_ERRORS as exc:
         if os.environ.get("ADAMERGE_DEBUG"):
             raise
-        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"adamerge {command}: error: {msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__}",
-              file=sys.stderr)
+        print(f"adamerge {command}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -7,12 +7,17 @@ exact data order without saving iterator state.
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from jsonargparse.typing import path_type
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset, get_worker_info
+
+from .errors import suggest, unknown_name
 
 
 class DatasetSource:
@@ -46,34 +51,112 @@ class InMemorySource(DatasetSource):
                            f"{list(self.datasets.get(task, {}))}") from None
 
 
+# A folder that must exist; relative paths in a config file are relative to that file.
+Path_dr = path_type("dr", docstring="path to a directory that exists and is readable")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class UndecodableImageWarning(UserWarning):
+    """An image file could not be decoded and was skipped (``on_decode_error: skip``)."""
+
+
+class ImageFolderDataset(Dataset):
+    """``folder/<class>/<image>`` as ``(image [3, S, S] float in [0, 1], class index)``.
+
+    Classes are the sorted sub-folders (as in torchvision's ``ImageFolder``), images the files
+    with an image extension below each, sorted.
+
+    Args:
+        folder: the split folder.
+        image_size: images are converted to RGB and resized to this square size.
+        on_decode_error: ``fail`` raises an error naming the file; ``skip`` warns (with the
+            running count of skipped files) and returns the next decodable image instead, so
+            batch sizes stay fixed.
+    """
+
+    def __init__(self, folder: str | Path, image_size: int,
+                 on_decode_error: Literal["fail", "skip"] = "fail") -> None:
+        if on_decode_error not in ("fail", "skip"):
+            raise ValueError(f"on_decode_error must be 'fail' or 'skip', got {on_decode_error!r}")
+        self.folder, self.image_size, self.on_decode_error = Path(folder), image_size, on_decode_error
+        self.classes = sorted(p.name for p in self.folder.iterdir() if p.is_dir())
+        if not self.classes:
+            raise ValueError(f"{self.folder}: no class folders (expected {self.folder}/<class>/<image>)")
+        self.samples = [(f, label) for label, c in enumerate(self.classes)
+                        for f in sorted((self.folder / c).rglob("*"))
+                        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.samples:
+            raise ValueError(f"{self.folder}: no images in its {len(self.classes)} class folders "
+                             f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+        self.skipped: dict[str, str] = {}  # file -> reason, in this process
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, path: Path) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
+        return pil_to_tensor(im).float().div_(255)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for step in range(len(self.samples)):
+            path, label = self.samples[(index + step) % len(self.samples)]
+            try:
+                return self._load(path), label
+            except Exception as exc:  # PIL raises many types for broken files
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if self.on_decode_error == "fail":
+                    raise ValueError(f"{path}: cannot decode image ({reason}); set "
+                                     "on_decode_error: skip to skip such files") from exc
+                if str(path) not in self.skipped:
+                    self.skipped[str(path)] = reason
+                    warnings.warn(f"skipped {len(self.skipped)} undecodable image(s) in {self.folder} so "
+                                  f"far; latest {path}: {reason}", UndecodableImageWarning, stacklevel=2)
+        raise ValueError(f"{self.folder}: none of its {len(self.samples)} images can be decoded")
+
+
 class FolderSource(DatasetSource):
     """Image folders laid out as ``root/<task>/<split>/<class>/<image>`` (torchvision ImageFolder).
 
     Args:
-        root: the folder holding one sub-folder per task.
+        root: the folder holding one sub-folder per task (relative paths in a config file are
+            relative to that file).
         tasks: the tasks to use, in order (default: every sub-folder, sorted).
         image_size: images are resized to this square size and converted to RGB tensors.
+        on_decode_error: what to do with an image file that cannot be decoded: ``fail`` (an
+            error naming the file) or ``skip`` (a warning with the count of skipped files; the
+            next decodable image of the split takes its place).
     """
 
-    def __init__(self, root: str, tasks: list[str] | None = None, image_size: int = 224) -> None:
-        self.root = Path(root).expanduser()
+    def __init__(self, root: Path_dr, tasks: list[str] | None = None, image_size: int = 224,
+                 on_decode_error: Literal["fail", "skip"] = "fail") -> None:
+        self.root = Path(os.fspath(root)).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: dataset folder does not exist")
-        self.tasks = tasks or sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.image_size = image_size
+        if on_decode_error not in ("fail", "skip"):
+            raise ValueError(f"on_decode_error must be 'fail' or 'skip', got {on_decode_error!r}")
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        for task in tasks or []:
+            if task not in found:
+                raise ValueError(unknown_name("task", task, found, where=f" in {self.root}"))
+        self.tasks = list(tasks or found)
+        self.image_size, self.on_decode_error = image_size, on_decode_error
 
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
     def dataset(self, task: str, split: str) -> Dataset:
-        from torchvision import datasets, transforms
+        if task not in self.tasks:
+            raise ValueError(unknown_name("task", task, self.tasks, where=f" in {self.root}"))
         folder = self.root / task / split
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no folder for task {task!r}, split {split!r}")
-        tf = transforms.Compose([transforms.Resize((self.image_size, self.image_size)),
-                                 transforms.Lambda(lambda im: im.convert("RGB")),
-                                 transforms.ToTensor()])
-        return datasets.ImageFolder(str(folder), transform=tf)
+            splits = sorted(p.name for p in (self.root / task).iterdir() if p.is_dir())
+            raise FileNotFoundError(f"{folder}: no folder for task {task!r}, split {split!r} "
+                                    f"(splits there: {splits})")
+        return ImageFolderDataset(folder, self.image_size, self.on_decode_error)
 
 
 def _image(item: Any) -> torch.Tensor:
@@ -82,6 +165,39 @@ def _image(item: Any) -> torch.Tensor:
     if isinstance(item, dict):
         return item["image"]
     return item[0]
+
+
+def label_count(ds: Dataset) -> tuple[int, bool] | None:
+    """How many classes a dataset's labels span, when that is cheap to know, else None.
+
+    Returns ``(count, exact)``: ``exact`` when the dataset declares its classes (a ``classes``
+    list as in image folders, a Hugging Face ``ClassLabel`` feature); otherwise ``count`` is
+    ``max label + 1`` of an in-memory label tensor (a lower bound). Nothing is decoded.
+    """
+    if isinstance(ds, Subset):
+        inner = ds.dataset
+        if isinstance(inner, TensorDataset) and len(inner.tensors) > 1:
+            labels = inner.tensors[1][torch.as_tensor(list(ds.indices), dtype=torch.long)]
+            return _max_label(labels)
+        return label_count(inner)
+    classes = getattr(ds, "classes", None)
+    if isinstance(classes, (list, tuple)) and classes:
+        return len(classes), True
+    features = getattr(ds, "features", None)
+    if isinstance(features, Mapping):
+        for key in ("label", "labels"):
+            n = getattr(features.get(key), "num_classes", None)
+            if isinstance(n, int):
+                return n, True
+    if isinstance(ds, TensorDataset) and len(ds.tensors) > 1:
+        return _max_label(ds.tensors[1])
+    return None
+
+
+def _max_label(labels: torch.Tensor) -> tuple[int, bool] | None:
+    if labels.ndim != 1 or labels.is_floating_point() or labels.numel() == 0:
+        return None
+    return int(labels.max()) + 1, False
 
 
 class AdaptationStream(IterableDataset):
@@ -157,9 +273,47 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.adapt_split, self.eval_split = adapt_split, eval_split
         self.num_workers, self.seed, self.max_eval_samples = num_workers, seed, max_eval_samples
         self._cache: dict[tuple[str, str], Dataset] = {}
+        self._tasks: list[str] | None = None
 
     def task_names(self) -> list[str]:
-        return self.source.task_names()
+        """The tasks in use: those of the model pool once :meth:`select_tasks` ran, else the source's."""
+        return list(self._tasks) if self._tasks is not None else self.source.task_names()
+
+    def select_tasks(self, tasks: Sequence[str]) -> None:
+        """Use exactly ``tasks``, in this order (the model pool's); each must be in the source."""
+        known = self.source.task_names()
+        missing = [t for t in tasks if t not in known]
+        if missing:
+            hints = [f"{t!r} -> {near!r}" for t in missing if (near := suggest(t, known)) is not None]
+            raise ValueError(f"no data for tasks {missing} in {type(self.source).__name__} (its tasks: "
+                             f"{', '.join(known)})" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+        self._tasks = list(tasks)
+
+    def check(self, num_classes: Mapping[str, int], splits: Sequence[str]) -> None:
+        """Fail early, before any step, on empty splits and on labels the heads cannot have.
+
+        Args:
+            num_classes: task -> output width of its head.
+            splits: the splits the run reads, checked for emptiness; the evaluation split is
+                also checked against the heads (see :func:`label_count`).
+        """
+        for task in self.task_names():
+            for split in dict.fromkeys(splits):
+                ds = self.dataset(task, split)
+                if len(ds) == 0:
+                    raise ValueError(f"task {task!r}: the {split!r} split is empty")
+                if split != self.eval_split or task not in num_classes:
+                    continue
+                found, heads = label_count(ds), num_classes[task]
+                if found is None:
+                    continue
+                count, exact = found
+                if exact and count != heads:
+                    raise ValueError(f"task {task!r}: the {split!r} split has {count} classes but the "
+                                     f"head has {heads} outputs; wrong dataset or head?")
+                if not exact and count > heads:
+                    raise ValueError(f"task {task!r}: label {count - 1} in the {split!r} split is "
+                                     f"outside the head's {heads} classes")
 
     def dataset(self, task: str, split: str) -> Dataset:
         key = (task, split)

@@ -7,11 +7,13 @@ built-in synthetic suite (``adamerge.suite.SuitePool``) and open_clip (``adamerg
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
+from jsonargparse.typing import Path_fr
 from torch import nn
 
 from .checkpoints import CheckpointError, StateDict, load_state_dict
@@ -86,6 +88,9 @@ def linear_heads_from_state(state: Mapping[str, torch.Tensor], tasks: Sequence[s
 class CheckpointPool(ModelPool):
     """Any ``nn.Module`` architecture with weights from files.
 
+    File paths written in a config file are relative to that file (on the command line: to the
+    working directory); they must exist when the config is read.
+
     Args:
         model: the architecture (its own weights are replaced by ``base``).
         base: state dict file of the pretrained model (``.safetensors`` or a torch file).
@@ -97,10 +102,14 @@ class CheckpointPool(ModelPool):
         allow_pickle: allow torch files holding pickled objects (runs code from the file).
     """
 
-    def __init__(self, model: nn.Module, base: str, experts: dict[str, str], heads: str,
+    def __init__(self, model: nn.Module, base: Path_fr, experts: dict[str, Path_fr], heads: Path_fr,
                  include: list[str] | None = None, exclude: list[str] | None = None,
                  task_vector_dtype: str | None = None, allow_pickle: bool = False) -> None:
-        self.model, self.base, self.experts, self.heads = model, base, dict(experts), heads
+        if not experts:
+            raise ValueError("CheckpointPool needs at least one expert file, got none")
+        self.model = model
+        self.base, self.heads = as_path(base), as_path(heads)
+        self.experts = {t: as_path(p) for t, p in experts.items()}
         self.include, self.exclude = include, exclude
         if task_vector_dtype is not None and task_vector_dtype not in DTYPES:
             raise ValueError(f"task_vector_dtype must be one of {list(DTYPES)}, got {task_vector_dtype!r}")
@@ -124,6 +133,11 @@ class CheckpointPool(ModelPool):
         loaders = {t: (lambda p=p: load_state_dict(p, self.allow_pickle))
                    for t, p in self.experts.items()}
         return LoadedPool(module, tv, heads, loaders)
+
+
+def as_path(path: str | os.PathLike) -> Path:
+    """A ``pathlib.Path`` of a str or of a jsonargparse path (already resolved against its config)."""
+    return Path(os.fspath(path)).expanduser()
 
 
 def resolve(path: str | Path, root: str | Path | None) -> Path:

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from .checkpoints import load_state_dict, save_state_dict
 from .data import DatasetSource
+from .errors import unknown_name
 from .pool import LoadedPool, ModelPool, linear_heads_from_state, merged_parameter_names
 from .task_vectors import TaskVectors
 
@@ -224,16 +225,16 @@ def get_spec(suite: str | SuiteSpec, **overrides) -> SuiteSpec:
     """A preset by name (``tiny``, ``demo``) or a spec, with field overrides."""
     if isinstance(suite, str):
         if suite not in SUITES:
-            raise ValueError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
+            raise ValueError(unknown_name("suite", suite, sorted(SUITES)))
         suite = SUITES[suite]
     unknown = set(overrides) - set(asdict(suite))
     if unknown:
         raise ValueError(f"unknown suite fields {sorted(unknown)}; known: {sorted(asdict(suite))}")
     if "tasks" in overrides:
         overrides["tasks"] = tuple(overrides["tasks"])
-        bad = [t for t in overrides["tasks"] if t not in GENERATORS]
-        if bad:
-            raise ValueError(f"unknown suite tasks {bad}; known: {sorted(GENERATORS)}")
+        for t in overrides["tasks"]:
+            if t not in GENERATORS:
+                raise ValueError(unknown_name("task", t, sorted(GENERATORS), where=" in the suites"))
     return replace(suite, **overrides)
 
 
@@ -249,7 +250,7 @@ def default_cache_dir() -> Path:
 def task_data(spec: SuiteSpec, task: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{split: (images [n,1,S,S], labels [n])}`` for train/val/test, deterministic in the spec."""
     if task not in GENERATORS:
-        raise ValueError(f"unknown suite task {task!r}; known: {sorted(GENERATORS)}")
+        raise ValueError(unknown_name("task", task, sorted(GENERATORS), where=" in the suites"))
     rng = np.random.default_rng([spec.seed, sorted(GENERATORS).index(task)])
     total = spec.n_train + spec.n_val + spec.n_test
     imgs, labels, _ = GENERATORS[task](rng, total, spec.image_size)
@@ -285,7 +286,7 @@ class SuiteSource(DatasetSource):
 
     def dataset(self, task: str, split: str) -> Dataset:
         if task not in self.spec.tasks:
-            raise ValueError(f"task {task!r} is not in this suite's tasks {list(self.spec.tasks)}")
+            raise ValueError(unknown_name("task", task, self.spec.tasks, where=" in this suite"))
         if task not in self._data:
             self._data[task] = task_data(self.spec, task)
         if split not in self._data[task]:
@@ -395,9 +396,9 @@ class SuitePool(ModelPool):
                  exclude: list[str] | None = None) -> None:
         self.spec = get_spec(suite, seed=seed)
         self.tasks = list(tasks or self.spec.tasks)
-        bad = [t for t in self.tasks if t not in self.spec.tasks]
-        if bad:
-            raise ValueError(f"tasks {bad} are not in suite {suite!r} ({list(self.spec.tasks)})")
+        for t in self.tasks:
+            if t not in self.spec.tasks:
+                raise ValueError(unknown_name("task", t, self.spec.tasks, where=f" in suite {suite!r}"))
         self.cache_dir, self.include, self.exclude = cache_dir, include, exclude
 
     def load(self) -> LoadedPool:
