@@ -83,19 +83,6 @@ class AdaMerging(L.LightningModule):
                                       for t in self.task_names})
         self._eval_params: dict[str, torch.Tensor] | None = None
 
-    def setup(self, stage: str) -> None:
-        """Refuse data whose tasks differ from the pool's: heads are matched to loaders by position."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "task_names"):
-            data_tasks = list(dm.task_names())
-            missing = [t for t in self.task_names if t not in data_tasks]
-            if missing:
-                raise ValueError(f"no data for tasks {missing}: the data's tasks are {data_tasks}, "
-                                 f"the model pool's {self.task_names}")
-            if data_tasks != self.task_names:
-                raise ValueError(f"the data's tasks {data_tasks} differ from the model pool's tasks "
-                                 f"{self.task_names}: list the same tasks in the same order")
-
     # ----------------------------------------------------------------------------- helpers
     @property
     def task_names(self) -> list[str]:

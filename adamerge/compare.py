@@ -73,9 +73,7 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {list(ALL_METHODS)}")
     tasks = loaded.task_vectors.task_names
-    data_tasks = datamodule.task_names()
-    if list(data_tasks) != list(tasks):
-        raise ValueError(f"the data's tasks {data_tasks} differ from the pool's {tasks}")
+    datamodule.select_tasks(tasks)  # match data to heads by task name
     out = Path(out)
     eval_sets = {t: datamodule.dataset(t, datamodule.eval_split) for t in tasks}
     val_sets = {t: datamodule.dataset(t, s.val_split) for t in tasks} if s.val_split else None
