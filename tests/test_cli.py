@@ -25,6 +25,10 @@ def test_help_lists_commands():
 
 
 def test_tiny_config_fits_and_resumes(tmp_path):
+    # Everything lands under default_root_dir, including on resume/test from an explicit
+    # checkpoint path (LightningCLI's checkpoint re-parse once reset it: files went to the cwd).
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     common = ["--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
               "--trainer.enable_progress_bar", "false"]
     run("fit", *common, "--trainer.max_steps", "10", "--trainer.val_check_interval", "10")
@@ -35,8 +39,12 @@ def test_tiny_config_fits_and_resumes(tmp_path):
     run("fit", *common, "--trainer.max_steps", "20", "--trainer.val_check_interval", "20",
         "--ckpt_path", "last")
     assert torch.load(last, weights_only=False)["global_step"] == 20
-    res = run("test", *common, "--ckpt_path", str(last))
+    run("fit", *common, "--trainer.max_steps", "30", "--trainer.val_check_interval", "30",
+        "--ckpt_path", str(last), cwd=cwd)
+    assert torch.load(last, weights_only=False)["global_step"] == 30
+    res = run("test", *common, "--ckpt_path", str(last), cwd=cwd)
     assert "test/acc_avg" in res.stdout
+    assert list(cwd.iterdir()) == []
 
 
 def test_unknown_command_and_bad_file_fail_cleanly(tmp_path):

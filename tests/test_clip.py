@@ -185,7 +185,8 @@ def test_clip_fit_test_export_through_config(world, tmp_path, capsys):
     data = yaml.safe_load(cfg.read_text())
     data["data"]["source"]["init_args"]["tasks"] = ["colors", "mnist"]
     cfg_other.write_text(yaml.safe_dump(data, sort_keys=False))
-    assert main(["test", "--config", str(cfg_other), "--ckpt_path", str(last)]) == 0
+    assert main(["test", "--config", str(cfg_other), "--ckpt_path", str(last),
+                 "--trainer.default_root_dir", str(tmp_path / "run_other")]) == 0
     out_other = capsys.readouterr().out
     assert "test/acc/mnist" in out_other and "test/acc/colors" in out_other
 
