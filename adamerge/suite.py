@@ -2,10 +2,12 @@
 
 Tasks are small grayscale image-classification problems with different input domains and label
 spaces: scikit-learn's real 8x8 handwritten digits, plus procedurally generated shapes, grating
-orientations, dot counts, rendered letters and textures. A small ViT is "pretrained" on a generic
-pretext task (which of the domains an image comes from), a linear head per task is fitted on the
-frozen pretrained features (the stand-in for CLIP's zero-shot heads), and one expert per task
-fine-tunes the encoder with its head frozen, like the task-vectors recipe.
+orientations, dot counts, rendered letters and textures. A small ViT is "pretrained" CLIP-style:
+its features are aligned with one embedding per class of every task (the stand-in for CLIP's text
+embeddings; all of them in a narrow cone, like CLIP's) on a shifted domain (strongly noised,
+lower-contrast images), so the base is a broad but mediocre zero-shot model. The class embeddings
+times a logit scale are the frozen "zero-shot" heads, and one expert per task fine-tunes the whole
+encoder with its head frozen at a small learning rate, like the task-vectors recipe.
 
 Everything is deterministic given the spec, and the trained weights are cached on disk under a
 hash of the full spec (not its name).
@@ -33,7 +35,7 @@ from .errors import unknown_name
 from .pool import LoadedPool, ModelPool, linear_heads_from_state, merged_parameter_names
 from .task_vectors import TaskVectors
 
-SUITE_VERSION = 2  # bump when generators or training change: it is part of the cache key
+SUITE_VERSION = 3  # bump when generators or training change: it is part of the cache key
 
 
 # ----------------------------------------------------------------------------------- model
@@ -201,11 +203,12 @@ class SuiteSpec:
     n_train: int = 1000
     n_val: int = 200
     n_test: int = 500
-    pretrain_steps: int = 300
-    pretrain_noise: float = 0.15
+    pretrain_steps: int = 1200
+    pretrain_noise: float = 0.45
     expert_steps: int = 300
-    expert_lr: float = 5e-4
+    expert_lr: float = 1e-4
     batch_size: int = 64
+    head_spread: float = 0.6
     seed: int = 0
 
     def key(self) -> str:
@@ -215,8 +218,8 @@ class SuiteSpec:
 
 SUITES: dict[str, SuiteSpec] = {
     "tiny": SuiteSpec(tasks=("digits", "shapes", "gratings"), dim=32, depth=2, heads=2, n_train=400,
-                      n_val=100, n_test=200, pretrain_steps=150, expert_steps=150,
-                      expert_lr=2e-3),
+                      n_val=100, n_test=200, pretrain_steps=150, pretrain_noise=0.15,
+                      expert_steps=150, expert_lr=2e-3),
     "demo": SuiteSpec(),
 }
 
@@ -325,12 +328,17 @@ def build_suite(spec: SuiteSpec, out: Path, progress: Callable[[str], None] | No
     g = torch.Generator().manual_seed(spec.seed)
     data = {t: task_data(spec, t) for t in spec.tasks}
     model = make_encoder(spec)
-    # "Pretraining", CLIP-like: image features are aligned with one learned unit-norm class
-    # embedding per class of every task (the stand-in for CLIP's text embeddings), on noisier,
-    # lower-contrast copies of the training images, briefly. The class embeddings times a logit
-    # scale become the frozen "zero-shot" heads; the base is decent on every task, not good.
-    embeds = nn.ParameterList(nn.Parameter(torch.randn(len(class_names(t)), spec.dim, generator=g))
-                              for t in spec.tasks)
+    # "Pretraining", CLIP-like: image features are aligned with one unit-norm class embedding per
+    # class of every task (the stand-in for CLIP's text embeddings), on noisier, lower-contrast
+    # copies of the training images, briefly. Like CLIP's text embeddings, all class embeddings
+    # lie in a narrow cone: a shared direction plus a learned class part of norm `head_spread`,
+    # so a feature that matches one task's class is not a confident answer for another task.
+    # The class embeddings times a logit scale become the frozen "zero-shot" heads; the base is
+    # decent on every task, not good.
+    shared = F.normalize(torch.randn(spec.dim, generator=g), dim=0)
+    parts = nn.ParameterList(nn.Parameter(torch.randn(len(class_names(t)), spec.dim, generator=g))
+                             for t in spec.tasks)
+    embed = lambda i: F.normalize(shared + spec.head_spread * F.normalize(parts[i], dim=-1), dim=-1)
     gen = torch.Generator().manual_seed(spec.seed + 1)
 
     def pre_loss(_xb, _yb):
@@ -339,14 +347,15 @@ def build_suite(spec: SuiteSpec, out: Path, progress: Callable[[str], None] | No
             x, y = data[t]["train"]
             idx = torch.randint(0, len(y), (spec.batch_size // 2,), generator=gen)
             xb = x[idx] * 0.8 + spec.pretrain_noise * torch.randn(x[idx].shape, generator=gen)
-            loss = loss + F.cross_entropy(model(xb) @ F.normalize(embeds[i], dim=-1).t() * LOGIT_SCALE, y[idx])
+            loss = loss + F.cross_entropy(model(xb) @ embed(i).t() * LOGIT_SCALE, y[idx])
         return loss
 
     dummy = torch.zeros(1)
-    _fit(list(model.parameters()) + list(embeds), pre_loss, dummy, dummy, spec.pretrain_steps, 1e-3,
+    _fit(list(model.parameters()) + list(parts), pre_loss, dummy, dummy, spec.pretrain_steps, 1e-3,
          1, g, say, "pretrain")
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    heads = {t: (F.normalize(e.detach(), dim=-1) * LOGIT_SCALE).clone() for t, e in zip(spec.tasks, embeds)}
+    with torch.no_grad():
+        heads = {t: embed(i) * LOGIT_SCALE for i, t in enumerate(spec.tasks)}
     save_state_dict(base_state, out / "base.safetensors")
     save_state_dict({f"{t}.weight": w for t, w in heads.items()}, out / "heads.safetensors")
     # Experts: fine-tune the whole encoder on one task with its head frozen.

@@ -49,3 +49,20 @@ def test_unknown_method_is_an_error(tmp_path):
     dm = MultiTaskDataModule(SuiteSource("tiny"))
     with pytest.raises(ValueError, match="unknown methods"):
         compare(loaded, dm, tmp_path, methods=("magic",))
+
+
+def test_suite_diagnostics_scans_experts_and_lambdas(capsys):
+    """scripts/suite_diagnostics.py: one row for the base, each expert and each lambda."""
+    import runpy
+    from pathlib import Path
+    script = Path(__file__).parents[1] / "scripts" / "suite_diagnostics.py"
+    mod = runpy.run_path(str(script))
+    mod["main"](["--suite", "tiny", "--lambdas", "0.0", "1.0"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in lines if "sum H" in ln]
+    assert [r.split("  sum H")[0].strip() for r in rows] == [
+        "base", "expert digits", "expert shapes", "expert gratings", "task arithmetic 0", "task arithmetic 1"]
+    # lambda 0 is the base model itself
+    assert rows[0].split("sum H")[1] == rows[4].split("sum H")[1]
+    with pytest.raises(SystemExit):
+        mod["main"](["--suite", "tiny", "--set", "expert_lr"])
