@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +59,12 @@ def test_unknown_command_and_bad_file_fail_cleanly(tmp_path):
     assert res.returncode == 1
     assert "model.pool.base: File does not exist:" in res.stderr and "missing.safetensors" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_demo_config_matches_the_demo_settings():
+    """configs/demo_layerwise.yaml reproduces the demo's layer-wise row: same suite, paper defaults."""
+    res = run("fit", "--config", str(ROOT / "configs/demo_layerwise.yaml"), "--print_config")
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["model"]["pool"]["init_args"]["suite"] == cfg["data"]["source"]["init_args"]["suite"] == "demo"
+    assert cfg["model"]["granularity"] == "layerwise" and cfg["model"]["prior"] == 0.3
+    assert cfg["data"]["batch_size"] == 16 and cfg["trainer"]["max_steps"] == 500
