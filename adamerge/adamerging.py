@@ -117,7 +117,7 @@ class AdaMerging(L.LightningModule):
     # ------------------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = self._batch_images(batch)
-        params = self.merged.merged_parameters()
+        params = self.merged.merged_parameters(reuse_buffers=True)  # one merge per step
         if not self.per_task_backward:
             ents = {t: entropy(z) for t, z in self.task_logits(images, params).items()}
             loss = torch.stack(list(ents.values())).sum()

@@ -35,6 +35,8 @@ commands:
             adamerge convert SRC OUT.safetensors
   finetune  make an expert: fine-tune CLIP's image tower on one task (task-vectors recipe):
             adamerge finetune --task mnist --out experts/ViT-B-32/mnist.safetensors
+  bench     step time and peak memory vs a plain forward+backward and a naive merge:
+            adamerge bench [--model ViT-B-32] [-K 8] [-B 2] [--device cuda]
 
 Run `adamerge COMMAND --help` for the options of a command.
 """
@@ -200,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {c: lightning_main for c in LIGHTNING_COMMANDS}
     commands.update({"demo": demo_main, "compare": compare_main})
     commands.update(export=_lazy("export", "export_main"), convert=_lazy("convert", "convert_main"),
-                    finetune=_lazy("finetune", "finetune_main"))
+                    finetune=_lazy("finetune", "finetune_main"), bench=_lazy("benchmark", "bench_main"))
     if command not in commands:
         print(f"adamerge: {unknown_name('command', command, commands)}\n\n{HELP}", file=sys.stderr)
         return 2

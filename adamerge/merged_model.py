@@ -1,9 +1,10 @@
 """The merged functional model: ``theta_p = base_p + sum_k lambda[row(p), k] * tau[k, p]``.
 
 The base module is frozen and never copied or modified: it is called with
-``torch.func.functional_call`` on merged tensors. The merge and its backward run as one fused
-matrix-vector product per parameter (:class:`_Merge`), so autograd records P nodes, not P x K,
-and no gradient is ever computed for a frozen tensor.
+``torch.func.functional_call`` on merged tensors. The merge and its backward are one fused
+autograd node (:class:`_Merge`): per parameter a matrix-vector product over the stacked task
+vectors, blocked so that they are read once, into reused buffers; autograd records one node, not
+P x K, and no gradient is ever computed for a frozen tensor.
 """
 
 from __future__ import annotations
@@ -19,26 +20,42 @@ from .task_vectors import TaskVectors
 Granularity = Literal["taskwise", "layerwise"]
 
 
+# Columns merged per op. A large parameter is processed in blocks of this many elements so that
+# one block of the output (or of the gradient) stays in cache while the K task-vector rows stream
+# past it: the task vectors are then read from memory once per merge and once per backward.
+BLOCK = 1 << 18
+
+
 class _Merge(torch.autograd.Function):
-    """Fused merge of all parameters; the only differentiable input is the coefficient matrix."""
+    """Fused merge of all parameters; the only differentiable input is the coefficient matrix.
+
+    ``outs`` (optional) are reusable flat buffers, one per parameter, written in place: a training
+    loop then allocates no parameter-sized tensor per step for the merge.
+    """
 
     @staticmethod
     def forward(ctx: Any, coeffs: torch.Tensor, rows: torch.Tensor, bases: tuple[torch.Tensor, ...],
-                taus: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                taus: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...] | None = None
+                ) -> tuple[torch.Tensor, ...]:
         ctx.taus, ctx.rows, ctx.coeff_shape = taus, rows, coeffs.shape
-        outs = []
+        results = []
         rows_list = rows.tolist()
-        for row, base, tau in zip(rows_list, bases, taus):
+        for p, (row, base, tau) in enumerate(zip(rows_list, bases, taus)):
             flat_tau = tau.reshape(tau.shape[0], -1)
-            lam = coeffs[row]
             if flat_tau.device != base.device:  # task vectors streamed from (pinned) CPU memory
                 flat_tau = flat_tau.to(base.device, non_blocking=True)
-            if flat_tau.dtype == base.dtype:
-                merged = torch.addmv(base.reshape(-1), flat_tau.t(), lam.to(base.dtype))
-            else:  # low-precision storage: combine in the storage dtype, add in the base dtype
-                merged = base.reshape(-1) + torch.mv(flat_tau.t(), lam.to(flat_tau.dtype)).to(base.dtype)
-            outs.append(merged.view(base.shape))
-        return tuple(outs)
+            flat_base = base.reshape(-1)
+            out = outs[p] if outs is not None else torch.empty_like(flat_base)
+            lam = coeffs[row].to(flat_tau.dtype)
+            same = flat_tau.dtype == base.dtype
+            for s in range(0, flat_base.numel(), BLOCK):
+                e = min(s + BLOCK, flat_base.numel())
+                if same:
+                    torch.addmv(flat_base[s:e], flat_tau[:, s:e].t(), lam, out=out[s:e])
+                else:  # low-precision storage: combine in the storage dtype, add in the base dtype
+                    torch.add(flat_base[s:e], torch.mv(flat_tau[:, s:e].t(), lam), out=out[s:e])
+            results.append(out.view(base.shape))
+        return tuple(results)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
@@ -50,13 +67,18 @@ class _Merge(torch.autograd.Function):
             flat_tau = tau.reshape(tau.shape[0], -1)
             if flat_tau.device != g.device:
                 flat_tau = flat_tau.to(g.device, non_blocking=True)
-            per_param.append(torch.mv(flat_tau, g.reshape(-1).to(flat_tau.dtype)))
+            flat_g = g.reshape(-1).to(flat_tau.dtype)
+            acc = torch.zeros(flat_tau.shape[0], dtype=torch.float32, device=flat_g.device)
+            for s in range(0, flat_g.numel(), BLOCK):
+                e = min(s + BLOCK, flat_g.numel())
+                acc += torch.mv(flat_tau[:, s:e], flat_g[s:e]).float()
+            per_param.append(acc)
             used_rows.append(p)
         grad = torch.zeros(ctx.coeff_shape, dtype=torch.float32, device=ctx.rows.device)
         if per_param:
             index = ctx.rows[torch.tensor(used_rows, device=ctx.rows.device)]
-            grad.index_add_(0, index, torch.stack(per_param).to(grad.dtype))
-        return grad, None, None, None
+            grad.index_add_(0, index, torch.stack(per_param))
+        return grad, None, None, None, None
 
 
 class MergedModel(nn.Module):
@@ -103,6 +125,7 @@ class MergedModel(nn.Module):
         rows = torch.arange(task_vectors.num_params) if granularity == "layerwise" else \
             torch.zeros(task_vectors.num_params, dtype=torch.long)
         self.register_buffer("rows", rows, persistent=False)
+        self._merge_buffers: tuple[torch.Tensor, ...] | None = None  # reused by training merges
 
     def _apply(self, fn, recurse: bool = True):  # keep the task vectors next to the module
         super()._apply(fn, recurse)
@@ -124,12 +147,27 @@ class MergedModel(nn.Module):
         """Effective coefficients ``[rows, K]`` (clamped if clamping is on), differentiable."""
         return self.coefficients.clamp(0.0, 1.0) if self.clamp else self.coefficients
 
-    def merged_parameters(self) -> dict[str, torch.Tensor]:
-        """Merged tensors of the merged parameters, differentiable w.r.t. the coefficients."""
+    def merged_parameters(self, reuse_buffers: bool = False) -> dict[str, torch.Tensor]:
+        """Merged tensors of the merged parameters, differentiable w.r.t. the coefficients.
+
+        ``reuse_buffers``: write into buffers kept from the previous call instead of allocating
+        (a training loop that merges once per step). Tensors from an earlier call are then
+        overwritten; a graph still holding them fails loudly in backward (autograd's version
+        check), it is never silently wrong.
+        """
         params = dict(self.module.named_parameters())
         bases = tuple(params[n] for n in self.task_vectors.names)
-        merged = _Merge.apply(self.lambdas(), self.rows, bases, tuple(self.task_vectors.tensors))
+        outs = self._step_buffers(bases) if reuse_buffers else None
+        merged = _Merge.apply(self.lambdas(), self.rows, bases, tuple(self.task_vectors.tensors), outs)
         return dict(zip(self.task_vectors.names, merged))
+
+    def _step_buffers(self, bases: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        bufs = self._merge_buffers
+        if bufs is None or any(b.device != x.device or b.dtype != x.dtype or b.numel() != x.numel()
+                               for b, x in zip(bufs, bases)):
+            bufs = self._merge_buffers = tuple(torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+                                               for x in bases)
+        return bufs
 
     def forward(self, *args: Any, params: dict[str, torch.Tensor] | None = None,
                 **kwargs: Any) -> Any:

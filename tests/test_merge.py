@@ -3,8 +3,16 @@
 import pytest
 import torch
 
+from adamerge import merged_model
 from adamerge.merged_model import MergedModel
 from conftest import RandomPool, images
+
+
+@pytest.fixture(params=["one block", "blocks of 5"])
+def block(request, monkeypatch):
+    """The merge processes parameters in blocks; 5 elements forces many blocks and a ragged end."""
+    if request.param == "blocks of 5":
+        monkeypatch.setattr(merged_model, "BLOCK", 5)
 
 
 def make(granularity: str, prior: float = 0.3, clamp: bool = True, pool=None):
@@ -13,7 +21,7 @@ def make(granularity: str, prior: float = 0.3, clamp: bool = True, pool=None):
 
 
 @pytest.mark.parametrize("granularity", ["taskwise", "layerwise"])
-def test_merged_parameters_match_formula(granularity):
+def test_merged_parameters_match_formula(granularity, block):
     model, loaded = make(granularity)
     with torch.no_grad():
         model.coefficients.uniform_(0, 1, generator=torch.Generator().manual_seed(1))
@@ -42,7 +50,7 @@ def test_merged_state_dict_is_plain_and_complete():
 
 
 @pytest.mark.parametrize("granularity", ["taskwise", "layerwise"])
-def test_coefficient_gradient_is_dot_product(granularity):
+def test_coefficient_gradient_is_dot_product(granularity, block):
     model, loaded = make(granularity)
     x = images(6)
     loss = model(x).pow(2).sum() + model(x).sin().sum()
@@ -116,3 +124,33 @@ def test_bad_granularity_and_foreign_task_vector():
     tv.names[0] = "not.a.param"
     with pytest.raises(ValueError, match="not.a.param"):
         MergedModel(loaded.encoder, tv)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_storage_merges_and_differentiates(dtype, block):
+    model32, loaded = make("layerwise")
+    low = MergedModel(loaded.encoder, loaded.task_vectors.to(dtype=dtype), "layerwise")
+    x = images(4)
+    for m in (model32, low):
+        m(x).pow(2).sum().backward()
+    for name, a in model32.merged_parameters().items():
+        b = low.merged_parameters()[name]
+        assert b.dtype == torch.float32  # added in the base's dtype
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=5e-4)  # bf16: 8 bits of mantissa
+    torch.testing.assert_close(low.coefficients.grad, model32.coefficients.grad, rtol=2e-2, atol=1e-4)
+
+
+def test_reused_buffers_give_the_same_steps_and_never_a_silently_wrong_gradient():
+    model, _ = make("layerwise")
+    fresh, _ = make("layerwise")
+    x = images(4)
+    for _ in range(2):  # two steps into the same buffers equal two fresh merges
+        for m, reuse in ((model, True), (fresh, False)):
+            m.coefficients.grad = None
+            m(x, params=m.merged_parameters(reuse_buffers=reuse)).sum().backward()
+        torch.testing.assert_close(model.coefficients.grad, fresh.coefficients.grad)
+    # a graph still holding the previous merge fails loudly once the buffers are overwritten
+    loss = model(x, params=model.merged_parameters(reuse_buffers=True)).pow(2).sum()
+    model.merged_parameters(reuse_buffers=True)
+    with pytest.raises(RuntimeError, match="modified"):
+        loss.backward()

@@ -1,0 +1,303 @@
+"""``adamerge bench``: how far one AdaMerging step is from the physical limit.
+
+Three variants run on the same encoder, the same K x B images and the same frozen heads:
+
+* ``limit``: a plain forward and backward of the encoder on all K x B images, with gradients
+  w.r.t. its weights: what any training step on this batch costs at least;
+* ``adamerge``: adamerge's real training step (:meth:`AdaMerging.training_step`, backward, Adam);
+* ``naive``: a step written the way the original AdaMerging code works: for every task batch a
+  re-merge with a Python loop over parameters and tasks, a separate forward, and gradients for
+  every task-vector tensor.
+
+Timings are interleaved (limit, adamerge, naive, limit, ...) after warm-up, and the median of
+``--steps`` is reported. Peak memory is measured per variant: on CPU as the peak resident set of
+a child process that builds only what that variant needs and runs it; on GPU with
+``torch.cuda.max_memory_allocated``. The last stdout line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .adamerging import AdaMerging, entropy
+from .pool import DTYPES, LoadedPool, PreloadedPool
+from .task_vectors import TaskVectors
+
+VARIANTS = ("limit", "adamerge", "naive")
+CLASSES = 10  # classes per task head: the head's cost is negligible next to the encoder's
+
+
+def build_encoder(model: str) -> tuple[nn.Module, tuple[int, ...], int]:
+    """``(encoder, image shape, feature width)``: ``tiny`` (a small TinyViT) or an open_clip
+    architecture name (its image tower, random weights, nothing downloaded)."""
+    if model == "tiny":
+        from .suite import TinyViT
+        return TinyViT(image_size=16, dim=32, depth=2, heads=2, out_dim=32), (1, 16, 16), 32
+    import open_clip
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown model {model!r}: use 'tiny' or an open_clip architecture "
+                         f"such as ViT-B-32, ViT-B-16, ViT-L-14")
+    visual = open_clip.create_model(model).visual
+    size = visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return visual, (3, *size), int(visual.output_dim)
+
+
+def build_pool(model: str, tasks: int, seed: int = 0, with_task_vectors: bool = True) -> tuple[LoadedPool, tuple[int, ...]]:
+    """A pool of ``model`` with ``tasks`` random task vectors (scale 1e-3) and random heads."""
+    torch.manual_seed(seed)
+    encoder, image_shape, width = build_encoder(model)
+    encoder.eval().requires_grad_(False)
+    names = [n for n, p in encoder.named_parameters() if p.is_floating_point()]
+    params = dict(encoder.named_parameters())
+    task_names = [f"task{k}" for k in range(tasks)]
+    tensors = [torch.randn(tasks if with_task_vectors else 1, *params[n].shape) * 1e-3 for n in names]
+    if not with_task_vectors:  # the limit needs no task vectors: expand a 1-row tensor (no memory)
+        tensors = [t.expand(tasks, *t.shape[1:]) for t in tensors]
+    tv = TaskVectors(task_names, names, tensors, {})
+    heads = {t: nn.Linear(width, CLASSES, bias=False) for t in task_names}
+    return LoadedPool(encoder, tv, heads), image_shape
+
+
+def make_batch(tasks: list[str], batch: int, image_shape: tuple[int, ...], device: torch.device,
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {t: torch.randn(batch, *image_shape, generator=g).to(device) for t in tasks}
+
+
+# ------------------------------------------------------------------------------ variants
+def limit_step(loaded: LoadedPool, device: torch.device) -> Callable[[dict], None]:
+    """Plain forward + backward of the encoder on all images, gradients w.r.t. its weights."""
+    enc = loaded.encoder.to(device)
+    heads = {t: h.to(device) for t, h in loaded.heads.items()}
+    weights = {n: p.detach().requires_grad_() for n, p in enc.named_parameters() if p.is_floating_point()}
+
+    def step(images: dict[str, torch.Tensor]) -> None:
+        feats = functional_call(enc, weights, (torch.cat(list(images.values())),), strict=False)
+        chunks = feats.split([x.shape[0] for x in images.values()])
+        loss = sum(entropy(heads[t](f)) for t, f in zip(images, chunks))
+        torch.autograd.grad(loss, list(weights.values()))
+    return step
+
+
+def adamerge_step(loaded: LoadedPool, device: torch.device, granularity: str, per_task_backward: bool,
+                  task_vector_dtype: str | None) -> tuple[Callable[[dict], None], AdaMerging]:
+    """adamerge's training step, optimizer included."""
+    module = AdaMerging(PreloadedPool(loaded), granularity=granularity, per_task_backward=per_task_backward,
+                        task_vector_dtype=task_vector_dtype).to(device)
+    module.train()
+    opt = module.configure_optimizers()
+
+    def step(images: dict[str, torch.Tensor]) -> None:
+        opt.zero_grad(set_to_none=True)
+        module.training_step(images, 0).backward()
+        opt.step()
+    return step, module
+
+
+def naive_step(loaded: LoadedPool, device: torch.device, granularity: str) -> Callable[[dict], None]:
+    """The original code's shape: per task batch, re-merge parameter by parameter and task by
+    task, forward that task alone, and back-propagate into every task-vector tensor too."""
+    enc = loaded.encoder.to(device)
+    heads = {t: h.to(device) for t, h in loaded.heads.items()}
+    tv = loaded.task_vectors
+    base = [dict(enc.named_parameters())[n].detach() for n in tv.names]
+    taus = [[t[k].detach().clone().to(device).requires_grad_() for k in range(tv.num_tasks)]
+            for t in tv.tensors]  # one tensor per (parameter, task), as the original keeps them
+    rows = tv.num_params if granularity == "layerwise" else 1
+    lam = torch.full((rows, tv.num_tasks), 0.3, device=device, requires_grad=True)
+    opt = torch.optim.Adam([lam], lr=1e-3)
+
+    def step(images: dict[str, torch.Tensor]) -> None:
+        opt.zero_grad(set_to_none=True)
+        for t, x in images.items():
+            merged = {}
+            for p, name in enumerate(tv.names):
+                w = base[p]
+                for k in range(tv.num_tasks):
+                    w = w + lam[p if rows > 1 else 0, k].clamp(0, 1) * taus[p][k]
+                merged[name] = w
+            entropy(heads[t](functional_call(enc, merged, (x,), strict=False))).backward()
+        opt.step()
+        for row in taus:
+            for tau in row:
+                tau.grad = None
+    return step
+
+
+# ---------------------------------------------------------------------------------- run
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def _variant_fn(variant: str, ns: argparse.Namespace, device: torch.device):
+    loaded, shape = build_pool(ns.model, ns.tasks, with_task_vectors=variant != "limit")
+    if variant == "limit":
+        fn = limit_step(loaded, device)
+    elif variant == "adamerge":
+        fn, _ = adamerge_step(loaded, device, ns.granularity, ns.per_task_backward, ns.task_vector_dtype)
+    else:
+        fn = naive_step(loaded, device, ns.granularity)
+    return fn, make_batch(loaded.task_vectors.task_names, ns.batch, shape, device)
+
+
+def task_vector_bytes(task_vectors: TaskVectors) -> int:
+    """Bytes of stacked task vectors as stored."""
+    return sum(t.numel() * t.element_size() for t in task_vectors.tensors)
+
+
+def _autocast(ns: argparse.Namespace, device: torch.device):
+    if ns.precision == "bf16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def run_child(ns: argparse.Namespace) -> dict:
+    """Peak memory of one variant in a fresh process (CPU: resident set includes its build)."""
+    device = torch.device(ns.device)
+    fn, images = _variant_fn(ns.child, ns, device)
+    with _autocast(ns, device):
+        for _ in range(2):
+            fn(images)
+    return {"variant": ns.child, "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
+    device = torch.device(ns.device)
+    variants = list(ns.variants)
+    say(f"building {ns.model} with {ns.tasks} task vectors on {device}")
+    loaded, shape = build_pool(ns.model, ns.tasks)
+    images = make_batch(loaded.task_vectors.task_names, ns.batch, shape, device)
+    fns: dict[str, Callable] = {}
+    for v in variants:
+        if v == "limit":
+            fns[v] = limit_step(loaded, device)
+        elif v == "adamerge":
+            fns[v], module = adamerge_step(loaded, device, ns.granularity, ns.per_task_backward,
+                                           ns.task_vector_dtype)
+        else:
+            fns[v] = naive_step(loaded, device, ns.granularity)
+    # what adamerge really holds (its module converts the dtype); else what it would hold
+    stored = module.merged.task_vectors if "adamerge" in fns else (
+        loaded.task_vectors.to(dtype=DTYPES[ns.task_vector_dtype]) if ns.task_vector_dtype else loaded.task_vectors)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    peak_cuda: dict[str, float] = {}
+    last: dict[str, float] = {}
+    total = ns.warmup + ns.steps
+    with _autocast(ns, device):
+        for i in range(total):
+            for v in variants:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                _sync(device)
+                t0 = time.perf_counter()
+                fns[v](images)
+                _sync(device)
+                dt = time.perf_counter() - t0
+                last[v] = dt
+                if i >= ns.warmup:
+                    times[v].append(dt)
+                if device.type == "cuda":
+                    peak_cuda[v] = max(peak_cuda.get(v, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
+            say(f"step {i + 1}/{total}{' (warm-up)' if i < ns.warmup else ''}: "
+                + ", ".join(f"{v} {last[v]:.3f} s" for v in variants))
+    med = {v: statistics.median(times[v]) for v in variants}
+    out: dict = {"model": ns.model, "tasks": ns.tasks, "batch": ns.batch, "granularity": ns.granularity,
+                 "device": str(device), "precision": ns.precision, "steps": ns.steps,
+                 "per_task_backward": ns.per_task_backward,
+                 "task_vector_dtype": ns.task_vector_dtype or "float32",
+                 "task_vector_bytes": task_vector_bytes(stored),
+                 "torch": torch.__version__, "threads": torch.get_num_threads()}
+    for v in variants:
+        out[f"{v}_s"] = round(med[v], 4)
+    if "limit" in med and "adamerge" in med:
+        out["adamerge_over_limit"] = round(med["adamerge"] / med["limit"], 3)
+    if "naive" in med and "adamerge" in med:
+        out["naive_over_adamerge"] = round(med["naive"] / med["adamerge"], 3)
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = {v: round(m, 1) for v, m in peak_cuda.items()}
+    elif ns.memory:
+        del fns, loaded
+        out["peak_rss_mb"] = {}
+        for v in variants:
+            say(f"peak memory of {v} (separate process)")
+            cmd = [sys.executable, "-m", "adamerge.benchmark", *_child_args(ns, v)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"memory child for {v} failed: {res.stderr.strip()[-500:]}")
+            out["peak_rss_mb"][v] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return out
+
+
+def _child_args(ns: argparse.Namespace, variant: str) -> list[str]:
+    args = ["--model", ns.model, "--tasks", str(ns.tasks), "--batch", str(ns.batch),
+            "--granularity", ns.granularity, "--device", ns.device, "--precision", ns.precision,
+            "--child", variant]
+    if ns.per_task_backward:
+        args.append("--per-task-backward")
+    if ns.task_vector_dtype:
+        args += ["--task-vector-dtype", ns.task_vector_dtype]
+    return args
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adamerge bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B-32",
+                   help="open_clip architecture (random weights, no download) or 'tiny' (default: ViT-B-32)")
+    p.add_argument("--tasks", "-K", type=int, default=8, help="number of task vectors K (default: 8)")
+    p.add_argument("--batch", "-B", type=int, default=2, help="images per task per step (default: 2)")
+    p.add_argument("--granularity", choices=["layerwise", "taskwise"], default="layerwise",
+                   help="coefficients per task per parameter tensor, or per task (default: layerwise)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant; the median is reported (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default: 1)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="which variants to run (default: all three)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--precision", choices=["32", "bf16-mixed"], default="32",
+                   help="bf16-mixed: every variant under bf16 autocast (for GPUs) (default: 32)")
+    p.add_argument("--task-vector-dtype", choices=list(DTYPES), default=None,
+                   help="storage dtype of adamerge's task vectors (default: float32)")
+    p.add_argument("--per-task-backward", action="store_true",
+                   help="adamerge back-propagates task by task (activation memory of one task)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="CPU: skip the per-variant peak-memory child processes")
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    return p
+
+
+def bench_main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``adamerge bench`` and ``scripts/benchmark.py``."""
+    ns = parser().parse_args(None if argv is None else list(argv))
+    if ns.tasks < 1 or ns.batch < 1 or ns.steps < 1 or ns.warmup < 0:
+        parser().error(f"--tasks, --batch and --steps must be >= 1 and --warmup >= 0; got "
+                       f"K={ns.tasks} B={ns.batch} steps={ns.steps} warmup={ns.warmup}")
+    if ns.device.startswith("cuda") and not torch.cuda.is_available():
+        parser().error(f"--device {ns.device}: CUDA is not available on this machine")
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer attached here
+    if ns.child:
+        print(json.dumps(run_child(ns)))
+        return
+    say = lambda s: print(s, file=sys.stderr, flush=True)
+    print(json.dumps(run(ns, say)))
+
+
+if __name__ == "__main__":
+    bench_main()
