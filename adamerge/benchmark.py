@@ -144,7 +144,16 @@ def _sync(device: torch.device) -> None:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+    """Peak resident set of this process. Linux's VmHWM, which starts afresh at exec (ru_maxrss
+    would carry the parent's peak into the child)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def _variant_fn(variant: str, ns: argparse.Namespace, device: torch.device):

@@ -3,16 +3,8 @@
 import pytest
 import torch
 
-from adamerge import merged_model
 from adamerge.merged_model import MergedModel
 from conftest import RandomPool, images
-
-
-@pytest.fixture(params=["one block", "blocks of 5"])
-def block(request, monkeypatch):
-    """The merge processes parameters in blocks; 5 elements forces many blocks and a ragged end."""
-    if request.param == "blocks of 5":
-        monkeypatch.setattr(merged_model, "BLOCK", 5)
 
 
 def make(granularity: str, prior: float = 0.3, clamp: bool = True, pool=None):
@@ -21,7 +13,7 @@ def make(granularity: str, prior: float = 0.3, clamp: bool = True, pool=None):
 
 
 @pytest.mark.parametrize("granularity", ["taskwise", "layerwise"])
-def test_merged_parameters_match_formula(granularity, block):
+def test_merged_parameters_match_formula(granularity):
     model, loaded = make(granularity)
     with torch.no_grad():
         model.coefficients.uniform_(0, 1, generator=torch.Generator().manual_seed(1))
@@ -50,7 +42,7 @@ def test_merged_state_dict_is_plain_and_complete():
 
 
 @pytest.mark.parametrize("granularity", ["taskwise", "layerwise"])
-def test_coefficient_gradient_is_dot_product(granularity, block):
+def test_coefficient_gradient_is_dot_product(granularity):
     model, loaded = make(granularity)
     x = images(6)
     loss = model(x).pow(2).sum() + model(x).sin().sum()
@@ -127,7 +119,7 @@ def test_bad_granularity_and_foreign_task_vector():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_storage_merges_and_differentiates(dtype, block):
+def test_low_precision_storage_merges_and_differentiates(dtype):
     model32, loaded = make("layerwise")
     low = MergedModel(loaded.encoder, loaded.task_vectors.to(dtype=dtype), "layerwise")
     x = images(4)
