@@ -10,9 +10,12 @@ Three variants run on the same encoder, the same K x B images and the same froze
   every task-vector tensor.
 
 Timings are interleaved (limit, adamerge, naive, limit, ...) after warm-up, and the median of
-``--steps`` is reported. Peak memory is measured per variant: on CPU as the peak resident set of
-a child process that builds only what that variant needs and runs it; on GPU with
-``torch.cuda.max_memory_allocated``. The last stdout line is JSON.
+``--steps`` is reported. Peak memory is measured per variant: on CPU in a child process that
+builds only what that variant needs and runs two steps (first, before anything is built for the
+timings): ``peak_rss_mb`` is its peak resident set, ``step_rss_mb`` the peak of the steps over
+what was resident once the model and task vectors were built (activations, gradients, merge
+buffers, optimizer state); on GPU with ``torch.cuda.max_memory_allocated``. The last stdout
+line is JSON.
 """
 
 from __future__ import annotations
@@ -143,17 +146,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident set of this process. Linux's VmHWM, which starts afresh at exec (ru_maxrss
-    would carry the parent's peak into the child)."""
+def _status_mb(field: str) -> float | None:
+    """A memory figure of this process from Linux's /proc/self/status (``VmRSS``, ``VmHWM``)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    return None
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set of this process. Linux's VmHWM, which starts afresh at exec (ru_maxrss
+    would carry the parent's peak into the child)."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the VmHWM count at the current resident set (Linux: ``clear_refs`` value 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _variant_fn(variant: str, ns: argparse.Namespace, device: torch.device):
@@ -183,14 +202,32 @@ def run_child(ns: argparse.Namespace) -> dict:
     device = torch.device(ns.device)
     fn, images = _variant_fn(ns.child, ns, device)
     with _autocast(ns, device):
+        build_peak = _peak_rss_mb()
+        resident = _status_mb("VmRSS") if _reset_peak_rss() else None
         for _ in range(2):
             fn(images)
-    return {"variant": ns.child, "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    step_peak = _peak_rss_mb()
+    # step_rss_mb: what the steps need on top of the built model and task vectors
+    return {"variant": ns.child, "peak_rss_mb": round(max(build_peak, step_peak), 1),
+            "step_rss_mb": None if resident is None else round(step_peak - resident, 1)}
 
 
 def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
     device = torch.device(ns.device)
     variants = list(ns.variants)
+    memory: dict[str, dict[str, float]] = {}
+    if device.type == "cpu" and ns.memory:
+        # First, while this process holds nothing big: the children need the RAM (the naive
+        # variant alone peaks near 14 GB on ViT-B-32 x 8), and freed memory is not always
+        # returned to the system by the allocator.
+        for v in variants:
+            say(f"peak memory of {v} (separate process)")
+            cmd = [sys.executable, "-m", "adamerge.benchmark", *_child_args(ns, v)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"memory child for {v} failed (exit {res.returncode}): "
+                                   f"{res.stderr.strip()[-500:]}")
+            memory[v] = json.loads(res.stdout.strip().splitlines()[-1])
     say(f"building {ns.model} with {ns.tasks} task vectors on {device}")
     loaded, shape = build_pool(ns.model, ns.tasks)
     images = make_batch(loaded.task_vectors.task_names, ns.batch, shape, device)
@@ -204,8 +241,8 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
         else:
             fns[v] = naive_step(loaded, device, ns.granularity)
     # what adamerge really holds (its module converts the dtype); else what it would hold
-    stored = module.merged.task_vectors if "adamerge" in fns else (
-        loaded.task_vectors.to(dtype=DTYPES[ns.task_vector_dtype]) if ns.task_vector_dtype else loaded.task_vectors)
+    stored_bytes = task_vector_bytes(module.merged.task_vectors if "adamerge" in fns else (
+        loaded.task_vectors.to(dtype=DTYPES[ns.task_vector_dtype]) if ns.task_vector_dtype else loaded.task_vectors))
     times: dict[str, list[float]] = {v: [] for v in variants}
     peak_cuda: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -232,7 +269,7 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
                  "device": str(device), "precision": ns.precision, "steps": ns.steps,
                  "per_task_backward": ns.per_task_backward,
                  "task_vector_dtype": ns.task_vector_dtype or "float32",
-                 "task_vector_bytes": task_vector_bytes(stored),
+                 "task_vector_bytes": stored_bytes,
                  "torch": torch.__version__, "threads": torch.get_num_threads()}
     for v in variants:
         out[f"{v}_s"] = round(med[v], 4)
@@ -242,16 +279,9 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
         out["naive_over_adamerge"] = round(med["naive"] / med["adamerge"], 3)
     if device.type == "cuda":
         out["peak_cuda_mb"] = {v: round(m, 1) for v, m in peak_cuda.items()}
-    elif ns.memory:
-        del fns, loaded
-        out["peak_rss_mb"] = {}
-        for v in variants:
-            say(f"peak memory of {v} (separate process)")
-            cmd = [sys.executable, "-m", "adamerge.benchmark", *_child_args(ns, v)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(f"memory child for {v} failed: {res.stderr.strip()[-500:]}")
-            out["peak_rss_mb"][v] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    elif memory:
+        out["peak_rss_mb"] = {v: m["peak_rss_mb"] for v, m in memory.items()}
+        out["step_rss_mb"] = {v: m["step_rss_mb"] for v, m in memory.items()}
     return out
 
 

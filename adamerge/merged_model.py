@@ -3,8 +3,9 @@
 The base module is frozen and never copied or modified: it is called with
 ``torch.func.functional_call`` on merged tensors. The merge and its backward are one fused
 autograd node (:class:`_Merge`): per parameter one matrix-vector product over the stacked task
-vectors (into reused buffers during training); autograd records one node, not
-P x K, and no gradient is ever computed for a frozen tensor.
+vectors (on the CPU, large parameters as one batched product over column blocks; into reused
+buffers during training); autograd records one node, not P x K, and no gradient is ever
+computed for a frozen tensor.
 """
 
 from __future__ import annotations
@@ -18,6 +19,56 @@ from torch.func import functional_call
 from .task_vectors import TaskVectors
 
 Granularity = Literal["taskwise", "layerwise"]
+
+# Parameters of at least this many values are merged in blocks on the CPU (see _blocks).
+BLOCK_MIN_NUMEL = 1 << 16
+MAX_BLOCKS = 16
+
+
+def _blocks(flat_tau: torch.Tensor) -> int:
+    """How many equal column blocks the ``[K, N]`` task vectors of one parameter are split into.
+
+    On the CPU a BLAS matrix-vector product runs on about one core's memory bandwidth (2 threads
+    gave 4.2 ms vs 4.7 ms on one ViT-B/32 MLP weight x 8 tasks); as a batched product over column
+    blocks (one small GEMM per block, spread over the threads) the same merge took 2.9 ms and its
+    backward 2.3 ms instead of 3.0 ms. Small parameters and GPUs keep the single call.
+    """
+    n = flat_tau.shape[1]
+    if flat_tau.device.type != "cpu" or n < BLOCK_MIN_NUMEL:
+        return 1
+    m = MAX_BLOCKS
+    while n % m:
+        m //= 2
+    return m
+
+
+def _combine(flat_base: torch.Tensor, flat_tau: torch.Tensor, lam: torch.Tensor,
+             out: torch.Tensor) -> None:
+    """``out = flat_base + flat_tau.T @ lam`` (``[N]``, ``[K, N]``, ``[K]``), written into ``out``."""
+    m = _blocks(flat_tau)
+    if m == 1:
+        if flat_tau.dtype == flat_base.dtype:
+            torch.addmv(flat_base, flat_tau.t(), lam, out=out)
+        else:  # low-precision storage: combine in the storage dtype, add in the base dtype
+            torch.add(flat_base, torch.mv(flat_tau.t(), lam), out=out)
+        return
+    k, n = flat_tau.shape
+    blocks = flat_tau.view(k, m, n // m).transpose(0, 1)  # [m, K, C], a view: nothing is copied
+    lam_b = lam.view(1, 1, k).expand(m, 1, k)
+    if flat_tau.dtype == flat_base.dtype:
+        torch.baddbmm(flat_base.view(m, 1, -1), lam_b, blocks, out=out.view(m, 1, -1))
+    else:
+        torch.add(flat_base, torch.bmm(lam_b, blocks).view(-1), out=out)
+
+
+def _project(flat_tau: torch.Tensor, flat_g: torch.Tensor) -> torch.Tensor:
+    """``flat_tau @ flat_g`` (``[K]``): the dot product of the gradient with each task vector."""
+    m = _blocks(flat_tau)
+    if m == 1:
+        return torch.mv(flat_tau, flat_g)
+    k, n = flat_tau.shape
+    blocks = flat_tau.view(k, m, n // m).transpose(0, 1)  # [m, K, C]
+    return torch.bmm(flat_g.view(m, 1, -1), blocks.transpose(1, 2)).sum(0).view(k)
 
 
 class _Merge(torch.autograd.Function):
@@ -40,13 +91,7 @@ class _Merge(torch.autograd.Function):
                 flat_tau = flat_tau.to(base.device, non_blocking=True)
             flat_base = base.reshape(-1)
             out = outs[p] if outs is not None else torch.empty_like(flat_base)
-            lam = coeffs[row].to(flat_tau.dtype)
-            # One BLAS call per parameter. (Blocking large parameters for cache reuse was slower
-            # here: every extra call pays the thread pool's wake-up, milliseconds on 2 cores.)
-            if flat_tau.dtype == base.dtype:
-                torch.addmv(flat_base, flat_tau.t(), lam, out=out)
-            else:  # low-precision storage: combine in the storage dtype, add in the base dtype
-                torch.add(flat_base, torch.mv(flat_tau.t(), lam), out=out)
+            _combine(flat_base, flat_tau, coeffs[row].to(flat_tau.dtype), out)
             results.append(out.view(base.shape))
         return tuple(results)
 
@@ -60,9 +105,7 @@ class _Merge(torch.autograd.Function):
             flat_tau = tau.reshape(tau.shape[0], -1)
             if flat_tau.device != g.device:
                 flat_tau = flat_tau.to(g.device, non_blocking=True)
-            flat_g = g.reshape(-1).to(flat_tau.dtype)
-            acc = torch.mv(flat_tau, flat_g).float()
-            per_param.append(acc)
+            per_param.append(_project(flat_tau, g.reshape(-1).to(flat_tau.dtype)).float())
             used_rows.append(p)
         grad = torch.zeros(ctx.coeff_shape, dtype=torch.float32, device=ctx.rows.device)
         if per_param:

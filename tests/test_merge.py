@@ -146,3 +146,24 @@ def test_reused_buffers_give_the_same_steps_and_never_a_silently_wrong_gradient(
     model.merged_parameters(reuse_buffers=True)
     with pytest.raises(RuntimeError, match="modified"):
         loss.backward()
+
+
+@pytest.mark.parametrize("numel", [3 * (1 << 16), (1 << 16) + 8, (1 << 17) + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_merge_and_projection_equal_the_single_product(numel, dtype):
+    # Large CPU parameters take the blocked path (16, 8 or 1 blocks for these sizes); the result
+    # must be the plain matrix-vector product's.
+    from adamerge.merged_model import BLOCK_MIN_NUMEL, _blocks, _combine, _project
+    g = torch.Generator().manual_seed(0)
+    tau = torch.randn(5, numel, generator=g).to(dtype)
+    base, grad = torch.randn(numel, generator=g), torch.randn(numel, generator=g)
+    lam = torch.rand(5, generator=g).to(dtype)
+    assert numel >= BLOCK_MIN_NUMEL and _blocks(tau) == {3 * (1 << 16): 16, (1 << 16) + 8: 8}.get(numel, 1)
+    out = torch.empty(numel)
+    _combine(base, tau, lam, out)
+    low = dtype != torch.float32
+    torch.testing.assert_close(out, base + (lam.float()[:, None] * tau.float()).sum(0),
+                               rtol=1e-2 if low else 1e-5, atol=2e-2 if low else 1e-5)
+    tol = dict(rtol=2e-2, atol=2.0) if low else dict(rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(_project(tau, grad.to(dtype)).float(), tau.double() @ grad.to(dtype).double(),
+                               **tol, check_dtype=False)
