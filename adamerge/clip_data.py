@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -33,23 +34,27 @@ CACHE_VERSION = 1
 
 
 # ------------------------------------------------------------------------ raw images
-class RawImages:
+class RawImages(ABC):
     """Undecoded items of one split: ``len``, ``image(i)`` (PIL), ``labels()``, ``identity()``."""
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of items."""
 
+    @abstractmethod
     def image(self, i: int):
-        raise NotImplementedError
+        """Item ``i`` as a PIL image."""
 
+    @abstractmethod
     def label(self, i: int) -> int:
-        raise NotImplementedError
+        """Class index of item ``i``."""
 
     def labels(self) -> np.ndarray:
         return np.array([self.label(i) for i in range(len(self))], dtype=np.int64)
 
+    @abstractmethod
     def identity(self) -> str:
-        raise NotImplementedError
+        """A string that changes when the items change (part of the decoded-image cache key)."""
 
 
 def _pil(value: Any, where: str):

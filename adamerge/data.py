@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
@@ -20,18 +21,20 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 from .errors import suggest, unknown_name
 
 
-class DatasetSource:
+class DatasetSource(ABC):
     """Where the tasks' datasets come from. Subclasses implement :meth:`task_names` and :meth:`dataset`.
 
     ``dataset(task, split)`` returns anything indexable with ``len`` that yields an image tensor
     or a tuple ``(image, label, ...)``.
     """
 
+    @abstractmethod
     def task_names(self) -> list[str]:
-        raise NotImplementedError(f"{type(self).__name__} must implement task_names()")
+        """The tasks this source has, in order."""
 
+    @abstractmethod
     def dataset(self, task: str, split: str) -> Dataset:
-        raise NotImplementedError(f"{type(self).__name__} must implement dataset()")
+        """One task's split."""
 
 
 class InMemorySource(DatasetSource):

@@ -8,6 +8,7 @@ built-in synthetic suite (``adamerge.suite.SuitePool``) and open_clip (``adamerg
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -45,11 +46,12 @@ class LoadedPool:
                              f"{tasks}: need one head per task, in the same order")
 
 
-class ModelPool:
+class ModelPool(ABC):
     """Base class of model pools. Subclasses implement :meth:`load`."""
 
+    @abstractmethod
     def load(self) -> LoadedPool:
-        raise NotImplementedError(f"{type(self).__name__} must implement load()")
+        """The base encoder, the task vectors and the heads."""
 
 
 def merged_parameter_names(module: nn.Module, include: Sequence[str] | None = None,
