@@ -23,7 +23,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     is on another file system (a process killed during the copy leaves a truncated ``last.ckpt``)
     and never ``fsync``\\ s. This one writes next to the destination, flushes it to disk and
     renames it into place (:func:`adamerge.checkpoints.atomic_write`); the temporary name
-    (``.last.ckpt.XXXX.tmp``) is never taken for a checkpoint by ``--ckpt_path last``.
+    (``.last.ckpt.<random>.tmp``) is never taken for a checkpoint by ``--ckpt_path last``.
 
     Loading uses ``weights_only=True`` unless the caller explicitly passes ``weights_only=False``
     (``--weights_only false``): adamerge checkpoints hold only tensors and plain data. A missing,
