@@ -125,7 +125,26 @@ def _compare_parser(prog: str, demo: bool):
     p.add_argument("--ties-scaling", type=float, default=None, help="fixed TIES lambda")
     if demo:
         p.add_argument("--cache-dir", default=None, help="where the built suite is cached")
+        p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                       help="change fields of the demo suite's spec (JSON values; a changed suite "
+                            "is built and cached under its own hash), e.g. --set head_shift=0.4 "
+                            "colour=false; fields: see adamerge.suite.SuiteSpec")
     return p
+
+
+def _spec_overrides(items: Sequence[str]) -> dict:
+    """``["a=1", "b=false"]`` -> ``{"a": 1, "b": False}`` (values parsed as JSON, else strings)."""
+    import json
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def demo_main(args: Sequence[str]) -> None:
@@ -135,12 +154,13 @@ def demo_main(args: Sequence[str]) -> None:
     from .data import MultiTaskDataModule
     from .suite import SuitePool, SuiteSource
     ns = _compare_parser("adamerge demo", demo=True).parse_args(list(args))
-    pool = SuitePool("demo", cache_dir=ns.cache_dir)
+    overrides = _spec_overrides(ns.set)
+    pool = SuitePool("demo", cache_dir=ns.cache_dir, overrides=overrides)
     loaded = pool.load()
-    dm = MultiTaskDataModule(SuiteSource("demo"), batch_size=16, eval_batch_size=500)
+    dm = MultiTaskDataModule(SuiteSource("demo", overrides=overrides), batch_size=16, eval_batch_size=500)
     settings = CompareSettings(steps=ns.steps or 500, val_split=None if ns.val_split == "none" else ns.val_split,
                                ta_scaling=ns.ta_scaling, ties_scaling=ns.ties_scaling,
-                               extra={"suite_key": pool.spec.key()})
+                               extra={"suite_key": pool.spec.key(), **({"suite_overrides": overrides} if overrides else {})})
     compare(loaded, dm, Path(ns.out), settings, tuple(ns.methods), suite="demo")
 
 

@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -186,6 +186,26 @@ def gen_textures(rng, n, s):
     return imgs, labels, TEXTURES
 
 
+# Each task's own colours (background, foreground RGB), so the tasks' input domains differ the way
+# the benchmark's do (white-on-black digits, satellite colours, street-sign colours...), not only
+# in what is drawn.
+PALETTES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "digits": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), "shapes": ((0.1, 0.2, 0.6), (1.0, 0.85, 0.2)),
+    "gratings": ((0.2, 0.6, 0.2), (0.9, 0.3, 0.8)), "dots": ((0.95, 0.95, 0.9), (0.8, 0.1, 0.1)),
+    "letters": ((0.9, 0.8, 0.6), (0.1, 0.1, 0.3)), "textures": ((0.5, 0.15, 0.1), (0.3, 0.9, 0.9)),
+}
+
+
+def colourise(rng: np.random.Generator, task: str, imgs: np.ndarray, jitter: float = 0.05) -> np.ndarray:
+    """``[n, S, S]`` intensities in [0, 1] -> ``[n, 3, S, S]`` in the task's palette, colours jittered per image."""
+    bg, fg = (np.asarray(c, np.float32) for c in PALETTES[task])
+    n = len(imgs)
+    bg = np.clip(bg + rng.normal(0, jitter, (n, 3)), 0, 1)[:, :, None, None]
+    fg = np.clip(fg + rng.normal(0, jitter, (n, 3)), 0, 1)[:, :, None, None]
+    a = imgs[:, None]
+    return (bg * (1 - a) + fg * a).astype(np.float32)
+
+
 GENERATORS: dict[str, Callable] = {"digits": gen_digits, "shapes": gen_shapes, "gratings": gen_gratings,
                                    "dots": gen_dots, "letters": gen_letters, "textures": gen_textures}
 
@@ -204,11 +224,13 @@ class SuiteSpec:
     n_val: int = 200
     n_test: int = 500
     pretrain_steps: int = 1200
-    pretrain_noise: float = 0.45
+    pretrain_noise: float = 0.15
     expert_steps: int = 300
     expert_lr: float = 1e-4
     batch_size: int = 64
     head_spread: float = 0.6
+    head_shift: float = 0.7  # zero-shot heads = class embeddings + this much random direction
+    colour: bool = True  # each task in its own palette (3 channels); False: grayscale, 1 channel
     seed: int = 0
 
     def key(self) -> str:
@@ -219,7 +241,7 @@ class SuiteSpec:
 SUITES: dict[str, SuiteSpec] = {
     "tiny": SuiteSpec(tasks=("digits", "shapes", "gratings"), dim=32, depth=2, heads=2, n_train=400,
                       n_val=100, n_test=200, pretrain_steps=150, pretrain_noise=0.15,
-                      expert_steps=150, expert_lr=2e-3),
+                      expert_steps=150, expert_lr=2e-3, colour=False, head_shift=0.0),
     "demo": SuiteSpec(),
 }
 
@@ -251,7 +273,8 @@ def default_cache_dir() -> Path:
 
 # -------------------------------------------------------------------------------- data
 def task_data(spec: SuiteSpec, task: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{split: (images [n,1,S,S], labels [n])}`` for train/val/test, deterministic in the spec."""
+    """``{split: (images [n,C,S,S], labels [n])}`` for train/val/test, deterministic in the spec
+    (C = 3 in the task's palette when ``spec.colour``, else 1)."""
     if task not in GENERATORS:
         raise ValueError(unknown_name("task", task, sorted(GENERATORS), where=" in the suites"))
     rng = np.random.default_rng([spec.seed, sorted(GENERATORS).index(task)])
@@ -259,7 +282,8 @@ def task_data(spec: SuiteSpec, task: str) -> dict[str, tuple[torch.Tensor, torch
     imgs, labels, _ = GENERATORS[task](rng, total, spec.image_size)
     n = len(labels)  # digits has fewer images than asked: shrink the splits in proportion
     n_val, n_test = spec.n_val * n // total, spec.n_test * n // total
-    x = torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32))[:, None]
+    imgs = colourise(rng, task, imgs) if spec.colour else imgs[:, None]
+    x = torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32))
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     cut = [n - n_val - n_test, n - n_test]
     return {"train": (x[:cut[0]], y[:cut[0]]), "val": (x[cut[0]:cut[1]], y[cut[0]:cut[1]]),
@@ -277,10 +301,12 @@ class SuiteSource(DatasetSource):
         suite: preset name (``tiny``, ``demo``).
         tasks: a subset / order of the preset's tasks (default: all of them).
         seed: data seed (part of the spec).
+        overrides: other spec fields to change, e.g. ``{"pretrain_noise": 0.3}`` (see ``SuiteSpec``).
     """
 
-    def __init__(self, suite: str = "tiny", tasks: list[str] | None = None, seed: int = 0) -> None:
-        over = {"seed": seed, **({"tasks": tasks} if tasks else {})}
+    def __init__(self, suite: str = "tiny", tasks: list[str] | None = None, seed: int = 0,
+                 overrides: dict[str, Any] | None = None) -> None:
+        over = {**(overrides or {}), "seed": seed, **({"tasks": tasks} if tasks else {})}
         self.spec = get_spec(suite, **over)
         self._data: dict[str, dict] = {}
 
@@ -355,7 +381,10 @@ def build_suite(spec: SuiteSpec, out: Path, progress: Callable[[str], None] | No
          1, g, say, "pretrain")
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        heads = {t: embed(i) * LOGIT_SCALE for i, t in enumerate(spec.tasks)}
+        hg = torch.Generator().manual_seed(spec.seed + 2)
+        heads = {t: F.normalize(embed(i) + spec.head_shift * F.normalize(
+                     torch.randn(embed(i).shape, generator=hg), dim=-1), dim=-1) * LOGIT_SCALE
+                 for i, t in enumerate(spec.tasks)}
     save_state_dict(base_state, out / "base.safetensors")
     save_state_dict({f"{t}.weight": w for t, w in heads.items()}, out / "heads.safetensors")
     # Experts: fine-tune the whole encoder on one task with its head frozen.
@@ -371,8 +400,8 @@ def build_suite(spec: SuiteSpec, out: Path, progress: Callable[[str], None] | No
 
 
 def make_encoder(spec: SuiteSpec) -> TinyViT:
-    return TinyViT(image_size=spec.image_size, dim=spec.dim, depth=spec.depth, heads=spec.heads,
-                   out_dim=spec.dim)
+    return TinyViT(image_size=spec.image_size, channels=3 if spec.colour else 1, dim=spec.dim,
+                   depth=spec.depth, heads=spec.heads, out_dim=spec.dim)
 
 
 def ensure_suite(spec: SuiteSpec, cache_dir: str | Path | None = None,
@@ -398,12 +427,13 @@ class SuitePool(ModelPool):
             ``~/.cache/adamerge``).
         include: globs of parameter names to merge (default: all).
         exclude: globs of parameter names to keep at the base value.
+        overrides: other spec fields to change, e.g. ``{"pretrain_noise": 0.3}`` (see ``SuiteSpec``).
     """
 
     def __init__(self, suite: str = "tiny", tasks: list[str] | None = None, seed: int = 0,
                  cache_dir: str | None = None, include: list[str] | None = None,
-                 exclude: list[str] | None = None) -> None:
-        self.spec = get_spec(suite, seed=seed)
+                 exclude: list[str] | None = None, overrides: dict[str, Any] | None = None) -> None:
+        self.spec = get_spec(suite, **{**(overrides or {}), "seed": seed})
         self.tasks = list(tasks or self.spec.tasks)
         for t in self.tasks:
             if t not in self.spec.tasks:

@@ -68,10 +68,22 @@ def main(argv: list[str] | None = None) -> None:
     print(_row("base", entropy_and_accuracy(encoder, base, heads, data)))
     for t, state in experts.items():
         print(_row(f"expert {t}", entropy_and_accuracy(encoder, state, heads, data)))
+    individual = {t: entropy_and_accuracy(encoder, experts[t], heads, {t: data[t]})[t][1] for t in spec.tasks}
+    ray = {}
     for lam in ns.lambdas:
         merged = {k: v + lam * sum(e[k] - v for e in experts.values()) if v.is_floating_point() else v
                   for k, v in base.items()}
-        print(_row(f"task arithmetic {lam:g}", entropy_and_accuracy(encoder, merged, heads, data)))
+        ray[lam] = entropy_and_accuracy(encoder, merged, heads, data)
+        print(_row(f"task arithmetic {lam:g}", ray[lam]))
+    # The two properties a suite needs before AdaMerging's score means anything: the merge loses
+    # accuracy (a gap to the experts), and lower entropy goes with higher accuracy along the ray.
+    h = {lam: sum(e for e, _ in r.values()) for lam, r in ray.items()}
+    acc = {lam: sum(a for _, a in r.values()) / len(r) for lam, r in ray.items()}
+    ind = sum(individual.values()) / len(individual)
+    lam_h, lam_a = min(h, key=h.get), max(acc, key=acc.get)
+    print(f"individual avg {ind:.1f}; task arithmetic best {acc[lam_a]:.1f} at lambda {lam_a:g} "
+          f"(gap {ind - acc[lam_a]:.1f}); entropy minimum at lambda {lam_h:g} "
+          f"({'aligned' if lam_h == lam_a else 'NOT aligned'} with the accuracy maximum)")
 
 
 if __name__ == "__main__":
