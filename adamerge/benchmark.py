@@ -272,7 +272,7 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
                  "task_vector_bytes": stored_bytes,
                  "torch": torch.__version__, "threads": torch.get_num_threads()}
     for v in variants:
-        out[f"{v}_s"] = round(med[v], 4)
+        out[f"{v}_s"] = round(med[v], 6)  # microseconds: a tiny model steps in milliseconds
     if "limit" in med and "adamerge" in med:
         out["adamerge_over_limit"] = round(med["adamerge"] / med["limit"], 3)
     if "naive" in med and "adamerge" in med:

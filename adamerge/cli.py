@@ -105,7 +105,7 @@ def _compare_parser(prog: str, demo: bool):
     import argparse
     from .compare import ALL_METHODS
     p = argparse.ArgumentParser(prog=prog, description=(
-        "Build the offline demo suite (a small ViT 'pretrained' on synthetic 16x16 images and 6 "
+        "Build the offline demo suite (a small ViT 'pretrained' on synthetic 16x16 colour images and 6 "
         "experts: scikit-learn digits, shapes, gratings, dot counts, letters, textures; cached "
         "under $ADAMERGE_CACHE or ~/.cache/adamerge) and compare every merging method on it."
         if demo else

@@ -1,18 +1,20 @@
 """A miniature, offline model-merging benchmark built from data the install already has.
 
-Tasks are small grayscale image-classification problems with different input domains and label
-spaces: scikit-learn's real 8x8 handwritten digits, plus procedurally generated shapes, grating
-orientations, dot counts, rendered letters and textures. A small ViT is "pretrained" CLIP-style:
-its features are aligned with one embedding per class of every task (the stand-in for CLIP's text
-embeddings; all of them in a narrow cone, like CLIP's) on a shifted domain (strongly noised,
-lower-contrast images), so the base is a broad but mediocre zero-shot model. The class embeddings
-times a logit scale are the frozen "zero-shot" heads, and one expert per task fine-tunes the whole
-encoder with its head frozen at a small learning rate, like the task-vectors recipe.
+Tasks are small image-classification problems with different input domains and label spaces:
+scikit-learn's real 8x8 handwritten digits, plus procedurally generated shapes, grating
+orientations, dot counts, rendered letters and textures, each drawn in its own colour palette (as
+the benchmark's domains differ in colour statistics, not only in content). A small ViT is
+"pretrained" CLIP-style: its features are aligned with one embedding per class of every task (the
+stand-in for CLIP's text embeddings; all of them in a narrow cone, like CLIP's) on slightly noised
+images, so its features separate every task's classes. Its frozen "zero-shot" heads are those class
+embeddings moved off by a random direction (``head_shift``), times a logit scale: the base is
+mediocre zero-shot because its heads are misaligned with good features, as CLIP is on MNIST or
+EuroSAT, where a linear probe on the same features does far better. One expert per task fine-tunes
+the whole encoder with its head frozen at a small learning rate, like the task-vectors recipe.
 
 Everything is deterministic given the spec, and the trained weights are cached on disk under a
 hash of the full spec (not its name).
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -229,7 +231,7 @@ class SuiteSpec:
     expert_lr: float = 1e-4
     batch_size: int = 64
     head_spread: float = 0.6
-    head_shift: float = 0.7  # zero-shot heads = class embeddings + this much random direction
+    head_shift: float = 0.7  # zero-shot heads: class embeddings + a random direction of this norm
     colour: bool = True  # each task in its own palette (3 channels); False: grayscale, 1 channel
     seed: int = 0
 
@@ -255,6 +257,14 @@ def get_spec(suite: str | SuiteSpec, **overrides) -> SuiteSpec:
     unknown = set(overrides) - set(asdict(suite))
     if unknown:
         raise ValueError(f"unknown suite fields {sorted(unknown)}; known: {sorted(asdict(suite))}")
+    for name, value in overrides.items():  # e.g. `--set head_shift=abc` would fail deep in training
+        default = getattr(suite, name)
+        ok = (isinstance(value, (list, tuple)) if isinstance(default, tuple) else
+              isinstance(value, bool) if isinstance(default, bool) else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) else
+              isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"suite field {name!r} expects a {type(default).__name__}, got {value!r}")
     if "tasks" in overrides:
         overrides["tasks"] = tuple(overrides["tasks"])
         for t in overrides["tasks"]:
@@ -355,12 +365,10 @@ def build_suite(spec: SuiteSpec, out: Path, progress: Callable[[str], None] | No
     data = {t: task_data(spec, t) for t in spec.tasks}
     model = make_encoder(spec)
     # "Pretraining", CLIP-like: image features are aligned with one unit-norm class embedding per
-    # class of every task (the stand-in for CLIP's text embeddings), on noisier, lower-contrast
-    # copies of the training images, briefly. Like CLIP's text embeddings, all class embeddings
-    # lie in a narrow cone: a shared direction plus a learned class part of norm `head_spread`,
-    # so a feature that matches one task's class is not a confident answer for another task.
-    # The class embeddings times a logit scale become the frozen "zero-shot" heads; the base is
-    # decent on every task, not good.
+    # class of every task (the stand-in for CLIP's text embeddings), on noised, lower-contrast
+    # copies of the training images. Like CLIP's text embeddings, all class embeddings lie in a
+    # narrow cone: a shared direction plus a learned class part of norm `head_spread`, so a
+    # feature that matches one task's class is not a confident answer for another task.
     shared = F.normalize(torch.randn(spec.dim, generator=g), dim=0)
     parts = nn.ParameterList(nn.Parameter(torch.randn(len(class_names(t)), spec.dim, generator=g))
                              for t in spec.tasks)
@@ -380,6 +388,9 @@ def build_suite(spec: SuiteSpec, out: Path, progress: Callable[[str], None] | No
     _fit(list(model.parameters()) + list(parts), pre_loss, dummy, dummy, spec.pretrain_steps, 1e-3,
          1, g, say, "pretrain")
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # The frozen "zero-shot" heads: the class embeddings moved off by a random direction of norm
+    # `head_shift`, times a logit scale. The features stay good and the heads misaligned, which
+    # is why CLIP is weak zero-shot on some tasks; small task vectors then realign them.
     with torch.no_grad():
         hg = torch.Generator().manual_seed(spec.seed + 2)
         heads = {t: F.normalize(embed(i) + spec.head_shift * F.normalize(

@@ -15,6 +15,11 @@ def test_overrides_change_the_spec_and_its_cache_key():
     assert pool.spec.key() == source.spec.key() != S.SuitePool("tiny").spec.key()
     with pytest.raises(ValueError, match="unknown suite fields \\['head_shfit'\\]"):
         S.SuitePool("tiny", overrides={"head_shfit": 0.5})
+    with pytest.raises(ValueError, match="'head_shift' expects a float, got 'abc'"):
+        S.SuiteSource("tiny", overrides={"head_shift": "abc"})
+    with pytest.raises(ValueError, match="'colour' expects a bool, got 1"):
+        S.get_spec("tiny", colour=1)
+    assert S.get_spec("tiny", head_shift=1).head_shift == 1  # an int is a fine float
 
 
 def test_demo_set_parses_json_values():
