@@ -4,7 +4,8 @@ task, and of task arithmetic along its lambda ray.
 AdaMerging minimises the prediction entropy of the merged model on unlabeled test images; it can
 only help where lower entropy means higher accuracy. This prints, per task, ``(mean entropy,
 top-1 %)`` on the test split for the base, each expert, and ``base + lambda * sum_k tau_k``, so one
-can see where the entropy minimum and the accuracy maximum lie.
+can see where the entropy minimum and the accuracy maximum lie. It also prints each expert's
+accuracy on its own task once its task vector is trimmed as TIES / AdaMerging++ trim it.
 
     python scripts/suite_diagnostics.py --suite demo [--set expert_lr=1e-4 ...] [--cache-dir DIR]
 """
@@ -18,6 +19,8 @@ import torch
 
 from adamerge import suite as S
 from adamerge.checkpoints import load_state_dict
+from adamerge.merge_methods import ties_task_vectors
+from adamerge.task_vectors import TaskVectors
 
 
 def entropy_and_accuracy(encoder: torch.nn.Module, state: dict[str, torch.Tensor],
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="override suite spec fields (JSON values), e.g. expert_lr=1e-4")
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.8],
                     help="task-arithmetic lambdas to scan (default: 0.1 0.2 0.3 0.5 0.8)")
+    ap.add_argument("--ties-keep", type=float, default=0.2,
+                    help="fraction of each task vector the TIES trim keeps (default: 0.2, the paper's)")
     ap.add_argument("--cache-dir", default=None, help="suite cache (default: $ADAMERGE_CACHE or ~/.cache/adamerge)")
     ns = ap.parse_args(argv)
     over = {}
@@ -69,6 +74,16 @@ def main(argv: list[str] | None = None) -> None:
     for t, state in experts.items():
         print(_row(f"expert {t}", entropy_and_accuracy(encoder, state, heads, data)))
     individual = {t: entropy_and_accuracy(encoder, experts[t], heads, {t: data[t]})[t][1] for t in spec.tasks}
+    # What the TIES trim (and so AdaMerging++) leaves of each expert: base + its task vector cut to
+    # the top `keep` magnitudes, on its own task.
+    names = [n for n, _ in encoder.named_parameters()]
+    trimmed = {}
+    for t in spec.tasks:
+        tv = ties_task_vectors(TaskVectors.from_state_dicts(base, {t: experts[t]}, names=names), keep=ns.ties_keep)
+        state = {**base, **{n: base[n] + v for n, v in tv.task(0).items()}}
+        trimmed[t] = entropy_and_accuracy(encoder, state, heads, {t: data[t]})[t][1]
+    print(f"own-task accuracy, expert -> task vector trimmed to the top {ns.ties_keep:g}: "
+          + "  ".join(f"{t} {individual[t]:.1f} -> {trimmed[t]:.1f}" for t in spec.tasks))
     ray = {}
     for lam in ns.lambdas:
         merged = {k: v + lam * sum(e[k] - v for e in experts.values()) if v.is_floating_point() else v
