@@ -5,7 +5,8 @@ AdaMerging minimises the prediction entropy of the merged model on unlabeled tes
 only help where lower entropy means higher accuracy. This prints, per task, ``(mean entropy,
 top-1 %)`` on the test split for the base, each expert, and ``base + lambda * sum_k tau_k``, so one
 can see where the entropy minimum and the accuracy maximum lie. It also prints each expert's
-accuracy on its own task once its task vector is trimmed as TIES / AdaMerging++ trim it.
+accuracy on its own task once its task vector is trimmed as TIES / AdaMerging++ trim it, and a
+linear probe on the base's features (how good the features are, apart from the zero-shot heads).
 
     python scripts/suite_diagnostics.py --suite demo [--set expert_lr=1e-4 ...] [--cache-dir DIR]
 """
@@ -35,6 +36,22 @@ def entropy_and_accuracy(encoder: torch.nn.Module, state: dict[str, torch.Tensor
             p = logits.softmax(-1)
             h = -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
             out[task] = (round(h, 3), round((logits.argmax(-1) == y).float().mean().item() * 100, 1))
+    return out
+
+
+def linear_probe(encoder: torch.nn.Module, state: dict[str, torch.Tensor], spec) -> dict[str, float]:
+    """Top-1 % on the test split of a logistic regression fit on ``state``'s train-split features:
+    how good the features are, apart from how well the zero-shot heads fit them."""
+    from sklearn.linear_model import LogisticRegression
+    encoder.load_state_dict(state)
+    encoder.eval()
+    out = {}
+    with torch.no_grad():
+        for t in spec.tasks:
+            d = S.task_data(spec, t)
+            (xtr, ytr), (xte, yte) = d["train"], d["test"]
+            clf = LogisticRegression(max_iter=2000).fit(encoder(xtr).numpy(), ytr.numpy())
+            out[t] = round(clf.score(encoder(xte).numpy(), yte.numpy()) * 100, 1)
     return out
 
 
@@ -71,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     data = {t: S.task_data(spec, t)["test"] for t in spec.tasks}
     print(f"suite {ns.suite} {spec.key()}: cells are task entropy/accuracy on the test split")
     print(_row("base", entropy_and_accuracy(encoder, base, heads, data)))
+    print("linear probe on the base's features (train split -> test): "
+          + "  ".join(f"{t} {a:.1f}" for t, a in linear_probe(encoder, base, spec).items()))
     for t, state in experts.items():
         print(_row(f"expert {t}", entropy_and_accuracy(encoder, state, heads, data)))
     individual = {t: entropy_and_accuracy(encoder, experts[t], heads, {t: data[t]})[t][1] for t in spec.tasks}

@@ -64,6 +64,8 @@ def test_suite_diagnostics_scans_experts_and_lambdas(capsys):
         "base", "expert digits", "expert shapes", "expert gratings", "task arithmetic 0", "task arithmetic 1"]
     # lambda 0 is the base model itself
     assert rows[0].split("sum H")[1] == rows[4].split("sum H")[1]
+    probe = [ln for ln in lines if ln.startswith("linear probe")]
+    assert len(probe) == 1 and all(f"{t} " in probe[0] for t in ("digits", "shapes", "gratings"))
     trim = [ln for ln in lines if ln.startswith("own-task accuracy")]
     assert len(trim) == 1 and all(f"{t} " in trim[0] for t in ("digits", "shapes", "gratings"))
     with pytest.raises(SystemExit):
