@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .checkpoints import read_checkpoint
 from .data import MultiTaskDataModule
 from .merged_model import Granularity, MergedModel
-from .pool import DTYPES, LoadedPool, ModelPool
+from .pool import DTYPES, ModelPool
 from .task_vectors import TaskVectors, fingerprint_difference
 
 COEFFICIENTS_KEY = "merged.coefficients"

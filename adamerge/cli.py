@@ -132,29 +132,14 @@ def _compare_parser(prog: str, demo: bool):
     return p
 
 
-def _spec_overrides(items: Sequence[str]) -> dict:
-    """``["a=1", "b=false"]`` -> ``{"a": 1, "b": False}`` (values parsed as JSON, else strings)."""
-    import json
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def demo_main(args: Sequence[str]) -> None:
     """``adamerge demo``: the offline miniature benchmark."""
     from pathlib import Path
     from .compare import CompareSettings, compare
     from .data import MultiTaskDataModule
-    from .suite import SuitePool, SuiteSource
+    from .suite import SuitePool, SuiteSource, parse_overrides
     ns = _compare_parser("adamerge demo", demo=True).parse_args(list(args))
-    overrides = _spec_overrides(ns.set)
+    overrides = parse_overrides(ns.set)
     pool = SuitePool("demo", cache_dir=ns.cache_dir, overrides=overrides)
     loaded = pool.load()
     dm = MultiTaskDataModule(SuiteSource("demo", overrides=overrides), batch_size=16, eval_batch_size=500)

@@ -15,13 +15,14 @@ the whole encoder with its head frozen at a small learning rate, like the task-v
 Everything is deterministic given the spec, and the trained weights are cached on disk under a
 hash of the full spec (not its name).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -259,11 +260,7 @@ def get_spec(suite: str | SuiteSpec, **overrides) -> SuiteSpec:
         raise ValueError(f"unknown suite fields {sorted(unknown)}; known: {sorted(asdict(suite))}")
     for name, value in overrides.items():  # e.g. `--set head_shift=abc` would fail deep in training
         default = getattr(suite, name)
-        ok = (isinstance(value, (list, tuple)) if isinstance(default, tuple) else
-              isinstance(value, bool) if isinstance(default, bool) else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) else
-              isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
+        if not _fits(value, default):
             raise ValueError(f"suite field {name!r} expects a {type(default).__name__}, got {value!r}")
     if "tasks" in overrides:
         overrides["tasks"] = tuple(overrides["tasks"])
@@ -271,6 +268,30 @@ def get_spec(suite: str | SuiteSpec, **overrides) -> SuiteSpec:
             if t not in GENERATORS:
                 raise ValueError(unknown_name("task", t, sorted(GENERATORS), where=" in the suites"))
     return replace(suite, **overrides)
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["head_shift=0.4", "colour=false"]`` -> ``{"head_shift": 0.4, "colour": False}``: values
+    are JSON, else kept as strings (``get_spec`` then checks each against its field's type)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """Whether ``value`` may replace a spec field whose default is ``default``."""
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple))
+    if isinstance(value, bool) or isinstance(default, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    return isinstance(value, (int, float) if isinstance(default, float) else int)
 
 
 def default_cache_dir() -> Path:

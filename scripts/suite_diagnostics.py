@@ -14,7 +14,6 @@ linear probe on the base's features (how good the features are, apart from the z
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -66,20 +65,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="demo", help="preset: tiny or demo (default: demo)")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="override suite spec fields (JSON values), e.g. expert_lr=1e-4")
+                    help="override suite spec fields (JSON values, else strings), e.g. expert_lr=1e-4")
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.8],
                     help="task-arithmetic lambdas to scan (default: 0.1 0.2 0.3 0.5 0.8)")
     ap.add_argument("--ties-keep", type=float, default=0.2,
                     help="fraction of each task vector the TIES trim keeps (default: 0.2, the paper's)")
     ap.add_argument("--cache-dir", default=None, help="suite cache (default: $ADAMERGE_CACHE or ~/.cache/adamerge)")
     ns = ap.parse_args(argv)
-    over = {}
-    for item in ns.set:
-        if "=" not in item:
-            ap.error(f"--set expects FIELD=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        over[k] = json.loads(v)
-    spec = S.get_spec(ns.suite, **over)
+    try:
+        spec = S.get_spec(ns.suite, **S.parse_overrides(ns.set))
+    except ValueError as exc:
+        ap.error(str(exc))
     folder = S.ensure_suite(spec, ns.cache_dir)
     encoder = S.make_encoder(spec)
     base = load_state_dict(folder / "base.safetensors")
@@ -109,8 +105,9 @@ def main(argv: list[str] | None = None) -> None:
                   for k, v in base.items()}
         ray[lam] = entropy_and_accuracy(encoder, merged, heads, data)
         print(_row(f"task arithmetic {lam:g}", ray[lam]))
-    # The two properties a suite needs before AdaMerging's score means anything: the merge loses
-    # accuracy (a gap to the experts), and lower entropy goes with higher accuracy along the ray.
+    # Summary: the gap between task arithmetic and the experts, and whether the entropy minimum
+    # and the accuracy maximum of one shared lambda coincide (layer-wise coefficients are not on
+    # this ray, so they can help even where these do not coincide: see the README).
     h = {lam: sum(e for e, _ in r.values()) for lam, r in ray.items()}
     acc = {lam: sum(a for _, a in r.values()) / len(r) for lam, r in ray.items()}
     ind = sum(individual.values()) / len(individual)

@@ -16,7 +16,7 @@ def test_compare_writes_every_row(tmp_path):
     dm = MultiTaskDataModule(SuiteSource("tiny"), batch_size=8, eval_batch_size=256)
     settings = CompareSettings(steps=3, ta_grid=(0.1, 0.3), ties_grid=(0.5, 1.0))
     lines = []
-    res = compare(loaded, dm, tmp_path, settings, suite="tiny", say=lines.append)
+    compare(loaded, dm, tmp_path, settings, suite="tiny", say=lines.append)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["suite"] == "tiny" and list(saved["methods"]) == list(ALL_METHODS)
     for name, row in saved["methods"].items():

@@ -5,7 +5,6 @@ import torch
 
 from adamerge import suite as S
 from adamerge.checkpoints import load_state_dict
-from adamerge.cli import _spec_overrides
 
 
 def test_overrides_change_the_spec_and_its_cache_key():
@@ -23,10 +22,10 @@ def test_overrides_change_the_spec_and_its_cache_key():
 
 
 def test_demo_set_parses_json_values():
-    assert _spec_overrides(["head_shift=0.4", "colour=false", "tasks=[\"dots\"]"]) == {
+    assert S.parse_overrides(["head_shift=0.4", "colour=false", "tasks=[\"dots\"]"]) == {
         "head_shift": 0.4, "colour": False, "tasks": ["dots"]}
     with pytest.raises(ValueError, match="FIELD=VALUE, got 'head_shift'"):
-        _spec_overrides(["head_shift"])
+        S.parse_overrides(["head_shift"])
 
 
 def test_colour_gives_each_task_its_own_palette():
