@@ -1,13 +1,28 @@
-"""adamerge: test-time adaptive model merging (AdaMerging) on PyTorch Lightning."""
+"""adamerge: test-time adaptive model merging (AdaMerging and more) on PyTorch Lightning.
 
-from .adamerging import AdaMerging, entropy
-from .checkpoints import CheckpointError, load_state_dict, save_state_dict
-from .data import DatasetSource, FolderSource, InMemorySource, MultiTaskDataModule
-from .merged_model import MergedModel
-from .pool import CheckpointPool, LoadedPool, ModelPool
-from .task_vectors import TaskVectors
+The names a notebook needs are here; the packages hold the rest, in the order data flows
+(docs/architecture.md): ``io`` (files) -> ``engine`` (task vectors, fused merge, objectives) ->
+``data`` / ``models`` (adaptation data, model pools) -> ``methods`` (the registry, static merges,
+Lightning modules) -> ``compare`` / ``report`` (tables) -> ``commands`` (the CLI). ``suites`` holds
+the offline synthetic benchmark.
+"""
 
-__all__ = ["AdaMerging", "CheckpointError", "CheckpointPool", "DatasetSource", "FolderSource",
-           "InMemorySource", "LoadedPool", "MergedModel", "ModelPool", "MultiTaskDataModule",
-           "TaskVectors", "entropy", "load_state_dict", "save_state_dict"]
+from . import _aliases
+
+_aliases.install()  # old module paths (adamerge.suite, ...) keep working for one release
+
+from .compare import CompareSettings, compare
+from .data import DatasetSource, FolderSource, HFSource, InMemorySource, MultiTaskDataModule
+from .engine import MergedModel, TaskVectors, entropy
+from .io import CheckpointError, load_state_dict, save_state_dict
+from .methods import AdaMerging, Method, registry
+from .models import CheckpointPool, LoadedPool, ModelPool, OpenCLIPPool, PreloadedPool
+from .report import evaluate
+from .suites import SuitePool, SuiteSource
+
+__all__ = ["AdaMerging", "CheckpointError", "CheckpointPool", "CompareSettings", "DatasetSource",
+           "FolderSource", "HFSource", "InMemorySource", "LoadedPool", "MergedModel", "Method",
+           "ModelPool", "MultiTaskDataModule", "OpenCLIPPool", "PreloadedPool", "SuitePool",
+           "SuiteSource", "TaskVectors", "compare", "entropy", "evaluate", "load_state_dict",
+           "registry", "save_state_dict"]
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoints import atomic_write
+from .io.checkpoints import atomic_write
 
 
 @torch.no_grad()

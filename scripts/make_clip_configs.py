@@ -9,14 +9,11 @@ from pathlib import Path
 
 import yaml
 
+from adamerge.methods import AdaMerging, registry
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"vit-b-32": "ViT-B-32", "vit-l-14": "ViT-L-14"}
-METHODS = {
-    "taskwise": ("taskwise", None, "Task-wise AdaMerging: one coefficient per task"),
-    "layerwise": ("layerwise", None, "Layer-wise AdaMerging: one coefficient per task per parameter tensor"),
-    "layerwise_pp": ("layerwise", 0.2, "Layer-wise AdaMerging++: task vectors TIES-trimmed to their top 20% first"),
-}
-SUITES = yaml.safe_load((ROOT / "adamerge" / "tasks.yaml").read_text())["suites"]
+SUITES = yaml.safe_load((ROOT / "adamerge" / "data" / "tasks.yaml").read_text())["suites"]
 COUNTS = {8: "tall8", 14: "tall14", 20: "tall20"}
 
 TEMPLATE = """\
@@ -30,7 +27,7 @@ TEMPLATE = """\
 #   adamerge export --config configs/{name} --ckpt_path runs/{stem}/checkpoints/last.ckpt --out runs/{stem}/export
 #
 # Downloads on first use: the open_clip `{pretrained}` weights (open_clip's cache) and the test splits
-# of the Hugging Face datasets named in adamerge/tasks.yaml (the datasets cache); zero-shot heads and
+# of the Hugging Face datasets named in adamerge/data/tasks.yaml (the datasets cache); zero-shot heads and
 # decoded images are cached under $ADAMERGE_CACHE (default ~/.cache/adamerge).
 # Experts: one fine-tuned image encoder per task under experts/{model}/<task>.safetensors, from
 # `adamerge finetune`, `adamerge convert` (task-vectors pickles, Hugging Face CLIPVisionModel fine-tunes),
@@ -38,13 +35,13 @@ TEMPLATE = """\
 seed_everything: 0
 model:
   pool:
-    class_path: adamerge.clip.OpenCLIPPool
+    class_path: adamerge.models.OpenCLIPPool
     init_args:
       model: {model}
       pretrained: {pretrained}
       experts:                 # task -> fine-tuned image encoder (same order as data.source.tasks)
 {experts}
-      tasks_file: null         # YAML of extra / overriding tasks (see adamerge/tasks.yaml)
+      tasks_file: null         # YAML of extra / overriding tasks (see adamerge/data/tasks.yaml)
       allow_pickle: false      # true only for trusted pickled checkpoints; better: adamerge convert
       text_device: cpu         # where the text tower runs once to build the zero-shot heads (cached)
   granularity: {granularity}
@@ -56,7 +53,7 @@ model:
   task_vector_dtype: null      # bfloat16 halves task-vector memory ({tv_note})
 data:
   source:
-    class_path: adamerge.clip_data.HFSource
+    class_path: adamerge.data.HFSource
     init_args:
       tasks: [{tasks}]
       model: {model}
@@ -84,11 +81,22 @@ checkpoint:
 """
 
 
+def adamerging_methods() -> dict[str, tuple[str, float | None, str]]:
+    """Config suffix -> (granularity, trim, description) of every AdaMerging variant of the registry."""
+    out = {}
+    for name in registry.names("learned"):
+        method = registry.get(name)
+        if method.build is AdaMerging:
+            hp = method.defaults()
+            out[name.removeprefix("adamerging_")] = (hp["granularity"], hp["trim"], method.description)
+    return out
+
+
 def main() -> None:
     for key, model in MODELS.items():
         for n, suite in COUNTS.items():
             tasks = SUITES[suite]
-            for method, (granularity, trim, doc) in METHODS.items():
+            for method, (granularity, trim, doc) in adamerging_methods().items():
                 name = f"clip-{key}_{n}tasks_{method}.yaml"
                 experts = "\n".join(f"        {t}: experts/{model}/{t}.safetensors" for t in tasks)
                 big = key == "vit-l-14" or n > 8

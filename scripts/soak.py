@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps <= args.baseline or args.baseline % args.every:
         ap.error("--steps must exceed --baseline, and --baseline must be a multiple of --every")
 
-    from adamerge.adamerging import AdaMerging
-    from adamerge.checkpoints import write_json_atomic
-    from adamerge.cli import AdaMergeCLI
-    from adamerge.data import MultiTaskDataModule
+    from adamerge.methods.adamerging import AdaMerging
+    from adamerge.io.checkpoints import write_json_atomic
+    from adamerge.commands.fit import AdaMergeCLI
+    from adamerge.data.datamodule import MultiTaskDataModule
 
     probe = RSSProbe(args.every)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,10 +17,11 @@ import argparse
 
 import torch
 
-from adamerge import suite as S
-from adamerge.checkpoints import load_state_dict
-from adamerge.merge_methods import ties_task_vectors
-from adamerge.task_vectors import TaskVectors
+from adamerge.engine.task_vectors import TaskVectors
+from adamerge.io.checkpoints import load_state_dict
+from adamerge.methods.static import ties_task_vectors
+from adamerge.options import parse_overrides
+from adamerge.suites import synthetic as S
 
 
 def entropy_and_accuracy(encoder: torch.nn.Module, state: dict[str, torch.Tensor],
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-dir", default=None, help="suite cache (default: $ADAMERGE_CACHE or ~/.cache/adamerge)")
     ns = ap.parse_args(argv)
     try:
-        spec = S.get_spec(ns.suite, **S.parse_overrides(ns.set))
+        spec = S.get_spec(ns.suite, **parse_overrides(ns.set))
     except ValueError as exc:
         ap.error(str(exc))
     folder = S.ensure_suite(spec, ns.cache_dir)

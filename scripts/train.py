@@ -3,7 +3,7 @@
 
 import sys
 
-from adamerge.cli import main
+from adamerge.commands.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from adamerge.pool import LoadedPool, ModelPool
-from adamerge.suite import TinyViT
-from adamerge.task_vectors import TaskVectors
+from adamerge.models.pool import LoadedPool, ModelPool
+from adamerge.suites.synthetic import TinyViT
+from adamerge.engine.task_vectors import TaskVectors
 
 
 @pytest.fixture(autouse=True, scope="session")

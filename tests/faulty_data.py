@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset, TensorDataset
 
-from adamerge.suite import SuiteSource
+from adamerge.suites.synthetic import SuiteSource
 
 
 class PoisonedSuiteSource(SuiteSource):

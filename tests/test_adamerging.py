@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from adamerge import AdaMerging, InMemorySource, MultiTaskDataModule
-from adamerge.callbacks import RunCheckpoint
-from adamerge.suite import SuitePool, SuiteSource
+from adamerge.io.run_checkpoint import RunCheckpoint
+from adamerge.suites.synthetic import SuitePool, SuiteSource
 from conftest import RandomPool, images
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from adamerge.benchmark import bench_main
+from adamerge.commands.bench import bench_main
 
 KEYS = {"limit_s", "adamerge_s", "naive_s", "adamerge_over_limit", "naive_over_adamerge", "task_vector_bytes"}
 

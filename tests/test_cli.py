@@ -52,8 +52,8 @@ def test_unknown_command_and_bad_file_fail_cleanly(tmp_path):
     assert run("frobnicate", check=False).returncode == 2
     cfg = tmp_path / "bad.yaml"
     cfg.write_text((ROOT / "configs/tiny.yaml").read_text().replace(
-        "class_path: adamerge.suite.SuitePool\n    init_args:\n      suite: tiny",
-        "class_path: adamerge.pool.CheckpointPool\n    init_args:\n      model: {class_path: torch.nn.Linear, init_args: {in_features: 2, out_features: 2}}\n"
+        "class_path: adamerge.suites.SuitePool\n    init_args:\n      suite: tiny",
+        "class_path: adamerge.models.CheckpointPool\n    init_args:\n      model: {class_path: torch.nn.Linear, init_args: {in_features: 2, out_features: 2}}\n"
         "      base: missing.safetensors\n      experts: {a: x.pt}\n      heads: h.safetensors"))
     res = run("fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path), check=False)
     assert res.returncode == 1

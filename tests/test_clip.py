@@ -15,13 +15,13 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 
-from adamerge.checkpoints import CheckpointError
-from adamerge.cli import main
-from adamerge.clip import (OpenCLIPPool, ZeroShotHead, clip_transform, create_clip, head_cache_key,
-                           text_identity, zero_shot_heads)
-from adamerge.clip_data import CachedImages, HFSource
-from adamerge.convert import hf_to_open_clip, load_visual, read_checkpoint, visual_state_dict
-from adamerge.tasks import get_task, load_registry, suites
+from adamerge.commands.main import main
+from adamerge.data.hf import CachedImages, HFSource
+from adamerge.data.tasks import get_task, load_registry, suites
+from adamerge.data.transforms import clip_transform
+from adamerge.io.checkpoints import CheckpointError
+from adamerge.models.clip import OpenCLIPPool, ZeroShotHead, create_clip, head_cache_key, text_identity, zero_shot_heads
+from adamerge.models.convert import hf_to_open_clip, load_visual, read_checkpoint, visual_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "adamerge-test-tiny-clip"
@@ -121,12 +121,12 @@ def world(tmp_path_factory):
 def run_config(world, tmp_path, granularity: str = "layerwise") -> Path:
     cfg = {
         "seed_everything": 0,
-        "model": {"pool": {"class_path": "adamerge.clip.OpenCLIPPool", "init_args": {
+        "model": {"pool": {"class_path": "adamerge.models.OpenCLIPPool", "init_args": {
             "model": TINY, "pretrained": str(world["base"]),
             "experts": {t: str(p) for t, p in world["experts"].items()},
             "tasks_file": str(world["tasks_file"]), "head_cache": str(tmp_path / "heads")}},
             "granularity": granularity, "prior": 0.3, "lr": 0.01},
-        "data": {"source": {"class_path": "adamerge.clip_data.HFSource", "init_args": {
+        "data": {"source": {"class_path": "adamerge.data.HFSource", "init_args": {
             "tasks": ["mnist", "colors"], "model": TINY, "pretrained": str(world["base"]),
             "tasks_file": str(world["tasks_file"]), "paths": {"mnist": str(world["digits"])},
             "image_cache": "disk", "cache_dir": str(tmp_path / "images"), "decode_threads": 2}},
@@ -193,8 +193,8 @@ def test_clip_fit_test_export_through_config(world, tmp_path, capsys):
 
 def test_clip_export_is_generic_over_pools(tmp_path, capsys):
     """export works for any pool: here a CheckpointPool of a TinyViT with files and image folders."""
-    from adamerge.export import build_model
-    from adamerge.suite import TinyViT
+    from adamerge.commands.export import build_model
+    from adamerge.suites.synthetic import TinyViT
     arch = {"image_size": 8, "patch": 4, "channels": 3, "dim": 16, "depth": 1, "heads": 2, "out_dim": 16}
     torch.manual_seed(0)
     enc = TinyViT(**arch)
@@ -211,8 +211,8 @@ def test_clip_export_is_generic_over_pools(tmp_path, capsys):
             for i in range(4):
                 color_image(rgb, i).save(d / f"{i}.png")
     cfg = {"seed_everything": 0,
-           "model": {"pool": {"class_path": "adamerge.pool.CheckpointPool", "init_args": {
-               "model": {"class_path": "adamerge.suite.TinyViT", "init_args": arch},
+           "model": {"pool": {"class_path": "adamerge.models.CheckpointPool", "init_args": {
+               "model": {"class_path": "adamerge.suites.TinyViT", "init_args": arch},
                "base": str(tmp_path / "base.safetensors"),
                "experts": {t: str(tmp_path / f"{t}.safetensors") for t in ("a", "b")},
                "heads": str(tmp_path / "heads.safetensors")}}, "granularity": "taskwise", "lr": 0.05},
@@ -307,7 +307,7 @@ def test_clip_pool_fills_missing_projection_and_rejects_bad_shapes(world, tmp_pa
 
 
 def test_clip_head_cache_keys_and_hits(world, tmp_path, monkeypatch):
-    import adamerge.clip as clip_mod
+    import adamerge.models.clip as clip_mod
     clip = world["clip"]
     colors = get_task("colors", tasks_file=world["tasks_file"])
     heads = zero_shot_heads(clip, TINY, {"colors": colors}, tmp_path)
@@ -392,7 +392,7 @@ def test_clip_finetune_makes_an_expert(world, tmp_path, capsys):
     assert set(state) == set(world["visual"])
     assert any(not torch.equal(state[k], world["visual"][k]) for k in state)
     assert "step 3/3" in capsys.readouterr().err
-    from adamerge.finetune import cosine_lr
+    from adamerge.commands.finetune import cosine_lr
     assert cosine_lr(0, 1.0, 500, 2000) == pytest.approx(1 / 500)
     assert cosine_lr(499, 1.0, 500, 2000) == pytest.approx(1.0)
     assert cosine_lr(1250, 1.0, 500, 2000) == pytest.approx(0.5)
@@ -496,4 +496,4 @@ def test_clip_config_validates_against_signatures(name, capsys):
         main(["fit", "--config", str(ROOT / "configs" / name), "--print_config"])
     assert exc.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["pool"]["class_path"] == "adamerge.clip.OpenCLIPPool"
+    assert printed["model"]["pool"]["class_path"] == "adamerge.models.OpenCLIPPool"

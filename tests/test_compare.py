@@ -5,26 +5,30 @@ import json
 import pytest
 import torch
 
-from adamerge.compare import ALL_METHODS, CompareSettings, compare
-from adamerge.data import MultiTaskDataModule
+from adamerge.compare import CompareSettings, compare
+from adamerge.data.datamodule import MultiTaskDataModule
+from adamerge.methods import registry
 from adamerge.report import markdown_table, summarize
-from adamerge.suite import SuitePool, SuiteSource
+from adamerge.suites.synthetic import SuitePool, SuiteSource
 
 
 def test_compare_writes_every_row(tmp_path):
     loaded = SuitePool("tiny").load()
     dm = MultiTaskDataModule(SuiteSource("tiny"), batch_size=8, eval_batch_size=256)
-    settings = CompareSettings(steps=3, ta_grid=(0.1, 0.3), ties_grid=(0.5, 1.0))
+    settings = CompareSettings(steps=3, grids={"task_arithmetic": {"scaling": (0.1, 0.3)},
+                                               "ties": {"scaling": (0.5, 1.0)}})
     lines = []
     compare(loaded, dm, tmp_path, settings, suite="tiny", say=lines.append)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["suite"] == "tiny" and list(saved["methods"]) == list(ALL_METHODS)
+    assert saved["suite"] == "tiny" and list(saved["methods"]) == registry.demo_methods()
     for name, row in saved["methods"].items():
         assert set(row["per_task"]) == {"digits", "shapes", "gratings"}, name
         assert 0 <= row["avg"] <= 100
         assert row["avg"] == pytest.approx(sum(row["per_task"].values()) / 3)
     assert saved["methods"]["individual"]["normalized_avg"] == pytest.approx(100.0)
-    assert saved["chosen_scaling"]["task_arithmetic"] in (0.1, 0.3)
+    assert saved["tuned"]["task_arithmetic"]["scaling"] in (0.1, 0.3)
+    assert saved["hparams"]["task_arithmetic"]["scaling"] == saved["tuned"]["task_arithmetic"]["scaling"]
+    assert saved["hparams"]["adamerging_layerwise_pp"]["trim"] == 0.2
     assert (tmp_path / "results.md").read_text().startswith("| method |")
     for m in ("adamerging_taskwise", "adamerging_layerwise", "adamerging_layerwise_pp"):
         png = tmp_path / f"coefficients_{m}.png"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adamerge.merged_model import MergedModel
+from adamerge.engine.merged_model import MergedModel
 from conftest import RandomPool, images
 
 
@@ -153,7 +153,7 @@ def test_reused_buffers_give_the_same_steps_and_never_a_silently_wrong_gradient(
 def test_blocked_merge_and_projection_equal_the_single_product(numel, dtype):
     # Large CPU parameters take the blocked path (16, 8 or 1 blocks for these sizes); the result
     # must be the plain matrix-vector product's.
-    from adamerge.merged_model import BLOCK_MIN_NUMEL, _blocks, _combine, _project
+    from adamerge.engine.merged_model import BLOCK_MIN_NUMEL, _blocks, _combine, _project
     g = torch.Generator().manual_seed(0)
     tau = torch.randn(5, numel, generator=g).to(dtype)
     base, grad = torch.randn(numel, generator=g), torch.randn(numel, generator=g)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from adamerge.merge_methods import METHODS, task_arithmetic, ties, ties_task_vectors, weight_averaging
-from adamerge.task_vectors import TaskVectors
+from adamerge.engine.task_vectors import TaskVectors
+from adamerge.methods import registry
+from adamerge.methods.static import task_arithmetic, ties, ties_task_vectors, weight_averaging
 
 
 def toy():
@@ -43,8 +44,11 @@ def test_ties_transform_is_in_fingerprint_and_keep_checked():
         ties_task_vectors(tv, 0.0)
 
 
-def test_registry_shares_one_signature():
+def test_static_methods_of_the_registry_share_one_signature():
     tv, base = toy()
-    for name, fn in METHODS.items():
-        out = fn(tv, base)
-        assert set(out) == {"w"} and out["w"].shape == (5,), name
+    static = registry.names("static")
+    assert {"weight_averaging", "task_arithmetic", "ties"} <= set(static)
+    for name in static:
+        method = registry.get(name)
+        out = method.build(tv, base, **method.defaults())
+        assert set(out) <= {"w"} and all(v.shape == (5,) for v in out.values()), name

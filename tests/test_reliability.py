@@ -1,6 +1,6 @@
 """Bad input fails early with one line and no output; writes are atomic; checkpoints match their pool.
 
-The CLI cases call ``adamerge.cli.main`` in-process (the same code path as the ``adamerge``
+The CLI cases call ``adamerge.commands.main.main`` in-process (the same code path as the ``adamerge``
 command, without paying a Python start-up per case); the subprocess cases (SIGKILL, DDP) are in
 ``test_resume_ddp.py``.
 """
@@ -22,13 +22,13 @@ import yaml
 from PIL import Image
 
 from adamerge import AdaMerging, MultiTaskDataModule
-from adamerge.adamerging import COEFFICIENTS_KEY, check_checkpoint
-from adamerge.callbacks import AtomicCheckpointIO, RunCheckpoint
-from adamerge.checkpoints import atomic_write, read_checkpoint, save_state_dict, write_json_atomic
-from adamerge.cli import main
-from adamerge.data import AdaptationStream, ImageFolderDataset, label_count
+from adamerge.methods.adamerging import COEFFICIENTS_KEY, check_checkpoint
+from adamerge.io.run_checkpoint import AtomicCheckpointIO, RunCheckpoint
+from adamerge.io.checkpoints import atomic_write, read_checkpoint, save_state_dict, write_json_atomic
+from adamerge.commands.main import main
+from adamerge.data.datamodule import AdaptationStream, ImageFolderDataset, label_count
 from adamerge.errors import suggest, unknown_name
-from adamerge.suite import SuiteSource, TinyViT
+from adamerge.suites.synthetic import SuiteSource, TinyViT
 from conftest import RandomPool, perturbed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +56,8 @@ def make_project(tmp: Path, tasks=("a", "b"), classes=2, images=4) -> Path:
             write_images(tmp / f"data/{t}/test/c{c}", images, seed=10 * i + c)
     config = {
         "seed_everything": 0,
-        "model": {"pool": {"class_path": "adamerge.pool.CheckpointPool", "init_args": {
-            "model": {"class_path": "adamerge.suite.TinyViT", "init_args": ARCH},
+        "model": {"pool": {"class_path": "adamerge.models.CheckpointPool", "init_args": {
+            "model": {"class_path": "adamerge.suites.TinyViT", "init_args": ARCH},
             "base": "../weights/base.safetensors",
             "experts": {t: f"../weights/{t}.safetensors" for t in tasks},
             "heads": "../weights/heads.safetensors"}}},
@@ -76,7 +76,7 @@ def make_project(tmp: Path, tasks=("a", "b"), classes=2, images=4) -> Path:
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
-    from adamerge.checkpoints import load_state_dict
+    from adamerge.io.checkpoints import load_state_dict
     return load_state_dict(path)
 
 
@@ -214,7 +214,7 @@ def test_unknown_task_names_suggest_the_nearest(project, tmp_path, capsys):
 
 
 def test_unknown_suite_task_and_suite_suggest(tmp_path):
-    from adamerge.suite import SuitePool
+    from adamerge.suites.synthetic import SuitePool
     with pytest.raises(ValueError, match=r"unknown task 'digts' in suite 'tiny'; did you mean 'digits'\?"):
         SuitePool("tiny", tasks=["digts"])
     with pytest.raises(ValueError, match=r"unknown suite 'tinny'; did you mean 'tiny'\?"):
@@ -367,7 +367,7 @@ def test_failed_checkpoint_write_leaves_previous_file(tmp_path, monkeypatch):
     def crash(obj, f, *a, **k):  # dies half-way through writing
         Path(f).write_bytes(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt("killed mid-write")
-    monkeypatch.setattr("adamerge.callbacks.torch.save", crash)
+    monkeypatch.setattr("adamerge.io.run_checkpoint.torch.save", crash)
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"global_step": 6}, path)
     assert read_checkpoint(path)["global_step"] == 4
@@ -377,7 +377,7 @@ def test_failed_checkpoint_write_leaves_previous_file(tmp_path, monkeypatch):
 def test_sigkill_during_atomic_write_never_exposes_a_prefix(tmp_path):
     target = tmp_path / "last.ckpt"
     target.write_bytes(b"old complete file")
-    script = (f"import sys, time\nfrom adamerge.checkpoints import atomic_write\n"
+    script = (f"import sys, time\nfrom adamerge.io.checkpoints import atomic_write\n"
               f"with atomic_write({str(target)!r}) as tmp:\n"
               f"    f = open(tmp, 'wb'); f.write(b'new partial'); f.flush()\n"
               f"    print('writing', flush=True); time.sleep(60)\n")

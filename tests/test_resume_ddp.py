@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from adamerge.adamerging import COEFFICIENTS_KEY
-from adamerge.checkpoints import read_checkpoint
-from adamerge.suite import SuitePool
+from adamerge.methods.adamerging import COEFFICIENTS_KEY
+from adamerge.io.checkpoints import read_checkpoint
+from adamerge.suites.synthetic import SuitePool
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from adamerge import suite as S
-from adamerge.checkpoints import load_state_dict
+from adamerge.options import parse_overrides
+from adamerge.suites import synthetic as S
+from adamerge.io.checkpoints import load_state_dict
 
 
 def test_overrides_change_the_spec_and_its_cache_key():
@@ -22,10 +23,10 @@ def test_overrides_change_the_spec_and_its_cache_key():
 
 
 def test_demo_set_parses_json_values():
-    assert S.parse_overrides(["head_shift=0.4", "colour=false", "tasks=[\"dots\"]"]) == {
+    assert parse_overrides(["head_shift=0.4", "colour=false", "tasks=[\"dots\"]"]) == {
         "head_shift": 0.4, "colour": False, "tasks": ["dots"]}
     with pytest.raises(ValueError, match="FIELD=VALUE, got 'head_shift'"):
-        S.parse_overrides(["head_shift"])
+        parse_overrides(["head_shift"])
 
 
 def test_colour_gives_each_task_its_own_palette():

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from adamerge.checkpoints import CheckpointError, load_state_dict, save_state_dict
-from adamerge.pool import CheckpointPool
-from adamerge.suite import TinyViT
-from adamerge.task_vectors import TaskVectors, fingerprint_difference, select_names
+from adamerge.io.checkpoints import CheckpointError, load_state_dict, save_state_dict
+from adamerge.models.pool import CheckpointPool
+from adamerge.suites.synthetic import TinyViT
+from adamerge.engine.task_vectors import TaskVectors, fingerprint_difference, select_names
 from conftest import perturbed
 
 

@@ -18,7 +18,7 @@ import torch
 from jsonargparse.typing import path_type
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset, get_worker_info
 
-from .errors import suggest, unknown_name
+from ..errors import suggest, unknown_name
 
 
 class DatasetSource(ABC):

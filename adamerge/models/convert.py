@@ -15,23 +15,22 @@ open_clip's ``model.visual`` keys (``conv1.weight``, ``transformer.resblocks.0.a
   ``src.modeling.ImageEncoder``) are replaced by empty ``nn.Module`` stand-ins, so no copy of that
   code base is needed to read the weights.
 
-``adamerge convert SRC OUT`` writes any of them once as a safetensors image tower.
+``adamerge convert SRC OUT`` (:mod:`adamerge.commands.convert`) writes any of them once as a
+safetensors image tower.
 """
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import re
-import sys
 import types
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, StateDict, _unwrap, load_state_dict, save_state_dict
+from ..io.checkpoints import CheckpointError, StateDict, _unwrap, load_state_dict
 
 _HF_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 _HF_RENAMES = {
@@ -173,38 +172,3 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> StateDict:
 def load_visual(path: str | Path, allow_pickle: bool = False) -> StateDict:
     """An open_clip image-tower state dict from a file in any supported layout."""
     return visual_state_dict(read_checkpoint(path, allow_pickle), source=str(path))
-
-
-# ---------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="adamerge convert",
-        description="Convert a CLIP image-encoder checkpoint (open_clip state dict, Hugging Face "
-                    "CLIPVisionModel/CLIPModel weights, or a pickled task-vectors ImageEncoder) "
-                    "into an open_clip image-tower safetensors file (keys of model.visual).")
-    p.add_argument("src", help="input file (.safetensors, .bin/.pt/.pth)")
-    p.add_argument("out", help="output .safetensors file")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow files holding pickled Python objects (runs code from the file; "
-                        "needed for the original task-vectors checkpoints). Only for files you trust.")
-    p.add_argument("--model", default=None,
-                   help="open_clip model name (e.g. ViT-B-32): check keys and shapes against its "
-                        "image tower and fill a missing 'proj' from --pretrained")
-    p.add_argument("--pretrained", default=None,
-                   help="with --model: pretrained tag or file whose projection fills a missing 'proj'")
-    return p
-
-
-def convert_main(argv: Sequence[str]) -> None:
-    args = build_parser().parse_args(list(argv))
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"{out}: the output must be a .safetensors file")
-    state = load_visual(args.src, allow_pickle=args.allow_pickle)
-    if args.model:
-        from .clip import complete_visual_state, create_clip
-        model = create_clip(args.model, args.pretrained)
-        state = complete_visual_state(state, model.visual.state_dict(), source=args.src)
-    save_state_dict(state, out, metadata={"format": "open_clip.visual", "source": Path(args.src).name})
-    print(f"wrote {out} ({len(state)} tensors, {sum(v.numel() for v in state.values()):,} values)",
-          file=sys.stderr)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -32,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from .checkpoints import load_state_dict, save_state_dict
-from .data import DatasetSource
-from .errors import unknown_name
-from .pool import LoadedPool, ModelPool, linear_heads_from_state, merged_parameter_names
-from .task_vectors import TaskVectors
+from ..io.cache import default_cache_dir
+from ..io.checkpoints import load_state_dict, save_state_dict
+from ..data.datamodule import DatasetSource
+from ..errors import unknown_name
+from ..models.pool import LoadedPool, ModelPool, linear_heads_from_state, merged_parameter_names
+from ..engine.task_vectors import TaskVectors
 
 SUITE_VERSION = 3  # bump when generators or training change: it is part of the cache key
 
@@ -270,21 +270,6 @@ def get_spec(suite: str | SuiteSpec, **overrides) -> SuiteSpec:
     return replace(suite, **overrides)
 
 
-def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``["head_shift=0.4", "colour=false"]`` -> ``{"head_shift": 0.4, "colour": False}``: values
-    are JSON, else kept as strings (``get_spec`` then checks each against its field's type)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _fits(value: Any, default: Any) -> bool:
     """Whether ``value`` may replace a spec field whose default is ``default``."""
     if isinstance(default, tuple):
@@ -292,14 +277,6 @@ def _fits(value: Any, default: Any) -> bool:
     if isinstance(value, bool) or isinstance(default, bool):
         return isinstance(value, bool) and isinstance(default, bool)
     return isinstance(value, (int, float) if isinstance(default, float) else int)
-
-
-def default_cache_dir() -> Path:
-    """``$ADAMERGE_CACHE`` or ``$XDG_CACHE_HOME/adamerge`` (``~/.cache/adamerge``)."""
-    env = os.environ.get("ADAMERGE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "adamerge"
 
 
 # -------------------------------------------------------------------------------- data

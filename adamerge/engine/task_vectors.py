@@ -14,7 +14,10 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .checkpoints import CheckpointError, StateDict, check_compatible
+from ..io.checkpoints import CheckpointError, StateDict, check_compatible
+
+# Storage dtypes of task vectors, by the names configs use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def select_names(names: Iterable[str], include: Sequence[str] | None = None,

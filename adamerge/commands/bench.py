@@ -4,7 +4,8 @@ Three variants run on the same encoder, the same K x B images and the same froze
 
 * ``limit``: a plain forward and backward of the encoder on all K x B images, with gradients
   w.r.t. its weights: what any training step on this batch costs at least;
-* ``adamerge``: adamerge's real training step (:meth:`AdaMerging.training_step`, backward, Adam);
+* ``adamerge``: adamerge's real training step of a learned method of the registry (``--method``,
+  default ``adamerging_layerwise``: :meth:`AdaMerging.training_step`, backward, Adam);
 * ``naive``: a step written the way the original AdaMerging code works: for every task batch a
   re-merge with a Python loop over parameters and tasks, a separate forward, and gradients for
   every task-vector tensor.
@@ -30,13 +31,15 @@ import time
 import warnings
 from typing import Callable, Sequence
 
+import lightning as L
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from .adamerging import AdaMerging, entropy
-from .pool import DTYPES, LoadedPool, PreloadedPool
-from .task_vectors import TaskVectors
+from ..engine.objectives import entropy
+from ..engine.task_vectors import DTYPES, TaskVectors
+from ..methods import registry
+from ..models.pool import LoadedPool, PreloadedPool
 
 VARIANTS = ("limit", "adamerge", "naive")
 CLASSES = 10  # classes per task head: the head's cost is negligible next to the encoder's
@@ -46,7 +49,7 @@ def build_encoder(model: str) -> tuple[nn.Module, tuple[int, ...], int]:
     """``(encoder, image shape, feature width)``: ``tiny`` (a small TinyViT) or an open_clip
     architecture name (its image tower, random weights, nothing downloaded)."""
     if model == "tiny":
-        from .suite import TinyViT
+        from ..suites.synthetic import TinyViT
         return TinyViT(image_size=16, dim=32, depth=2, heads=2, out_dim=32), (1, 16, 16), 32
     import open_clip
     if model not in open_clip.list_models():
@@ -95,11 +98,18 @@ def limit_step(loaded: LoadedPool, device: torch.device) -> Callable[[dict], Non
     return step
 
 
-def adamerge_step(loaded: LoadedPool, device: torch.device, granularity: str, per_task_backward: bool,
-                  task_vector_dtype: str | None) -> tuple[Callable[[dict], None], AdaMerging]:
-    """adamerge's training step, optimizer included."""
-    module = AdaMerging(PreloadedPool(loaded), granularity=granularity, per_task_backward=per_task_backward,
-                        task_vector_dtype=task_vector_dtype).to(device)
+def method_hparams(ns: argparse.Namespace) -> dict:
+    """The hyper-parameters of ``--method`` (registry defaults, then this command's options)."""
+    overrides = {"per_task_backward": ns.per_task_backward, "task_vector_dtype": ns.task_vector_dtype}
+    if ns.granularity is not None:
+        overrides["granularity"] = ns.granularity
+    return registry.get(ns.method).resolve(overrides)
+
+
+def adamerge_step(loaded: LoadedPool, device: torch.device, method: str,
+                  hparams: dict) -> tuple[Callable[[dict], None], "L.LightningModule"]:
+    """The training step of a learned method of the registry, optimizer included."""
+    module = registry.get(method).build(PreloadedPool(loaded), **hparams).to(device)
     module.train()
     opt = module.configure_optimizers()
 
@@ -180,9 +190,9 @@ def _variant_fn(variant: str, ns: argparse.Namespace, device: torch.device):
     if variant == "limit":
         fn = limit_step(loaded, device)
     elif variant == "adamerge":
-        fn, _ = adamerge_step(loaded, device, ns.granularity, ns.per_task_backward, ns.task_vector_dtype)
+        fn, _ = adamerge_step(loaded, device, ns.method, method_hparams(ns))
     else:
-        fn = naive_step(loaded, device, ns.granularity)
+        fn = naive_step(loaded, device, method_hparams(ns)["granularity"])
     return fn, make_batch(loaded.task_vectors.task_names, ns.batch, shape, device)
 
 
@@ -222,12 +232,13 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
         # returned to the system by the allocator.
         for v in variants:
             say(f"peak memory of {v} (separate process)")
-            cmd = [sys.executable, "-m", "adamerge.benchmark", *_child_args(ns, v)]
+            cmd = [sys.executable, "-m", "adamerge.commands.bench", *_child_args(ns, v)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 raise RuntimeError(f"memory child for {v} failed (exit {res.returncode}): "
                                    f"{res.stderr.strip()[-500:]}")
             memory[v] = json.loads(res.stdout.strip().splitlines()[-1])
+    hparams = method_hparams(ns)
     say(f"building {ns.model} with {ns.tasks} task vectors on {device}")
     loaded, shape = build_pool(ns.model, ns.tasks)
     images = make_batch(loaded.task_vectors.task_names, ns.batch, shape, device)
@@ -236,10 +247,9 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
         if v == "limit":
             fns[v] = limit_step(loaded, device)
         elif v == "adamerge":
-            fns[v], module = adamerge_step(loaded, device, ns.granularity, ns.per_task_backward,
-                                           ns.task_vector_dtype)
+            fns[v], module = adamerge_step(loaded, device, ns.method, hparams)
         else:
-            fns[v] = naive_step(loaded, device, ns.granularity)
+            fns[v] = naive_step(loaded, device, hparams["granularity"])
     # what adamerge really holds (its module converts the dtype); else what it would hold
     stored_bytes = task_vector_bytes(module.merged.task_vectors if "adamerge" in fns else (
         loaded.task_vectors.to(dtype=DTYPES[ns.task_vector_dtype]) if ns.task_vector_dtype else loaded.task_vectors))
@@ -265,7 +275,8 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
             say(f"step {i + 1}/{total}{' (warm-up)' if i < ns.warmup else ''}: "
                 + ", ".join(f"{v} {last[v]:.3f} s" for v in variants))
     med = {v: statistics.median(times[v]) for v in variants}
-    out: dict = {"model": ns.model, "tasks": ns.tasks, "batch": ns.batch, "granularity": ns.granularity,
+    out: dict = {"model": ns.model, "tasks": ns.tasks, "batch": ns.batch, "method": ns.method,
+                 "granularity": hparams["granularity"],
                  "device": str(device), "precision": ns.precision, "steps": ns.steps,
                  "per_task_backward": ns.per_task_backward,
                  "task_vector_dtype": ns.task_vector_dtype or "float32",
@@ -287,8 +298,10 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
 
 def _child_args(ns: argparse.Namespace, variant: str) -> list[str]:
     args = ["--model", ns.model, "--tasks", str(ns.tasks), "--batch", str(ns.batch),
-            "--granularity", ns.granularity, "--device", ns.device, "--precision", ns.precision,
+            "--method", ns.method, "--device", ns.device, "--precision", ns.precision,
             "--child", variant]
+    if ns.granularity:
+        args += ["--granularity", ns.granularity]
     if ns.per_task_backward:
         args.append("--per-task-backward")
     if ns.task_vector_dtype:
@@ -303,8 +316,13 @@ def parser() -> argparse.ArgumentParser:
                    help="open_clip architecture (random weights, no download) or 'tiny' (default: ViT-B-32)")
     p.add_argument("--tasks", "-K", type=int, default=8, help="number of task vectors K (default: 8)")
     p.add_argument("--batch", "-B", type=int, default=2, help="images per task per step (default: 2)")
-    p.add_argument("--granularity", choices=["layerwise", "taskwise"], default="layerwise",
-                   help="coefficients per task per parameter tensor, or per task (default: layerwise)")
+    learned = registry.names("learned")
+    p.add_argument("--method", choices=learned, default="adamerging_layerwise", metavar="METHOD",
+                   help=f"learned method of the registry whose step is timed: {', '.join(learned)} "
+                        "(default: adamerging_layerwise)")
+    p.add_argument("--granularity", choices=["layerwise", "taskwise"], default=None,
+                   help="override the method's coefficients: per task per parameter tensor, or per "
+                        "task (default: the method's)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant; the median is reported (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default: 1)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),

@@ -1,6 +1,6 @@
 """Benchmark datasets for CLIP: Hugging Face datasets, ``save_to_disk`` folders, image folders.
 
-:class:`HFSource` is the ``DatasetSource`` of the registry tasks (:mod:`adamerge.tasks`). Images
+:class:`HFSource` is the ``DatasetSource`` of the registry tasks (:mod:`adamerge.data.tasks`). Images
 go through open_clip's evaluation transform of the model in use. Decoding (JPEG/PNG + resize +
 crop) dominates a GPU step, so by default each (task, split) is decoded once into a cache of
 ``uint8`` images after the geometric transforms (``[N, 3, H, W]``, a memory-mapped ``.npy`` file
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoints import atomic_write
-from .data import DatasetSource
+from ..io.checkpoints import atomic_write
+from .datamodule import DatasetSource
 from .tasks import TaskSpec, get_task, load_registry, resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ class HFSource(DatasetSource):
         if cache_dir:
             self.cache_dir = Path(cache_dir).expanduser()
         else:
-            from .suite import default_cache_dir
+            from ..io.cache import default_cache_dir
             self.cache_dir = default_cache_dir() / "images"
         self._transform = None
 
@@ -306,7 +306,7 @@ class HFSource(DatasetSource):
     @property
     def transform(self):
         if self._transform is None:
-            from .clip import clip_transform
+            from .transforms import clip_transform
             self._transform = clip_transform(self.model, self.pretrained)
         return self._transform
 

@@ -5,7 +5,7 @@ Every merge method shares one signature::
     method(task_vectors: TaskVectors, base: Mapping[str, Tensor], **hparams) -> dict[str, Tensor]
 
 and returns the merged tensors of the merged parameters (the others keep the base value).
-Methods are registered by name in :data:`METHODS`.
+Each is registered by name in :data:`adamerge.methods.registry.REGISTRY`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .task_vectors import TaskVectors
+from ..engine.task_vectors import TaskVectors
 
 MergeMethod = Callable[..., dict[str, torch.Tensor]]
 
@@ -88,9 +88,3 @@ def ties(task_vectors: TaskVectors, base: Mapping[str, torch.Tensor], keep: floa
         out[name] = (base[name].float() + scaling * merged).to(base[name].dtype)
     return out
 
-
-METHODS: dict[str, MergeMethod] = {
-    "weight_averaging": weight_averaging,
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-}

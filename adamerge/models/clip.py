@@ -1,7 +1,6 @@
 """open_clip CLIP models: the image tower is merged, each task's head is a frozen zero-shot head.
 
 * :func:`create_clip` builds an open_clip model from a name and a pretrained tag or file.
-* :func:`clip_transform` is the evaluation transform open_clip uses for that model.
 * :func:`zero_shot_heads` builds one :class:`ZeroShotHead` per task with the text tower from the
   task's class names and templates, cached on disk (safetensors) under a key that hashes the
   model's identity (name, architecture config, text-tower weights and logit scale), the class
@@ -22,19 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import CheckpointError, StateDict, check_compatible, load_state_dict, save_state_dict
+from ..data.tasks import TaskSpec, get_task, load_registry
+from ..data.transforms import is_file
+from ..engine.task_vectors import DTYPES, TaskVectors
+from ..io.checkpoints import CheckpointError, StateDict, check_compatible, load_state_dict, save_state_dict
 from .convert import load_visual
-from .pool import DTYPES, LoadedPool, ModelPool, merged_parameter_names
-from .task_vectors import TaskVectors
-from .tasks import TaskSpec, get_task, load_registry
+from .pool import LoadedPool, ModelPool, merged_parameter_names
 
 log = logging.getLogger(__name__)
 HEADS_VERSION = 1
-
-
-def _is_file(pretrained: str | None) -> bool:
-    return pretrained is not None and (Path(pretrained).expanduser().is_file()
-                                       or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
 
 
 def create_clip(model: str, pretrained: str | None = None, cache_dir: str | None = None,
@@ -53,39 +48,19 @@ def create_clip(model: str, pretrained: str | None = None, cache_dir: str | None
     if open_clip.get_model_config(model) is None:
         raise ValueError(f"unknown open_clip model {model!r}; known: "
                          f"{', '.join(m for m in open_clip.list_models() if m.startswith('ViT'))[:400]}")
-    if _is_file(pretrained) and not Path(pretrained).expanduser().is_file():
+    if is_file(pretrained) and not Path(pretrained).expanduser().is_file():
         raise FileNotFoundError(f"{pretrained}: pretrained checkpoint file does not exist")
     clip = open_clip.create_model(model, pretrained=pretrained, cache_dir=cache_dir, device=device)
     return clip.eval()
 
 
-def clip_transform(model: str, pretrained: str | None = None, train: bool = False):
-    """open_clip's preprocessing for ``model`` (+ the pretrained tag's mean/std/interpolation).
-
-    Built from the configs alone, without creating (or downloading) the model.
-    """
-    import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
-    cfg = open_clip.get_model_config(model)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip model {model!r}")
-    pp = merge_preprocess_dict(PreprocessCfg(), cfg.get("preprocess_cfg", {}))
-    if pretrained and not _is_file(pretrained):
-        tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
-        if not tag_cfg:
-            raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {model!r}; tags: "
-                             f"{open_clip.list_pretrained_tags_by_model(model)}")
-        pp = merge_preprocess_dict(pp, tag_cfg)
-    pp["size"] = cfg["vision_cfg"].get("image_size", pp["size"])
-    return image_transform_v2(PreprocessCfg(**pp), is_train=train)
-
-
-# ------------------------------------------------------------------------------- heads
 class ZeroShotHead(nn.Module):
     """``logits = logit_scale * normalize(features) @ text_embeddings.T`` (frozen).
 
     ``linear.weight`` holds ``logit_scale * text_embeddings`` (``[classes, dim]``).
     """
+
+    normalizes_features = True  # exported heads apply to L2-normalised features
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -147,7 +122,7 @@ def zero_shot_heads(clip: nn.Module, model: str, specs: Mapping[str, TaskSpec],
         device: where the text tower runs.
     """
     import open_clip
-    from .suite import default_cache_dir
+    from ..io.cache import default_cache_dir
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "zeroshot_heads"
     identity = text_identity(clip, model)
     tokenizer = None
@@ -250,17 +225,5 @@ class OpenCLIPPool(ModelPool):
         return complete_visual_state(load_visual(path, self.allow_pickle), base, source=str(path))
 
 
-def preprocess_config(model: str, pretrained: str | None = None) -> dict:
-    """The preprocessing settings of :func:`clip_transform` as a plain dict (for cache keys)."""
-    import open_clip
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-    cfg = open_clip.get_model_config(model) or {}
-    pp = merge_preprocess_dict(PreprocessCfg(), cfg.get("preprocess_cfg", {}))
-    if pretrained and not _is_file(pretrained):
-        pp = merge_preprocess_dict(pp, open_clip.get_pretrained_cfg(model, pretrained) or {})
-    pp["size"] = cfg.get("vision_cfg", {}).get("image_size", pp["size"])
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
-
-
-__all__ = ["OpenCLIPPool", "ZeroShotHead", "clip_transform", "complete_visual_state", "create_clip",
-           "head_cache_key", "preprocess_config", "text_identity", "zero_shot_heads"]
+__all__ = ["OpenCLIPPool", "ZeroShotHead", "complete_visual_state", "create_clip", "head_cache_key",
+           "text_identity", "zero_shot_heads"]

@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from .checkpoints import read_checkpoint
-from .data import MultiTaskDataModule
-from .merged_model import Granularity, MergedModel
-from .pool import DTYPES, ModelPool
-from .task_vectors import TaskVectors, fingerprint_difference
+from ..data.datamodule import MultiTaskDataModule
+from ..engine.merged_model import Granularity, MergedModel
+from ..engine.objectives import entropy
+from ..engine.task_vectors import DTYPES, TaskVectors, fingerprint_difference
+from ..io.checkpoints import read_checkpoint
+from ..models.pool import ModelPool
+from ..report import evaluate
 
 COEFFICIENTS_KEY = "merged.coefficients"
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean Shannon entropy (nats) of ``softmax(logits)`` over the batch."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
 
 
 def images_of(batch: Any) -> torch.Tensor:
@@ -66,7 +63,7 @@ class AdaMerging(L.LightningModule):
         self.loaded = loaded
         tv = loaded.task_vectors
         if trim is not None:
-            from .merge_methods import ties_task_vectors
+            from .static import ties_task_vectors
             tv = ties_task_vectors(tv, keep=trim)
         if task_vector_dtype is not None:
             tv = tv.to(dtype=DTYPES[task_vector_dtype])
@@ -250,6 +247,13 @@ class AdaMerging(L.LightningModule):
             if spread > 0:
                 raise RuntimeError(f"coefficients differ between DDP ranks by up to {spread:.3g}")
             rank_zero_info(f"adamerge: coefficients identical on all {self.trainer.world_size} ranks")
+
+    @torch.no_grad()
+    def accuracies(self, datasets: Mapping[str, Dataset], batch_size: int = 256) -> dict[str, float]:
+        """Top-1 accuracy in percent per task of the merged model with its current coefficients
+        (one merge, then :func:`adamerge.report.evaluate`; what ``adamerge compare`` reports)."""
+        params = {k: v.detach() for k, v in self.merged.merged_parameters().items()}
+        return evaluate(self.merged.module, params, dict(self.heads), datasets, batch_size)
 
     # ------------------------------------------------------------------------ checkpoints
     def load_coefficients(self, path: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
-from .checkpoints import save_state_dict
+from ..io.checkpoints import save_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def finetune(args: argparse.Namespace) -> Path:
     """Run the recipe described by ``args`` (see :func:`build_parser`); returns the output file."""
-    from .clip import clip_transform, create_clip, zero_shot_heads
-    from .clip_data import HFSource, TransformedImages
+    from ..data.transforms import clip_transform
+    from ..models.clip import create_clip, zero_shot_heads
+    from ..data.hf import HFSource, TransformedImages
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: the output must be a .safetensors file")

@@ -2,7 +2,8 @@
 
 A pool is a small config object; :meth:`ModelPool.load` does the work and returns a
 :class:`LoadedPool`. Subclasses exist for checkpoint files (:class:`CheckpointPool`), the
-built-in synthetic suite (``adamerge.suite.SuitePool``) and open_clip (``adamerge.clip``).
+built-in synthetic suite (``adamerge.suites.SuitePool``) and open_clip
+(``adamerge.models.OpenCLIPPool``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,8 @@ import torch
 from jsonargparse.typing import Path_fr
 from torch import nn
 
-from .checkpoints import CheckpointError, StateDict, load_state_dict
-from .task_vectors import TaskVectors, select_names
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from ..io.checkpoints import CheckpointError, StateDict, load_state_dict
+from ..engine.task_vectors import DTYPES, TaskVectors, select_names
 
 @dataclass
 class LoadedPool:

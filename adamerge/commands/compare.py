@@ -1,0 +1,95 @@
+"""``adamerge compare``: methods of the registry on the pool and data of a fit config
+(:func:`adamerge.compare.compare`); the options it shares with ``adamerge demo``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..compare import CompareSettings, compare
+from ..data.datamodule import MultiTaskDataModule
+from ..methods import registry
+from ..options import parse_overrides
+
+
+class _ListMethods(argparse.Action):
+    """``--methods`` given without names: print the registry and exit."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not values:
+            parser.exit(0, registry.describe() + "\n")
+        setattr(namespace, self.dest, values)
+
+
+def parser(prog: str, demo: bool) -> argparse.ArgumentParser:
+    """The options shared by ``adamerge demo`` and ``adamerge compare``."""
+    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+        "Build the offline demo suite (a small ViT 'pretrained' on synthetic 16x16 colour images and 6 "
+        "experts: scikit-learn digits, shapes, gratings, dot counts, letters, textures; cached "
+        "under $ADAMERGE_CACHE or ~/.cache/adamerge) and compare merging methods on it."
+        if demo else
+        "Run merging methods on the model pool and data of a fit config (LightningCLI "
+        "options such as --config, --model.*, --data.* are accepted) and write the report.")
+        + "\n\nmethods (run by default: demo = yes):\n" + registry.describe(hparams=False))
+    p.add_argument("--out", default="runs/demo" if demo else None, required=not demo,
+                   help="output folder: results.json, results.md, coefficient heatmaps, TensorBoard runs"
+                        + (" (default: runs/demo)" if demo else ""))
+    p.add_argument("--methods", nargs="*", default=None, action=_ListMethods, metavar="METHOD",
+                   help=f"methods to run: names from the list below, or '{registry.ALL}' (default: "
+                        "those marked demo); --methods alone lists every method with its hyper-parameters")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps of learned methods (default: 500 for the demo, trainer.max_steps of the config)")
+    p.add_argument("--val-split", default="val",
+                   help="labeled split on which static methods pick their tuned hyper-parameters "
+                        "(task arithmetic / TIES: the scaling) from a grid ('none': use the defaults, "
+                        "0.3 / 1.0) (default: val)")
+    p.add_argument("--ta-scaling", type=float, default=None,
+                   help="fixed task-arithmetic scaling (same as --hparam task_arithmetic.scaling=X)")
+    p.add_argument("--ties-scaling", type=float, default=None,
+                   help="fixed TIES scaling (same as --hparam ties.scaling=X)")
+    p.add_argument("--hparam", nargs="+", default=[], metavar="METHOD.KEY=VALUE",
+                   help="set a method's hyper-parameter (JSON value), e.g. --hparam ties.keep=0.1 "
+                        "adamerging_layerwise.lr=0.002; see --methods for the keys")
+    if demo:
+        p.add_argument("--cache-dir", default=None, help="where the built suite is cached")
+        p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                       help="change fields of the demo suite's spec (JSON values; a changed suite "
+                            "is built and cached under its own hash), e.g. --set head_shift=0.4 "
+                            "colour=false; fields: see adamerge.suites.SuiteSpec")
+    return p
+
+
+def hparam_overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``--hparam METHOD.KEY=VALUE`` and the scaling shortcuts as ``{method: {key: value}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in parse_overrides(ns.hparam, "--hparam", "METHOD.KEY=VALUE").items():
+        method, dot, name = key.partition(".")
+        if not dot or not name:
+            raise ValueError(f"--hparam expects METHOD.KEY=VALUE, got {key!r}")
+        registry.get(method).resolve({name: value})  # names an unknown method or key
+        out.setdefault(method, {})[name] = value
+    if ns.ta_scaling is not None:
+        out.setdefault("task_arithmetic", {})["scaling"] = ns.ta_scaling
+    if ns.ties_scaling is not None:
+        out.setdefault("ties", {})["scaling"] = ns.ties_scaling
+    return out
+
+
+def compare_main(args: Sequence[str]) -> None:
+    """``adamerge compare``: methods of the registry on the pool and data of a fit config."""
+    from ..methods.adamerging import AdaMerging
+    from .fit import AdaMergeCLI
+    ns, rest = parser("adamerge compare", demo=False).parse_known_args(list(args))
+    methods = registry.select(ns.methods)
+    hparams = hparam_overrides(ns)
+    cli = AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=rest, run=False,
+                      save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+    model, dm = cli.model, cli.datamodule
+    # The config's learning rate and prior apply to every learned method (unless --hparam says otherwise).
+    for name in registry.names("learned"):
+        hparams[name] = {"lr": model.lr, "prior": float(model.hparams.prior), **hparams.get(name, {})}
+    settings = CompareSettings(steps=ns.steps or int(cli.trainer.max_steps),
+                               val_split=None if ns.val_split == "none" else ns.val_split,
+                               hparams=hparams, accelerator="auto")
+    compare(model.loaded, dm, Path(ns.out), settings, methods, suite="custom")

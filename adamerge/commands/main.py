@@ -1,0 +1,120 @@
+"""The ``adamerge`` command line: one entry point dispatching to one module per command.
+
+``fit``, ``validate`` and ``test`` are LightningCLI subcommands driven by YAML configs
+(:mod:`adamerge.commands.fit`); the other commands are small argparse programs. A command's
+module is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+from typing import Sequence
+
+from ..errors import unknown_name
+from ..methods import registry
+
+HELP_TEMPLATE = """usage: adamerge COMMAND [options]
+
+Test-time adaptive model merging (AdaMerging) on Lightning.
+
+commands:
+  fit       learn merging coefficients:  adamerge fit --config configs/tiny.yaml
+            resume with --ckpt_path last (same --trainer.default_root_dir)
+  validate  evaluate merged model(s):     adamerge validate --config FILE [--ckpt_path CKPT]
+  test      same, on the evaluation split: adamerge test --config FILE [--ckpt_path CKPT]
+  demo      offline miniature benchmark: adamerge demo [--out DIR] [--methods all]
+  compare   merging methods on the pool and data of a fit config:
+            adamerge compare --config FILE --out DIR
+            methods ({count}; `adamerge compare --methods` lists them with their defaults):
+{methods}
+  export    write the merged model as safetensors:
+            adamerge export --config FILE --ckpt_path CKPT --out DIR
+  convert   CLIP image-encoder checkpoint (open_clip, Hugging Face, pickled task-vectors
+            ImageEncoder with --allow-pickle) -> open_clip image tower safetensors:
+            adamerge convert SRC OUT.safetensors
+  finetune  make an expert: fine-tune CLIP's image tower on one task (task-vectors recipe):
+            adamerge finetune --task mnist --out experts/ViT-B-32/mnist.safetensors
+  bench     step time and peak memory vs a plain forward+backward and a naive merge:
+            adamerge bench [--model ViT-B-32] [-K 8] [-B 2] [--device cuda]
+
+Run `adamerge COMMAND --help` for the options of a command.
+"""
+
+# command -> (module under adamerge.commands, function taking the argument list)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("fit", "lightning_main"), "validate": ("fit", "lightning_main"),
+    "test": ("fit", "lightning_main"), "demo": ("demo", "demo_main"),
+    "compare": ("compare", "compare_main"), "export": ("export", "export_main"),
+    "convert": ("convert", "convert_main"), "finetune": ("finetune", "finetune_main"),
+    "bench": ("bench", "bench_main"),
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test")  # they get the command name as first argument
+
+
+def help_text() -> str:
+    """The top-level ``--help``, with the methods of the registry."""
+    methods = "\n".join(f"              {line}" for line in _wrap(registry.names(), 76))
+    return HELP_TEMPLATE.format(count=len(registry.names()), methods=methods)
+
+
+def _wrap(words: list[str], width: int) -> list[str]:
+    lines, line = [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}" if line else w
+    return lines + ([line] if line else [])
+
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, FloatingPointError,
+                                                  RuntimeError, argparse.ArgumentError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of an error on one line.
+
+    jsonargparse nests its messages (``Parser key "model.pool": / Problem with given class_path
+    ... / Parser key "base": / Not of type Path_fr: File does not exist: ...``); they become
+    ``model.pool.base: File does not exist: ...``. Other messages keep their first line.
+    """
+    msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    if isinstance(exc, argparse.ArgumentError):
+        lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+        keys = re.findall(r'Parser key "([^"]+)"', msg)
+        if keys and lines and not lines[-1].startswith("Parser key"):
+            last = re.sub(r"^Not of type [\w\[\], |]+: ", "", lines[-1])
+            return f"{'.'.join(keys)}: {last}"
+        return " ".join(lines) or type(exc).__name__
+    msg = msg.strip()
+    return msg.splitlines()[0] if msg else type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(help_text())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"adamerge: {unknown_name('command', command, COMMANDS)}\n\n{help_text()}", file=sys.stderr)
+        return 2
+    module, function = COMMANDS[command]
+    try:
+        run = getattr(importlib.import_module(f"adamerge.commands.{module}"), function)
+        run([command, *rest] if command in LIGHTNING_COMMANDS else rest)
+    except KNOWN_ERRORS as exc:
+        if os.environ.get("ADAMERGE_DEBUG"):
+            raise
+        print(f"adamerge {command}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

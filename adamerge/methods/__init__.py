@@ -1,0 +1,16 @@
+"""Merging methods and their registry (:mod:`adamerge.methods.registry`, the one list of method
+names): reference rows, static merges over task vectors (weight averaging, task arithmetic, TIES
+and the TIES transform), and learned methods as Lightning modules (AdaMerging task-/layer-wise,
+AdaMerging++).
+
+May import: :mod:`adamerge.engine`, :mod:`adamerge.models`, :mod:`adamerge.data`,
+:mod:`adamerge.io`, :mod:`adamerge.report`, :mod:`adamerge.errors`. Never suites or commands.
+"""
+
+from . import registry
+from .adamerging import AdaMerging
+from .registry import REGISTRY, Method
+from .static import task_arithmetic, ties, ties_task_vectors, weight_averaging
+
+__all__ = ["REGISTRY", "AdaMerging", "Method", "registry", "task_arithmetic", "ties", "ties_task_vectors",
+           "weight_averaging"]

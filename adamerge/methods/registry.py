@@ -1,0 +1,181 @@
+"""The method registry: the one list of merging methods adamerge knows.
+
+Every method is one :class:`Method` entry: its name, its kind, a one-line description, what
+builds it and the hyper-parameters it changes from the builder's defaults. ``adamerge demo``,
+``adamerge compare``, ``adamerge bench``, the results report and the ``--help`` texts read this
+table; nothing else in the package lists method names.
+
+Kinds:
+
+* ``static``: a function over the task vectors, ``merge(task_vectors, base, **hparams) ->
+  {parameter name: merged tensor}`` (parameters it leaves out keep the base value); one model.
+  Hyper-parameters named in ``tune`` are picked from a grid on a labeled split when not fixed.
+* ``per_task``: one model per task, ``build(loaded_pool) -> {task: () -> state dict}``; each
+  task is evaluated with its own model.
+* ``learned``: a LightningModule class, ``build(pool, **hparams)``, trained by a Lightning
+  ``Trainer`` on unlabeled adaptation batches; after training ``module.accuracies(datasets,
+  batch_size)`` gives its per-task accuracy.
+
+Adding a method: write its function or module (one module in this folder), add one entry to
+:data:`REGISTRY`, add its test.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+from ..errors import unknown_name
+from .adamerging import AdaMerging
+from .references import individual, pretrained
+from .static import task_arithmetic, ties, weight_averaging
+
+Kind = Literal["static", "per_task", "learned"]
+KINDS: tuple[str, ...] = ("static", "per_task", "learned")
+ALL = "all"  # the --methods value that selects every registered method
+
+# Arguments of a builder that are inputs, not hyper-parameters.
+_INPUTS = {"static": ("task_vectors", "base"), "per_task": ("loaded",), "learned": ("pool",)}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merging method.
+
+    Attributes:
+        name: the name users type (``--methods NAME``) and the report's row label.
+        kind: ``static``, ``per_task`` or ``learned`` (see the module docstring).
+        description: one line for listings and the report.
+        build: the merge function (static), the per-task builder (per_task) or the
+            LightningModule class (learned).
+        hparams: hyper-parameters that differ from ``build``'s own defaults.
+        tune: static methods: hyper-parameter -> grid, picked on a labeled split unless fixed.
+        demo: whether the default ``adamerge demo`` / ``compare`` run includes it (the default
+            demo's first run must stay under 6 minutes on 2 CPU cores).
+        source: where the method and its defaults come from.
+    """
+
+    name: str
+    kind: Kind
+    description: str
+    build: Callable[..., Any]
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    tune: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    demo: bool = True
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        known = self.builder_defaults()
+        for key in [*self.hparams, *self.tune]:
+            if key not in known:
+                raise ValueError(f"method {self.name!r}: {key!r} is not an argument of "
+                                 f"{self.build.__qualname__} (arguments: {sorted(known)})")
+
+    def builder_defaults(self) -> dict[str, Any]:
+        """Keyword arguments of ``build`` (inputs excluded) with their default values."""
+        out = {}
+        for name, p in inspect.signature(self.build).parameters.items():
+            if name in _INPUTS[self.kind] or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            out[name] = None if p.default is inspect.Parameter.empty else p.default
+        return out
+
+    def defaults(self) -> dict[str, Any]:
+        """Every hyper-parameter with the value this method uses unless told otherwise."""
+        return {**self.builder_defaults(), **self.hparams}
+
+    def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """:meth:`defaults` updated by ``overrides``; an unknown key is an error naming it."""
+        values = self.defaults()
+        for key, value in (overrides or {}).items():
+            if key not in values:
+                raise ValueError(unknown_name(f"hyper-parameter of {self.name}", key, values))
+            values[key] = value
+        return values
+
+
+_TA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))   # 0.05 ... 1.0
+_TIES_GRID = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 ... 2.0
+
+REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
+    Method("base", "static", "the pretrained model with its zero-shot heads (reference)", pretrained,
+           source="-"),
+    Method("individual", "per_task", "each task's own fine-tuned expert (reference; K models)",
+           individual, source="-"),
+    Method("weight_averaging", "static", "mean of the fine-tuned models", weight_averaging,
+           source="Wortsman et al., ICML 2022 (model soups)"),
+    Method("task_arithmetic", "static", "base + scaling * sum of the task vectors",
+           task_arithmetic, tune={"scaling": _TA_GRID},
+           source="Ilharco et al., ICLR 2023 (task arithmetic)"),
+    Method("ties", "static", "TIES: trim to the top `keep` magnitudes, elect signs, disjoint mean",
+           ties, tune={"scaling": _TIES_GRID}, source="Yadav et al., NeurIPS 2023 (TIES-merging)"),
+    Method("adamerging_taskwise", "learned", "AdaMerging: one coefficient per task, entropy on test batches",
+           AdaMerging, {"granularity": "taskwise"}, source="Yang et al., ICLR 2024 (AdaMerging)"),
+    Method("adamerging_layerwise", "learned",
+           "AdaMerging: one coefficient per task per parameter tensor", AdaMerging,
+           {"granularity": "layerwise"}, source="Yang et al., ICLR 2024 (AdaMerging)"),
+    Method("adamerging_layerwise_pp", "learned",
+           "AdaMerging++: layer-wise on TIES-trimmed task vectors (top 20%)", AdaMerging,
+           {"granularity": "layerwise", "trim": 0.2}, source="Yang et al., ICLR 2024 (AdaMerging++)"),
+)})
+
+
+def get(name: str) -> Method:
+    """The method called ``name``; an unknown name is an error with the nearest known one."""
+    if name not in REGISTRY:
+        raise ValueError(unknown_name("method", name, REGISTRY))
+    return REGISTRY[name]
+
+
+def names(kind: str | None = None) -> list[str]:
+    """Registered method names in registry order (of one kind if given)."""
+    return [n for n, m in REGISTRY.items() if kind is None or m.kind == kind]
+
+
+def demo_methods() -> list[str]:
+    """The methods the default ``adamerge demo`` (and ``compare``) run."""
+    return [n for n, m in REGISTRY.items() if m.demo]
+
+
+def select(requested: Sequence[str] | None) -> list[str]:
+    """Method names for a ``--methods`` value: ``None`` -> :func:`demo_methods`; ``["all"]`` ->
+    every method; otherwise the names given, checked, in the order given, without repeats."""
+    if requested is None:
+        return demo_methods()
+    if list(requested) == [ALL]:
+        return names()
+    chosen: list[str] = []
+    for name in requested:
+        if name == ALL:
+            raise ValueError(f"'{ALL}' cannot be combined with method names, got {list(requested)}")
+        get(name)
+        if name not in chosen:
+            chosen.append(name)
+    return chosen
+
+
+def _value(v: Any) -> str:
+    return f"{v[0]}..{v[-1]} ({len(v)} values)" if isinstance(v, tuple) and len(v) > 3 else repr(v)
+
+
+def describe(methods: Iterable[str] | None = None, hparams: bool = True) -> str:
+    """A plain-text listing of the registry (``adamerge compare --methods``)."""
+    chosen = list(methods) if methods is not None else names()
+    width = max(len(n) for n in chosen)
+    lines = [f"{'method':<{width}}  {'kind':<8}  demo  description"]
+    for name in chosen:
+        m = REGISTRY[name]
+        lines.append(f"{name:<{width}}  {m.kind:<8}  {'yes' if m.demo else 'no ':<4}  {m.description}")
+        if hparams:
+            values = m.defaults()
+            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            tuned = ", ".join(f"{k} picked on a labeled split from {_value(g)}" for k, g in m.tune.items())
+            if shown:
+                lines.append(f"{'':<{width}}  hparams: {shown}")
+            if tuned:
+                lines.append(f"{'':<{width}}  tuned: {tuned}")
+    return "\n".join(lines)
