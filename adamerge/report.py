@@ -64,6 +64,20 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def method_notes(results: Mapping[str, Any]) -> str:
+    """One Markdown line per row: the method's registry description and the hyper-parameters it ran
+    with (tuned ones marked), from the ``descriptions`` / ``hparams`` / ``tuned`` of a results dict."""
+    lines = []
+    for name in results["methods"]:
+        desc = results.get("descriptions", {}).get(name)
+        hp = results.get("hparams", {}).get(name, {})
+        tuned = results.get("tuned", {}).get(name, {})
+        values = ", ".join(f"{k}={v}" + (" (tuned)" if k in tuned else "") for k, v in hp.items())
+        if desc or values:
+            lines.append(f"- `{name}`: {desc or ''}" + (f" ({values})" if values else ""))
+    return "\n".join(lines)
+
+
 def terminal_table(results: Mapping[str, Any]) -> str:
     """A plain fixed-width table for the terminal."""
     tasks = results["tasks"]
@@ -85,7 +99,8 @@ def write_results(results: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
     with atomic_write(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
     with atomic_write(out / "results.md") as tmp:
-        tmp.write_text(markdown_table(results) + "\n")
+        notes = method_notes(results)
+        tmp.write_text(markdown_table(results) + "\n" + (f"\n{notes}\n" if notes else ""))
     return out / "results.json", out / "results.md"
 
 

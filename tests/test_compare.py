@@ -30,6 +30,8 @@ def test_compare_writes_every_row(tmp_path):
     assert saved["hparams"]["task_arithmetic"]["scaling"] == saved["tuned"]["task_arithmetic"]["scaling"]
     assert saved["hparams"]["adamerging_layerwise_pp"]["trim"] == 0.2
     assert (tmp_path / "results.md").read_text().startswith("| method |")
+    notes = (tmp_path / "results.md").read_text().split("\n\n")[1]
+    assert f"- `ties`: {registry.get('ties').description} (keep=0.2, scaling=" in notes and "(tuned)" in notes
     for m in ("adamerging_taskwise", "adamerging_layerwise", "adamerging_layerwise_pp"):
         png = tmp_path / f"coefficients_{m}.png"
         assert png.read_bytes()[:4] == b"\x89PNG"

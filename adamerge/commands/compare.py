@@ -18,7 +18,8 @@ class _ListMethods(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         if not values:
-            parser.exit(0, registry.describe() + "\n")
+            print(registry.describe())
+            parser.exit(0)
         setattr(namespace, self.dest, values)
 
 

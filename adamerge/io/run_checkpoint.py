@@ -22,7 +22,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     system temp folder, then ``shutil.move``, which degrades to copy-then-delete when that folder
     is on another file system (a process killed during the copy leaves a truncated ``last.ckpt``)
     and never ``fsync``\\ s. This one writes next to the destination, flushes it to disk and
-    renames it into place (:func:`adamerge.checkpoints.atomic_write`); the temporary name
+    renames it into place (:func:`adamerge.io.checkpoints.atomic_write`); the temporary name
     (``.last.ckpt.<random>.tmp``) is never taken for a checkpoint by ``--ckpt_path last``.
 
     Loading uses ``weights_only=True`` unless the caller explicitly passes ``weights_only=False``

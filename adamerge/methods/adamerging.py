@@ -293,7 +293,7 @@ def check_checkpoint(checkpoint: dict[str, Any], fingerprint: dict, coeff_shape:
     (granularity). Raises ``ValueError`` with a one-line message.
 
     Args:
-        checkpoint: the loaded checkpoint dict (see :func:`adamerge.checkpoints.read_checkpoint`).
+        checkpoint: the loaded checkpoint dict (see :func:`adamerge.io.checkpoints.read_checkpoint`).
         fingerprint: ``TaskVectors.fingerprint()`` of the pool in use.
         coeff_shape: shape of the coefficients this run expects.
         source: how to name the checkpoint in messages (its path).

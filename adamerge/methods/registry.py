@@ -23,6 +23,7 @@ Adding a method: write its function or module (one module in this folder), add o
 from __future__ import annotations
 
 import inspect
+import textwrap
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
@@ -113,10 +114,11 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            source="Ilharco et al., ICLR 2023 (task arithmetic)"),
     Method("ties", "static", "TIES: trim to the top `keep` magnitudes, elect signs, disjoint mean",
            ties, tune={"scaling": _TIES_GRID}, source="Yadav et al., NeurIPS 2023 (TIES-merging)"),
-    Method("adamerging_taskwise", "learned", "AdaMerging: one coefficient per task, entropy on test batches",
+    Method("adamerging_taskwise", "learned",
+           "AdaMerging, task-wise: one coefficient per task (entropy on unlabeled test batches)",
            AdaMerging, {"granularity": "taskwise"}, source="Yang et al., ICLR 2024 (AdaMerging)"),
     Method("adamerging_layerwise", "learned",
-           "AdaMerging: one coefficient per task per parameter tensor", AdaMerging,
+           "AdaMerging, layer-wise: one coefficient per task per parameter tensor (entropy)", AdaMerging,
            {"granularity": "layerwise"}, source="Yang et al., ICLR 2024 (AdaMerging)"),
     Method("adamerging_layerwise_pp", "learned",
            "AdaMerging++: layer-wise on TIES-trimmed task vectors (top 20%)", AdaMerging,
@@ -171,11 +173,11 @@ def describe(methods: Iterable[str] | None = None, hparams: bool = True) -> str:
         m = REGISTRY[name]
         lines.append(f"{name:<{width}}  {m.kind:<8}  {'yes' if m.demo else 'no ':<4}  {m.description}")
         if hparams:
-            values = m.defaults()
-            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            indent = " " * (width + 2)
+            shown = ", ".join(f"{k}={v!r}" for k, v in m.defaults().items())
             tuned = ", ".join(f"{k} picked on a labeled split from {_value(g)}" for k, g in m.tune.items())
-            if shown:
-                lines.append(f"{'':<{width}}  hparams: {shown}")
-            if tuned:
-                lines.append(f"{'':<{width}}  tuned: {tuned}")
+            for label, text in (("hparams", shown), ("tuned", tuned)):
+                if text:
+                    lines += textwrap.wrap(text, 100, initial_indent=f"{indent}{label}: ",
+                                           subsequent_indent=indent + " " * (len(label) + 2))
     return "\n".join(lines)

@@ -6,7 +6,7 @@
   model's identity (name, architecture config, text-tower weights and logit scale), the class
   names and the templates.
 * :class:`OpenCLIPPool` is the model pool for AdaMerging: base = ``model.visual`` of the pretrained
-  model, experts = fine-tuned image towers in any layout :mod:`adamerge.convert` reads.
+  model, experts = fine-tuned image towers in any layout :mod:`adamerge.models.convert` reads.
 """
 
 from __future__ import annotations
