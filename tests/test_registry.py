@@ -35,6 +35,8 @@ def test_bad_names_and_hyperparameters_are_named():
         Method("x", "static", "x", task_arithmetic, {"lambda": 0.3})
     with pytest.raises(ValueError, match="kind must be one of"):
         Method("x", "magic", "x", task_arithmetic)
+    with pytest.raises(ValueError, match="'all' is reserved"):
+        Method("all", "static", "x", task_arithmetic)
 
 
 def test_select_defaults_all_and_subsets():

@@ -253,7 +253,8 @@ class AdaMerging(L.LightningModule):
         """Top-1 accuracy in percent per task of the merged model with its current coefficients
         (one merge, then :func:`adamerge.report.evaluate`; what ``adamerge compare`` reports)."""
         params = {k: v.detach() for k, v in self.merged.merged_parameters().items()}
-        return evaluate(self.merged.module, params, dict(self.heads), datasets, batch_size)
+        return evaluate(self.merged.module, params, dict(self.heads), datasets, batch_size,
+                        device=self.merged.coefficients.device)
 
     # ------------------------------------------------------------------------ checkpoints
     def load_coefficients(self, path: str) -> dict[str, Any]:

@@ -68,6 +68,8 @@ class Method:
     source: str = ""
 
     def __post_init__(self) -> None:
+        if self.name == ALL:
+            raise ValueError(f"{ALL!r} is reserved (--methods {ALL} selects every method)")
         if self.kind not in KINDS:
             raise ValueError(f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         known = self.builder_defaults()
