@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,19 +26,19 @@ class _ListMethods(argparse.Action):
 
 def parser(prog: str, demo: bool) -> argparse.ArgumentParser:
     """The options shared by ``adamerge demo`` and ``adamerge compare``."""
-    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, description=textwrap.fill(
         "Build the offline demo suite (a small ViT 'pretrained' on synthetic 16x16 colour images and 6 "
         "experts: scikit-learn digits, shapes, gratings, dot counts, letters, textures; cached "
         "under $ADAMERGE_CACHE or ~/.cache/adamerge) and compare merging methods on it."
         if demo else
         "Run merging methods on the model pool and data of a fit config (LightningCLI "
-        "options such as --config, --model.*, --data.* are accepted) and write the report.")
+        "options such as --config, --model.*, --data.* are accepted) and write the report.", 100)
         + "\n\nmethods (run by default: demo = yes):\n" + registry.describe(hparams=False))
     p.add_argument("--out", default="runs/demo" if demo else None, required=not demo,
                    help="output folder: results.json, results.md, coefficient heatmaps, TensorBoard runs"
                         + (" (default: runs/demo)" if demo else ""))
     p.add_argument("--methods", nargs="*", default=None, action=_ListMethods, metavar="METHOD",
-                   help=f"methods to run: names from the list below, or '{registry.ALL}' (default: "
+                   help=f"methods to run: names from the list above, or '{registry.ALL}' (default: "
                         "those marked demo); --methods alone lists every method with its hyper-parameters")
     p.add_argument("--steps", type=int, default=None,
                    help="steps of learned methods (default: 500 for the demo, trainer.max_steps of the config)")
