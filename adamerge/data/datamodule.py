@@ -162,7 +162,8 @@ class FolderSource(DatasetSource):
         return ImageFolderDataset(folder, self.image_size, self.on_decode_error)
 
 
-def _image(item: Any) -> torch.Tensor:
+def image_of(item: Any) -> torch.Tensor:
+    """The image of a dataset item that is an image, ``(image, label, ...)`` or ``{"image": ...}``."""
     if isinstance(item, torch.Tensor):
         return item
     if isinstance(item, dict):
@@ -204,7 +205,10 @@ def _max_label(labels: torch.Tensor) -> tuple[int, bool] | None:
 
 
 class AdaptationStream(IterableDataset):
-    """An endless stream of ``{task: images[B]}`` batches, one per step, starting at ``start_step``.
+    """An endless stream of ``{task: (images[B], indices[B])}`` batches, one per step, from ``start_step``.
+
+    ``indices`` are the images' positions in the task's dataset: methods that cache per-image
+    values (expert features) key them by it.
 
     Each task walks through its own seeded permutations (a new one per pass), so smaller tasks
     cycle. With ``world_size > 1`` each rank yields its own contiguous share of every batch.
@@ -233,13 +237,13 @@ class AdaptationStream(IterableDataset):
             out.append(int(perms[epoch][j]))
         return out
 
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
+    def batch(self, step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         share = self.batch_size // self.world_size
         lo = self.rank * share
         out = {}
         for pos, (task, ds) in enumerate(self.datasets.items()):
             idx = self.indices(pos, len(ds), step)[lo:lo + share]
-            out[task] = torch.stack([_image(ds[i]) for i in idx])
+            out[task] = (torch.stack([image_of(ds[i]) for i in idx]), torch.tensor(idx, dtype=torch.long))
         return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

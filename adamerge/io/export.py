@@ -4,7 +4,10 @@ The config builds the same model pool as the run did (any pool: open_clip, check
 built-in suite); the checkpoint's pool fingerprint is checked against it; the merged module's full
 state dict goes to ``merged.safetensors`` (for open_clip: keys of ``model.visual``, loadable with
 ``model.visual.load_state_dict``), the heads to ``heads.safetensors`` (``{task}.weight`` and
-optional ``{task}.bias``) and the effective coefficients to ``coefficients.json``.
+optional ``{task}.bias``; a method that learns heads, such as Tinting, writes its learned ones),
+the per-task modules of methods that have them (Surgery's adapters: ``{task}.down`` and
+``{task}.up``) to ``task_modules.safetensors``, and the effective coefficients to
+``coefficients.json``.
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ def export(model, ckpt_path: str | Path, out: str | Path) -> dict[str, Path]:
     """Load the coefficients of ``ckpt_path`` into ``model`` and write the merged files to ``out``.
 
     Args:
-        model: a learned-coefficient module built from the run's config (e.g.
+        model: a learned module built from the run's config (e.g.
             :class:`adamerge.methods.AdaMerging`): it must offer ``load_coefficients(path)``
-            (which checks the checkpoint's pool fingerprint), ``merged`` (the merged model) and
-            ``heads``. Heads that L2-normalise features first (zero-shot heads) say so with a
-            ``normalizes_features = True`` attribute.
+            (which loads every learned tensor and checks the checkpoint's method and pool
+            fingerprint), ``merged`` (the merged model) and ``heads``; optionally
+            ``export_heads()`` (the heads to write, default ``heads``), ``export_task_modules()``
+            (per-task tensors) and ``method`` (its name). Heads that L2-normalise features first
+            (zero-shot heads) say so with a ``normalizes_features = True`` attribute.
         ckpt_path: the coefficient checkpoint.
         out: output folder.
     """
@@ -49,13 +54,20 @@ def export(model, ckpt_path: str | Path, out: str | Path) -> dict[str, Path]:
     checkpoint = model.load_coefficients(ckpt_path)
     merged = model.merged
     meta = {"checkpoint": ckpt_path.name, "tasks": ",".join(merged.task_names),
+            "method": str(getattr(model, "method", "adamerging")),
             "granularity": merged.granularity, "global_step": str(checkpoint.get("global_step", ""))}
     paths = {"merged": out / "merged.safetensors", "heads": out / "heads.safetensors",
              "coefficients": out / "coefficients.json"}
     save_state_dict(merged.merged_state_dict(), paths["merged"], metadata=meta)
-    normalized = all(getattr(h, "normalizes_features", False) for h in model.heads.values())
-    save_state_dict(head_tensors(dict(model.heads)), paths["heads"],
+    heads = model.export_heads() if hasattr(model, "export_heads") else dict(model.heads)
+    normalized = all(getattr(h, "normalizes_features", False) for h in heads.values())
+    save_state_dict(head_tensors(heads), paths["heads"],
                     metadata={**meta, "normalize_features": str(normalized).lower()})
+    modules = model.export_task_modules() if hasattr(model, "export_task_modules") else {}
+    if modules:
+        paths["task_modules"] = out / "task_modules.safetensors"
+        save_state_dict({k: v.detach().contiguous() for k, v in modules.items()}, paths["task_modules"],
+                        metadata={**meta, "apply": str(getattr(model, "task_modules_apply", ""))})
     table = {"granularity": merged.granularity, "parameters": list(merged.task_vectors.names)
              if merged.granularity == "layerwise" else ["*"],
              "coefficients": merged.coefficient_table()}

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..data.datamodule import MultiTaskDataModule
+from ..data.datamodule import MultiTaskDataModule, image_of
+from ..engine.expert_features import ExpertFeatures
 from ..engine.merged_model import Granularity, MergedModel
 from ..engine.objectives import entropy
 from ..engine.task_vectors import DTYPES, TaskVectors, fingerprint_difference
@@ -20,10 +21,11 @@ from ..models.pool import ModelPool
 from ..report import evaluate
 
 COEFFICIENTS_KEY = "merged.coefficients"
+TASK_MODULES = "task_modules"  # state-dict prefix of the learned per-task modules
 
 
 def images_of(batch: Any) -> torch.Tensor:
-    """The image tensor of a batch that is ``images``, ``(images, labels, ...)`` or a dict."""
+    """The image tensor of a batch that is ``images``, ``(images, indices)`` or a dict."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, dict):
@@ -31,8 +33,21 @@ def images_of(batch: Any) -> torch.Tensor:
     return batch[0]
 
 
+def indices_of(batch: Any) -> torch.Tensor | None:
+    """The dataset indices of a stream batch ``(images, indices)``; ``None`` for bare images."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    return None
+
+
 class AdaMerging(L.LightningModule):
-    """Task-wise or layer-wise AdaMerging.
+    """Task-wise or layer-wise AdaMerging, and the engine of every learned method.
+
+    The module is "merged encoder + optional per-task modules": coefficients over the task
+    vectors (learned, or fixed at their prior / an earlier run's values) and, in subclasses,
+    small trainable modules per task (:attr:`task_modules`) with their own objective
+    (:meth:`task_losses`). Checkpoints hold exactly the learned tensors plus the method name and
+    the pool fingerprint (see :func:`check_checkpoint`).
 
     Args:
         pool: where the base encoder, the fine-tuned experts and the task heads come from.
@@ -49,13 +64,22 @@ class AdaMerging(L.LightningModule):
         task_vector_dtype: storage dtype of the task vectors (float32, bfloat16, float16);
             ``None`` keeps the pool's.
         offload: keep task vectors in (pinned) CPU memory and stream them to the device per merge.
+        learn_coefficients: train the coefficients (``False`` keeps them at ``prior`` or at the
+            values of ``init_from``; the merge is then done once, not per step).
+        init_from: an adamerge checkpoint (of any method, same pool and granularity) whose
+            coefficients are the starting point, e.g. a finished AdaMerging run.
     """
+
+    method = "adamerging"       # the method identity written into checkpoints
+    loss_name = "entropy"       # the objective's name in logs: train/<loss_name>[/<task>]
+    needs_experts = False       # whether task_losses reads the experts' features
 
     def __init__(self, pool: ModelPool, granularity: Granularity = "layerwise", prior: float = 0.3,
                  clamp: bool = True, lr: float = 1e-3, per_task_backward: bool = False,
                  trim: float | None = None,
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-                 offload: bool = False) -> None:
+                 offload: bool = False, learn_coefficients: bool = True,
+                 init_from: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["pool"])
         self.strict_loading = False  # frozen tensors are rebuilt from the pool, not the checkpoint
@@ -73,12 +97,42 @@ class AdaMerging(L.LightningModule):
                 tv = TaskVectors(tv.task_names, tv.names, [t.pin_memory() for t in tv.tensors], tv.meta)
         self.merged = MergedModel(loaded.encoder, tv, granularity=granularity, prior=prior,
                                   clamp=clamp, offload=offload)
+        self.merged.coefficients.requires_grad_(learn_coefficients)
         self.heads = nn.ModuleDict({t: h.requires_grad_(False) for t, h in loaded.heads.items()})
+        self.task_modules = nn.ModuleDict(self.build_task_modules())
         self.fingerprint = tv.fingerprint()
         self.lr, self.per_task_backward = lr, per_task_backward
+        self.learn_coefficients = learn_coefficients
         self.metrics = nn.ModuleDict({t: MulticlassAccuracy(num_classes=self.num_classes(t), average="micro")
                                       for t in self.task_names})
         self._eval_params: dict[str, torch.Tensor] | None = None
+        self._fixed_params: dict[str, torch.Tensor] | None = None  # the merge, when coefficients are fixed
+        self.experts: ExpertFeatures | None = None  # set by use_adaptation_data when needs_experts
+        if init_from is not None:
+            self.init_coefficients(init_from)
+
+    # ------------------------------------------------------------------- method hooks
+    def build_task_modules(self) -> dict[str, nn.Module]:
+        """The trainable per-task modules (none for AdaMerging); subclasses add theirs."""
+        return {}
+
+    def task_head(self, task: str) -> nn.Module:
+        """What maps the merged encoder's output to ``task``'s logits (training, validate, test,
+        :meth:`accuracies`): the frozen head here; subclasses put their per-task module in."""
+        return self.heads[task]
+
+    def task_losses(self, images: dict[str, torch.Tensor], indices: dict[str, torch.Tensor | None],
+                    params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The objective per task on one unlabeled batch: entropy of each head's predictions."""
+        return {t: entropy(z) for t, z in self.task_logits(images, params).items()}
+
+    def export_heads(self) -> dict[str, nn.Module]:
+        """The heads written by ``adamerge export`` (the learned ones where a method learns heads)."""
+        return dict(self.heads)
+
+    def export_task_modules(self) -> dict[str, torch.Tensor]:
+        """Per-task tensors ``adamerge export`` writes to ``task_modules.safetensors`` (none here)."""
+        return {}
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -87,66 +141,123 @@ class AdaMerging(L.LightningModule):
 
     def num_classes(self, task: str) -> int:
         """Output width of a task's head, found by probing its last linear layer."""
-        head = self.heads[task]
-        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        return self._head_linear(task, last=True).out_features
+
+    def feature_dim(self) -> int:
+        """Width of the encoder's output, read from the first linear layer of the first head."""
+        return self._head_linear(self.task_names[0], last=False).in_features
+
+    def _head_linear(self, task: str, last: bool) -> nn.Linear:
+        linears = [m for m in self.heads[task].modules() if isinstance(m, nn.Linear)]
         if not linears:
-            raise ValueError(f"cannot tell the class count of head {task!r}: no nn.Linear in it")
-        return linears[-1].out_features
+            raise ValueError(f"cannot tell the shape of head {task!r}: no nn.Linear in it")
+        return linears[-1 if last else 0]
+
+    def features(self, images: dict[str, torch.Tensor],
+                 params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The merged encoder's output per task; one encoder call when the image shapes allow."""
+        tasks = list(images)
+        shapes = {tuple(images[t].shape[1:]) for t in tasks}
+        # With fixed coefficients nothing before the per-task modules is trained: no graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.learn_coefficients):
+            if len(shapes) == 1 and len(tasks) > 1:
+                feats = self.merged(torch.cat([images[t] for t in tasks]), params=params)
+                return dict(zip(tasks, feats.split([images[t].shape[0] for t in tasks])))
+            return {t: self.merged(images[t], params=params) for t in tasks}
 
     def task_logits(self, images: dict[str, torch.Tensor],
                     params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Logits of each task's head on the merged encoder's features; one encoder call if possible."""
-        tasks = list(images)
-        shapes = {tuple(images[t].shape[1:]) for t in tasks}
-        if len(shapes) == 1 and len(tasks) > 1:
-            feats = self.merged(torch.cat([images[t] for t in tasks]), params=params)
-            chunks = feats.split([images[t].shape[0] for t in tasks])
-        else:
-            chunks = [self.merged(images[t], params=params) for t in tasks]
-        return {t: self.heads[t](f) for t, f in zip(tasks, chunks)}
+        """Logits of each task (its :meth:`task_head` on the merged encoder's features)."""
+        return {t: self.task_head(t)(f) for t, f in self.features(images, params).items()}
 
-    def _batch_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def expert_features(self, task: str, indices: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The task expert's features of the batch's images (computed once per image, cached)."""
+        if self.experts is None:
+            raise RuntimeError(f"{type(self).__name__} needs the adaptation images: fit it with a "
+                               "MultiTaskDataModule, or call use_adaptation_data(datasets) first")
+        if indices is None:
+            raise ValueError(f"{type(self).__name__} needs each batch as (images, dataset indices), "
+                             "as MultiTaskDataModule's stream yields it; got bare images")
+        return self.experts(task, indices, device)
+
+    def use_adaptation_data(self, datasets: Mapping[str, Dataset], chunk: int = 64,
+                            cache: bool = True) -> None:
+        """Where the experts' features come from: the adaptation datasets the stream indexes
+        (called by :meth:`setup` with the data module's; benchmarks call it directly)."""
+        if not self.needs_experts:
+            return
+        tv = self.loaded.task_vectors  # the experts as fine-tuned, even when trim is set
+        if self.hparams.get("trim") is None and self.hparams.get("task_vector_dtype") is None:
+            tv = self.merged.task_vectors  # the same tensors, already on the module's device
+        load = lambda task, idx: torch.stack([image_of(datasets[task][i]) for i in idx])
+        self.experts = ExpertFeatures(self.merged.module, tv, load,
+                                      {t: len(datasets[t]) for t in self.task_names}, chunk, cache)
+
+    def _batch(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
         missing = [t for t in self.task_names if t not in batch]
         if missing:
             raise ValueError(f"training batch has no data for tasks {missing}; got {list(batch)}")
-        return {t: images_of(batch[t]) for t in self.task_names}
+        return ({t: images_of(batch[t]) for t in self.task_names},
+                {t: indices_of(batch[t]) for t in self.task_names})
+
+    def _train_params(self) -> dict[str, torch.Tensor]:
+        if self.learn_coefficients:
+            return self.merged.merged_parameters(reuse_buffers=True)  # one merge per step
+        if self._fixed_params is None:  # fixed coefficients: one merge for the whole run
+            with torch.no_grad():
+                self._fixed_params = self.merged.merged_parameters()
+        return self._fixed_params
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the coefficients (if learned) and the per-task modules."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        images = self._batch_images(batch)
-        params = self.merged.merged_parameters(reuse_buffers=True)  # one merge per step
+        images, indices = self._batch(batch)
+        params = self._train_params()
         if not self.per_task_backward:
-            ents = {t: entropy(z) for t, z in self.task_logits(images, params).items()}
-            loss = torch.stack(list(ents.values())).sum()
-            self._log_train(loss.detach(), {t: e.detach() for t, e in ents.items()})
+            losses = self.task_losses(images, indices, params)
+            loss = torch.stack(list(losses.values())).sum()
+            self._log_train(loss.detach(), {t: e.detach() for t, e in losses.items()})
             return loss
-        # Task by task: gradients w.r.t. the merged tensors are accumulated, then pushed through
-        # the merge once via a surrogate whose gradient w.r.t. the coefficients is exact.
-        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-        grads = [torch.zeros_like(p) for p in leaves.values()]
-        ents = {}
-        for t in self.task_names:
-            e = entropy(self.task_logits({t: images[t]}, leaves)[t])
-            for acc, g in zip(grads, torch.autograd.grad(e, list(leaves.values()), allow_unused=True)):
-                if g is not None:
-                    acc.add_(g)
-            ents[t] = e.detach()
-        self._log_train(torch.stack(list(ents.values())).sum(), ents)
-        return sum((p * g).sum() for p, g in zip(params.values(), grads))
+        return self._per_task_step(images, indices, params)
 
-    def _log_train(self, loss: torch.Tensor, ents: dict[str, torch.Tensor]) -> None:
+    def _per_task_step(self, images: dict[str, torch.Tensor], indices: dict[str, torch.Tensor | None],
+                       params: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Task by task: gradients w.r.t. the merged tensors (and the per-task modules) are
+        # accumulated, then pushed through the merge once via a surrogate whose gradient w.r.t.
+        # every trainable tensor is exact.
+        leaves = {n: p.detach().requires_grad_(self.learn_coefficients) for n, p in params.items()}
+        wrt = (list(leaves.values()) if self.learn_coefficients else []) + \
+            [p for p in self.task_modules.parameters() if p.requires_grad]
+        grads = [torch.zeros_like(p) for p in wrt]
+        losses = {}
+        for t in self.task_names:
+            e = self.task_losses({t: images[t]}, {t: indices[t]}, leaves)[t]
+            if e.requires_grad:
+                for acc, g in zip(grads, torch.autograd.grad(e, wrt, allow_unused=True)):
+                    if g is not None:
+                        acc.add_(g)
+            losses[t] = e.detach()
+        self._log_train(torch.stack(list(losses.values())).sum(), losses)
+        merged = list(params.values()) if self.learn_coefficients else []
+        sources = merged + [p for p in self.task_modules.parameters() if p.requires_grad]
+        return sum((p * g).sum() for p, g in zip(sources, grads))
+
+    def _log_train(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
             # Every rank must take the same decision (a rank that raised alone would leave the
             # others waiting in the gradient all-reduce), and the logged value is the global one.
             loss = trainer.strategy.reduce(loss, reduce_op="mean")
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite entropy {loss.item()} at step {self.global_step} "
-                                     f"(per task: { {t: float(e) for t, e in ents.items()} }); the last "
+            raise FloatingPointError(f"non-finite {self.loss_name} {loss.item()} at step {self.global_step} "
+                                     f"(per task: { {t: float(e) for t, e in losses.items()} }); the last "
                                      "good checkpoint is kept")
-        self.log("train/entropy", loss, prog_bar=True)
-        for t, e in ents.items():
-            self.log(f"train/entropy/{t}", e)
+        self.log(f"train/{self.loss_name}", loss, prog_bar=True)
+        for t, e in losses.items():
+            self.log(f"train/{self.loss_name}/{t}", e)
         lam = self.merged.lambdas().detach()
         self.log_dict({"coef/mean": lam.mean(), "coef/min": lam.min(), "coef/max": lam.max()})
         for k, t in enumerate(self.task_names):
@@ -154,15 +265,22 @@ class AdaMerging(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # After the (all-reduced) backward, before the step: a non-finite gradient would make
-        # the coefficients NaN and every later checkpoint useless.
-        grad = self.merged.coefficients.grad
-        if grad is not None and not torch.isfinite(grad).all():
-            raise FloatingPointError(f"non-finite coefficient gradient at step {self.global_step} "
-                                     f"({int((~torch.isfinite(grad)).sum())} of {grad.numel()} "
-                                     "entries); the last good checkpoint is kept")
+        # the learned tensors NaN and every later checkpoint useless.
+        for name, p in self.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise FloatingPointError(f"non-finite gradient of {name} at step {self.global_step} "
+                                         f"({int((~torch.isfinite(p.grad)).sum())} of {p.grad.numel()} "
+                                         "entries); the last good checkpoint is kept")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.merged.coefficients], lr=self.lr)
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError(f"{type(self).__name__}: nothing to train (learn_coefficients=False and "
+                             "no per-task modules)")
+        return torch.optim.Adam(params, lr=self.lr)
+
+    def on_train_start(self) -> None:
+        self._fixed_params = None  # coefficients may have been restored from a checkpoint
 
     # -------------------------------------------------------------------------- evaluate
     def _start_eval(self) -> None:
@@ -212,7 +330,7 @@ class AdaMerging(L.LightningModule):
 
     # -------------------------------------------------------------------- run set-up
     def setup(self, stage: str) -> None:
-        """Check the data against the pool before any step, and keep DDP to the coefficients."""
+        """Check the data against the pool before any step, and keep DDP to the learned tensors."""
         trainer = self.trainer
         dm = getattr(trainer, "datamodule", None)
         if isinstance(dm, MultiTaskDataModule):
@@ -222,11 +340,14 @@ class AdaMerging(L.LightningModule):
             if stage == "fit" and trainer.limit_val_batches != 0:
                 splits.append(dm.eval_split)
             dm.check({t: self.num_classes(t) for t in self.task_names}, splits)
+            if stage == "fit":
+                self.use_adaptation_data({t: dm.dataset(t, dm.adapt_split) for t in self.task_names})
         # DDP broadcasts every parameter and buffer at start-up and the buffers at every forward.
-        # Only the coefficients differ between steps; every rank rebuilds the frozen weights from
-        # the same files, so nothing else needs to travel.
+        # Only the learned tensors differ between steps; every rank rebuilds the frozen weights
+        # from the same files, so nothing else needs to travel.
         from torch.nn.parallel import DistributedDataParallel
-        frozen = [n for n, _ in self.named_parameters() if n != COEFFICIENTS_KEY]
+        learned = set(self.learned_shapes())
+        frozen = [n for n, _ in self.named_parameters() if n not in learned]
         frozen += [n for n, _ in self.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
 
@@ -241,73 +362,125 @@ class AdaMerging(L.LightningModule):
                            f"{synced} ({numel} values); frozen weights and buffers are not broadcast")
 
     def on_train_end(self) -> None:
-        if self.trainer.world_size > 1:  # all ranks must hold the same coefficients
-            every = self.all_gather(self.merged.coefficients.detach())
+        if self.trainer.world_size > 1:  # all ranks must hold the same learned tensors
+            mine = torch.cat([t.detach().float().reshape(-1) for t in self.learned_state().values()])
+            every = self.all_gather(mine)
             spread = float((every - every[0:1]).abs().max())
             if spread > 0:
-                raise RuntimeError(f"coefficients differ between DDP ranks by up to {spread:.3g}")
-            rank_zero_info(f"adamerge: coefficients identical on all {self.trainer.world_size} ranks")
+                raise RuntimeError(f"learned tensors differ between DDP ranks by up to {spread:.3g}")
+            rank_zero_info(f"adamerge: learned tensors identical on all {self.trainer.world_size} ranks")
 
     @torch.no_grad()
     def accuracies(self, datasets: Mapping[str, Dataset], batch_size: int = 256) -> dict[str, float]:
-        """Top-1 accuracy in percent per task of the merged model with its current coefficients
-        (one merge, then :func:`adamerge.report.evaluate`; what ``adamerge compare`` reports)."""
+        """Top-1 accuracy in percent per task of the merged model with its current learned tensors
+        (one merge, then :func:`adamerge.report.evaluate` with each :meth:`task_head`; what
+        ``adamerge compare`` reports)."""
         params = {k: v.detach() for k, v in self.merged.merged_parameters().items()}
-        return evaluate(self.merged.module, params, dict(self.heads), datasets, batch_size,
-                        device=self.merged.coefficients.device)
+        return evaluate(self.merged.module, params, {t: self.task_head(t) for t in datasets},
+                        datasets, batch_size, device=self.merged.coefficients.device)
 
     # ------------------------------------------------------------------------ checkpoints
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint keeps: the coefficients and the per-task modules' tensors
+        (base weights, task vectors and heads come back from the pool)."""
+        out = {COEFFICIENTS_KEY: self.merged.coefficients}
+        out.update({f"{TASK_MODULES}.{k}": v for k, v in self.task_modules.state_dict().items()})
+        return out
+
+    def learned_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.learned_state().items()}
+
+    def _check(self, checkpoint: dict[str, Any], source: str, coefficients_only: bool = False) -> None:
+        expected = self.learned_shapes()
+        if coefficients_only:
+            expected = {COEFFICIENTS_KEY: expected[COEFFICIENTS_KEY]}
+        check_checkpoint(checkpoint, self.fingerprint, expected, source=source,
+                         method=None if coefficients_only else self.method)
+
     def load_coefficients(self, path: str) -> dict[str, Any]:
-        """Set the coefficients from an adamerge checkpoint file made on this pool; returns it.
+        """Set every learned tensor (coefficients and per-task modules) from an adamerge
+        checkpoint file of this method made on this pool; returns the checkpoint.
 
         The file is read without unpickling code and checked with :func:`check_checkpoint`
-        (task order, merged parameter names and shapes, weights hash, granularity).
+        (method, task order, merged parameter names and shapes, weights hash, tensor shapes).
         """
         checkpoint = read_checkpoint(path)
-        check_checkpoint(checkpoint, self.fingerprint, tuple(self.merged.coefficients.shape),
-                         source=str(path))
+        self._check(checkpoint, str(path))
+        state = checkpoint["state_dict"]
         with torch.no_grad():
-            self.merged.coefficients.copy_(checkpoint["state_dict"][COEFFICIENTS_KEY])
+            for k, v in self.learned_state().items():
+                v.copy_(state[k])
+        self._fixed_params = None
         return checkpoint
 
+    def init_coefficients(self, path: str) -> None:
+        """Start from the coefficients of a checkpoint of any method on this pool (``init_from``)."""
+        checkpoint = read_checkpoint(path)
+        self._check(checkpoint, str(path), coefficients_only=True)
+        with torch.no_grad():
+            self.merged.coefficients.copy_(checkpoint["state_dict"][COEFFICIENTS_KEY])
+        self._fixed_params = None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Only the coefficients: base weights, task vectors and heads come back from the pool.
-        coeffs = checkpoint["state_dict"][COEFFICIENTS_KEY]
-        if not torch.isfinite(coeffs).all():
-            raise FloatingPointError(f"refusing to save non-finite coefficients at step {self.global_step}; "
-                                     "the last good checkpoint is kept")
-        checkpoint["state_dict"] = {COEFFICIENTS_KEY: coeffs}
-        checkpoint["adamerge"] = {"fingerprint": self.fingerprint,
+        state = checkpoint["state_dict"]
+        kept = {k: state[k] for k in self.learned_state()}
+        for k, v in kept.items():
+            if not torch.isfinite(v).all():
+                raise FloatingPointError(f"refusing to save non-finite {k} at step {self.global_step}; "
+                                         "the last good checkpoint is kept")
+        checkpoint["state_dict"] = kept
+        checkpoint["adamerge"] = {"method": self.method, "fingerprint": self.fingerprint,
                                   "granularity": self.merged.granularity}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint(checkpoint, self.fingerprint, tuple(self.merged.coefficients.shape))
+        self._check(checkpoint, "checkpoint")
+        self._fixed_params = None
 
 
-def check_checkpoint(checkpoint: dict[str, Any], fingerprint: dict, coeff_shape: tuple[int, ...],
-                     source: str = "checkpoint") -> None:
-    """Refuse a checkpoint made on another model pool, naming the difference.
+def check_checkpoint(checkpoint: dict[str, Any], fingerprint: dict,
+                     expected: Mapping[str, tuple[int, ...]] | tuple[int, ...],
+                     source: str = "checkpoint", method: str | None = "adamerging") -> None:
+    """Refuse a checkpoint made by another method or on another model pool, naming the difference.
 
-    The one check every path that consumes coefficients goes through (resume, validate, test,
-    export): task order, merged parameter names and shapes, a hash of the task vectors (other
-    files), the task-vector transform (e.g. TIES trimming) and the coefficient shape
-    (granularity). Raises ``ValueError`` with a one-line message.
+    The one check every path that consumes learned tensors goes through (resume, validate, test,
+    export, ``init_from``): the method that wrote it, task order, merged parameter names and
+    shapes, a hash of the task vectors (other files), the task-vector transform (e.g. TIES
+    trimming) and the shape of every learned tensor (granularity, adapter rank). Raises
+    ``ValueError`` with a one-line message.
 
     Args:
         checkpoint: the loaded checkpoint dict (see :func:`adamerge.io.checkpoints.read_checkpoint`).
         fingerprint: ``TaskVectors.fingerprint()`` of the pool in use.
-        coeff_shape: shape of the coefficients this run expects.
+        expected: learned tensor name -> shape this run expects (a bare shape: the coefficients').
         source: how to name the checkpoint in messages (its path).
+        method: the method this run is; ``None`` accepts any (only coefficients are read).
+            Checkpoints written before methods were recorded count as ``adamerging``.
     """
+    if not isinstance(expected, Mapping):
+        expected = {COEFFICIENTS_KEY: tuple(expected)}
     meta = checkpoint.get("adamerge")
     state = checkpoint.get("state_dict")
     if not isinstance(meta, dict) or not isinstance(state, dict) or COEFFICIENTS_KEY not in state \
             or "fingerprint" not in meta:
         raise ValueError(f"{source} is not an adamerge checkpoint (no coefficients / fingerprint)")
+    theirs = meta.get("method", "adamerging")
+    if method is not None and theirs != method:
+        hint = " (to start from its coefficients, pass it as init_from)" if COEFFICIENTS_KEY in state else ""
+        raise ValueError(f"{source} was written by method {theirs!r}, this run is {method!r}: "
+                         f"its learned tensors do not apply{hint}")
     diff = fingerprint_difference(meta["fingerprint"], fingerprint)
     if diff:
         raise ValueError(f"{source} was made on a different model pool: {diff}")
-    shape = tuple(checkpoint["state_dict"][COEFFICIENTS_KEY].shape)
-    if shape != coeff_shape:
-        raise ValueError(f"{source} holds {meta.get('granularity')} coefficients of shape {shape}, "
-                         f"this run expects {coeff_shape}: use the same granularity")
+    for key, shape in expected.items():
+        if key not in state:
+            raise ValueError(f"{source} has no {key!r} (it holds {sorted(state)[:4]}...); this run "
+                             f"expects {len(expected)} learned tensors")
+        found = tuple(state[key].shape)
+        if found != tuple(shape):
+            what = f"{meta.get('granularity')} coefficients" if key == COEFFICIENTS_KEY else repr(key)
+            fix = "use the same granularity" if key == COEFFICIENTS_KEY else "use the same method settings"
+            raise ValueError(f"{source} holds {what} of shape {found}, this run expects "
+                             f"{tuple(shape)}: {fix}")
+    extra = [k for k in state if k not in expected]
+    if extra and method is not None:
+        raise ValueError(f"{source} holds learned tensors this run does not have: {extra[:4]}")

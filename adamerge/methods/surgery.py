@@ -1,0 +1,97 @@
+"""Representation Surgery: a per-task feature adapter on the merged encoder, trained to match
+each expert's features on the unlabeled adaptation images.
+
+Yang et al., "Representation Surgery for Multi-Task Model Merging", ICML 2024; official code
+EnnengYang/RepresentationSurgery (``src/merging_model.py``, ``src/main_*_with_surgery.py``).
+Per task, on the merged encoder's output ``f`` (before the head's L2 normalisation, as there):
+``f' = f - up(relu(down(f)))``, ``down: dim -> rank`` and ``up: rank -> dim`` without bias,
+``down`` Kaiming-uniform (``nn.Linear``'s default) and ``up`` zero, so training starts exactly at
+the merged model. Loss: mean L1 distance of ``f'`` to the task expert's features of the same
+images. Adam, lr 1e-3; the coefficients stay fixed (task arithmetic's 0.3, or a finished
+AdaMerging run's via ``init_from``) unless ``learn_coefficients`` is set, in which case the same L1
+loss also trains them. Differences from the official schedule: docs/fidelity.md.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..engine.merged_model import Granularity
+from ..engine.objectives import feature_l1
+from ..models.pool import ModelPool
+from .adamerging import AdaMerging
+
+
+class SurgeryAdapter(nn.Module):
+    """``f - up(relu(down(f)))``; ``up`` starts at zero, so the adapter starts as the identity."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)  # Kaiming-uniform (a=sqrt(5)), nn.Linear's default
+        self.up = nn.Linear(rank, dim, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.to(self.down.weight.dtype)
+        return x - self.up(torch.relu(self.down(x)))
+
+
+class Surgery(AdaMerging):
+    """Representation Surgery on a merged model (task arithmetic, TIES-trimmed or AdaMerging).
+
+    Args:
+        rank: width of each adapter's bottleneck (the paper's 16).
+        granularity, prior, clamp, trim, task_vector_dtype, offload, per_task_backward: as in
+            :class:`~adamerge.methods.AdaMerging`; with fixed coefficients ``taskwise`` and
+            ``prior`` 0.3 is task arithmetic with scaling 0.3 (the paper's TA + Surgery).
+        lr: Adam learning rate of the adapters (and coefficients if learned); the paper's 1e-3.
+        learn_coefficients: also train the coefficients with the L1 loss (the paper keeps them fixed).
+        init_from: checkpoint whose coefficients are used, e.g. a finished layer-wise AdaMerging
+            run (the paper's AdaMerging + Surgery).
+        expert_chunk: adaptation images per expert forward; each image's expert features are
+            computed once (see :class:`adamerge.engine.expert_features.ExpertFeatures`).
+    """
+
+    method = "surgery"
+    task_modules_apply = ("features = features - relu(features @ down.T) @ up.T, on the encoder's "
+                          "output, before the head (and before its L2 normalisation)")
+    loss_name = "l1"
+    needs_experts = True
+
+    def __init__(self, pool: ModelPool, rank: int = 16, granularity: Granularity = "taskwise",
+                 prior: float = 0.3, clamp: bool = True, lr: float = 1e-3,
+                 learn_coefficients: bool = False, init_from: str | None = None,
+                 per_task_backward: bool = False, trim: float | None = None,
+                 task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+                 offload: bool = False, expert_chunk: int = 64) -> None:
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.adapter_rank = rank
+        super().__init__(pool, granularity=granularity, prior=prior, clamp=clamp, lr=lr,
+                         per_task_backward=per_task_backward, trim=trim,
+                         task_vector_dtype=task_vector_dtype, offload=offload,
+                         learn_coefficients=learn_coefficients, init_from=init_from)
+        self.expert_chunk = expert_chunk
+
+    def build_task_modules(self) -> dict[str, nn.Module]:
+        dim = self.feature_dim()
+        return {t: SurgeryAdapter(dim, self.adapter_rank) for t in self.task_names}
+
+    def task_head(self, task: str) -> nn.Module:
+        return nn.Sequential(self.task_modules[task], self.heads[task])
+
+    def task_losses(self, images, indices, params):
+        feats = self.features(images, params)
+        return {t: feature_l1(self.task_modules[t](f), self.expert_features(t, indices[t], f.device))
+                for t, f in feats.items()}
+
+    def use_adaptation_data(self, datasets, chunk: int | None = None, cache: bool = True) -> None:
+        super().use_adaptation_data(datasets, chunk or self.expert_chunk, cache)
+
+    def export_task_modules(self) -> dict[str, torch.Tensor]:
+        """``{task}.down`` ``[rank, dim]`` and ``{task}.up`` ``[dim, rank]`` per task."""
+        return {f"{t}.{part}": getattr(m, part).weight.detach()
+                for t, m in self.task_modules.items() for part in ("down", "up")}

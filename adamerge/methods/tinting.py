@@ -1,0 +1,105 @@
+"""Model Tinting: per-task trainable heads learned jointly with the merging coefficients.
+
+Official code: AIM-SKKU/SyMerge (the successor of AIM-SKKU/ModelTinting), ``src/main_symerge.py``
+(read at commit 45e4109d). The "tinted" layer is each task's classification head: a linear layer
+with bias over L2-normalised features, initialised from the frozen zero-shot head (bias 0),
+trained together with layer-wise coefficients (prior 0.3, clamped to [0, 1]) by Adam at lr 1e-2.
+The loss (``losstype crosspseudoconf``) is cross-entropy to the task expert's predicted class,
+on the images where the merged model agrees with the expert or the expert is at least as
+confident (:func:`adamerge.engine.objectives.confident_pseudo_label`). ``loss="entropy"`` is the
+plain AdaMerging objective on the tinted heads instead. Differences: docs/fidelity.md.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine.merged_model import Granularity
+from ..engine.objectives import confident_pseudo_label, entropy
+from ..models.pool import ModelPool
+from .adamerging import AdaMerging
+
+
+class TintedHead(nn.Module):
+    """A trainable linear head (with bias) initialised from a frozen one.
+
+    ``normalizes_features``: L2-normalise the features first, as zero-shot CLIP heads do.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, normalizes_features: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=True)
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias if bias is not None else torch.zeros(weight.shape[0]))
+        self.normalizes_features = normalizes_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(features, dim=-1) if self.normalizes_features else features
+        return self.linear(x.to(self.linear.weight.dtype))
+
+
+class Tinting(AdaMerging):
+    """Model Tinting: coefficients and one trainable head per task, learned together.
+
+    Args:
+        loss: ``pseudo_confidence`` (the official ``crosspseudoconf``) or ``entropy``.
+        lr: Adam learning rate of coefficients and heads (the official 1e-2).
+        granularity, prior, clamp, trim, task_vector_dtype, offload, per_task_backward,
+            learn_coefficients, init_from: as in :class:`~adamerge.methods.AdaMerging`.
+        expert_chunk: adaptation images per expert forward (experts' predictions are computed
+            once per image).
+    """
+
+    method = "tinting"
+    needs_experts = True
+
+    def __init__(self, pool: ModelPool, loss: Literal["pseudo_confidence", "entropy"] = "pseudo_confidence",
+                 granularity: Granularity = "layerwise", prior: float = 0.3, clamp: bool = True,
+                 lr: float = 1e-2, learn_coefficients: bool = True, init_from: str | None = None,
+                 per_task_backward: bool = False, trim: float | None = None,
+                 task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+                 offload: bool = False, expert_chunk: int = 64) -> None:
+        if loss not in ("pseudo_confidence", "entropy"):
+            raise ValueError(f"loss must be 'pseudo_confidence' or 'entropy', got {loss!r}")
+        self.loss = loss
+        self.needs_experts = loss == "pseudo_confidence"
+        self.loss_name = "pseudo_ce" if self.needs_experts else "entropy"
+        super().__init__(pool, granularity=granularity, prior=prior, clamp=clamp, lr=lr,
+                         per_task_backward=per_task_backward, trim=trim,
+                         task_vector_dtype=task_vector_dtype, offload=offload,
+                         learn_coefficients=learn_coefficients, init_from=init_from)
+        self.expert_chunk = expert_chunk
+
+    def build_task_modules(self) -> dict[str, nn.Module]:
+        out = {}
+        for t in self.task_names:
+            linears = [m for m in self.heads[t].modules() if isinstance(m, nn.Linear)]
+            if len(linears) != 1:
+                raise ValueError(f"tinting needs each head to be one linear layer; head {t!r} has "
+                                 f"{len(linears)}")
+            lin = linears[0]
+            out[t] = TintedHead(lin.weight.detach().float(), None if lin.bias is None else lin.bias.detach().float(),
+                                bool(getattr(self.heads[t], "normalizes_features", False)))
+        return out
+
+    def task_head(self, task: str) -> nn.Module:
+        return self.task_modules[task]
+
+    def task_losses(self, images, indices, params):
+        logits = self.task_logits(images, params)
+        if self.loss == "entropy":
+            return {t: entropy(z) for t, z in logits.items()}
+        return {t: confident_pseudo_label(
+                    z, self.heads[t](self.expert_features(t, indices[t], z.device)))
+                for t, z in logits.items()}
+
+    def use_adaptation_data(self, datasets, chunk: int | None = None, cache: bool = True) -> None:
+        super().use_adaptation_data(datasets, chunk or self.expert_chunk, cache)
+
+    def export_heads(self) -> dict[str, nn.Module]:
+        return dict(self.task_modules)
