@@ -70,7 +70,12 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
     unknown = [m for m in (methods or ()) if m not in registry.REGISTRY]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {registry.names()}")
-    methods = registry.select(methods)
+    requested = registry.select(methods)
+    methods = registry.with_prerequisites(requested)
+    for name in methods:
+        if name not in requested:
+            say(f"{name} runs first: {', '.join(m for m in requested if registry.get(m).starts_from == name)} "
+                "starts from its coefficients")
     s.check()
     tasks = loaded.task_vectors.task_names
     datamodule.select_tasks(tasks)  # match data to heads by task name
@@ -84,6 +89,7 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
     timings: dict[str, float] = {}
     tuned: dict[str, dict[str, Any]] = {}
     used: dict[str, dict[str, Any]] = {}
+    final_checkpoints: dict[str, Path] = {}  # learned method -> its checkpoint after training
 
     def pick(method: registry.Method, hp: dict[str, Any], grids: Mapping[str, tuple]) -> dict[str, Any]:
         """The grid point with the best average accuracy on the validation split."""
@@ -116,6 +122,8 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
                 rows[name].update(evaluate(encoder, params(), heads, {t: eval_sets[t]},
                                            datamodule.eval_batch_size))
         else:
+            if method.starts_from and "init_from" not in fixed:
+                hp["init_from"] = str(final_checkpoints[method.starts_from])
             model = method.build(PreloadedPool(loaded), **hp)
             trainer = L.Trainer(default_root_dir=out / "runs" / name, max_steps=s.steps,
                                 accelerator=s.accelerator, devices=1, limit_val_batches=0,
@@ -125,6 +133,8 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
                                 callbacks=[CoefficientHeatmap(str(out / f"coefficients_{name}.png"))],
                                 logger=L.pytorch.loggers.TensorBoardLogger(out / "runs", name=name))
             trainer.fit(model, datamodule)
+            final_checkpoints[name] = out / "runs" / name / "final.ckpt"
+            trainer.save_checkpoint(final_checkpoints[name])  # the learned tensors only
             rows[name] = model.accuracies(eval_sets, datamodule.eval_batch_size)
         used[name] = hp
         timings[name] = time.perf_counter() - t0

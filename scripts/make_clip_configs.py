@@ -19,8 +19,7 @@ COUNTS = {8: "tall8", 14: "tall14", 20: "tall20"}
 TEMPLATE = """\
 # {title}
 # {method_doc}; {n} tasks, CLIP {model} (open_clip, `{pretrained}` weights).
-# Paper defaults (Yang et al., ICLR 2024): prior 0.3, Adam lr 1e-3, 500 steps, 16 unlabeled test
-# images per task per step, coefficients clamped to [0, 1].
+{defaults_note}
 #
 #   adamerge fit  --config configs/{name} --trainer.default_root_dir runs/{stem}
 #   adamerge test --config configs/{name} --ckpt_path runs/{stem}/checkpoints/last.ckpt
@@ -34,23 +33,7 @@ TEMPLATE = """\
 # or any open_clip image-tower / CLIP state dict (converted on the fly). Edit the paths to yours.
 seed_everything: 0
 model:
-  pool:
-    class_path: adamerge.models.OpenCLIPPool
-    init_args:
-      model: {model}
-      pretrained: {pretrained}
-      experts:                 # task -> fine-tuned image encoder (same order as data.source.tasks)
-{experts}
-      tasks_file: null         # YAML of extra / overriding tasks (see adamerge/data/tasks.yaml)
-      allow_pickle: false      # true only for trusted pickled checkpoints; better: adamerge convert
-      text_device: cpu         # where the text tower runs once to build the zero-shot heads (cached)
-  granularity: {granularity}
-  prior: 0.3                   # initial coefficient
-  clamp: true                  # coefficients clamped to [0, 1]
-  lr: 0.001                    # Adam learning rate
-  trim: {trim:<23}# {trim_comment}
-  per_task_backward: {ptb:<10}# true: back-propagate task by task (activation memory of one task)
-  task_vector_dtype: null      # bfloat16 halves task-vector memory ({tv_note})
+{model_block}
 data:
   source:
     class_path: adamerge.data.HFSource
@@ -67,47 +50,122 @@ data:
   eval_split: test
   num_workers: 8
 trainer:
-  max_steps: 500               # paper: 500
-  val_check_interval: 500      # evaluate once, at the end
+  max_steps: {steps:<18}# {steps_note}
+  val_check_interval: {steps:<9}# evaluate once, at the end
   check_val_every_n_epoch: null
   log_every_n_steps: 10
   accelerator: auto
   devices: 1
   precision: 32-true           # bf16-mixed is faster on recent GPUs (not the paper's setting)
 checkpoint:
-  every_n_train_steps: 50      # coefficient checkpoints (kilobytes); resume with --ckpt_path last
+  every_n_train_steps: 50      # checkpoints of the learned tensors only; resume with --ckpt_path last
   save_last: true
   save_top_k: -1
 """
 
 
-def adamerging_methods() -> dict[str, tuple[str, float | None, str]]:
-    """Config suffix -> (granularity, trim, description) of every AdaMerging variant of the registry."""
+POOL = """\
+pool:
+  class_path: adamerge.models.OpenCLIPPool
+  init_args:
+    model: {model}
+    pretrained: {pretrained}
+    experts:                 # task -> fine-tuned image encoder (same order as data.source.tasks)
+{experts}
+    tasks_file: null         # YAML of extra / overriding tasks (see adamerge/data/tasks.yaml)
+    allow_pickle: false      # true only for trusted pickled checkpoints; better: adamerge convert
+    text_device: cpu         # where the text tower runs once to build the zero-shot heads (cached)"""
+
+# Comments of the model arguments written into the configs.
+COMMENTS = {
+    "granularity": "taskwise: one coefficient per task; layerwise: one per task per tensor",
+    "prior": "initial coefficient",
+    "clamp": "coefficients clamped to [0, 1]",
+    "lr": "Adam learning rate",
+    "per_task_backward": "true: back-propagate task by task (activation memory of one task)",
+    "learn_coefficients": "false: coefficients fixed (prior, or init_from's)",
+    "rank": "adapter bottleneck width (paper: 16)",
+    "loss": "pseudo_confidence (official crosspseudoconf) or entropy",
+    "offload": "true: task vectors stay in (pinned) CPU memory, streamed per merge",
+    "expert_chunk": "adaptation images per expert forward (expert features cached per image)",
+}
+
+# Per module class: the header note and (steps, note) of the trainer.
+NOTES = {
+    "AdaMerging": ("# Paper defaults (Yang et al., ICLR 2024): prior 0.3, Adam lr 1e-3, 500 steps, 16 unlabeled test\n"
+                   "# images per task per step, coefficients clamped to [0, 1].", 500, "paper: 500"),
+    "Surgery": ("# Representation Surgery (Yang et al., ICML 2024; EnnengYang/RepresentationSurgery): a rank-16\n"
+                "# adapter per task on the encoder output, L1 to the expert's features, Adam lr 1e-3; the\n"
+                "# coefficients stay fixed. Schedule differences from the official code: docs/fidelity.md.",
+                1000, "official: 500 x 8 tasks x 2 one-task steps; FusionBench: 1000"),
+    "Tinting": ("# Model Tinting (AIM-SKKU/SyMerge, src/main_symerge.py): layer-wise coefficients + one trainable\n"
+                "# head per task, CE to confident expert pseudo-labels, Adam lr 1e-2. Differences from the\n"
+                "# official schedule: docs/fidelity.md.", 500, "official: 500 epochs of one step per task"),
+}
+
+
+def model_block(name: str, model: str, experts: str, n: int, big: bool, stem_of) -> str:
+    """The ``model:`` section of one method's config."""
+    method = registry.get(name)
+    hp = method.defaults()
+    hp["per_task_backward"] = big
+    pool = POOL.format(model=model, pretrained="openai", experts=experts)
+    lines = []
+    for key, value in hp.items():
+        if key == "init_from" and method.starts_from:
+            value = f"runs/{stem_of(method.starts_from)}/checkpoints/last.ckpt"
+            comment = f"the finished {method.starts_from} run (run its config first)"
+        elif key == "trim":
+            comment = ("AdaMerging++: keep the top 20% of each task vector (TIES)" if value
+                       else "AdaMerging++ sets 0.2")
+        elif key == "task_vector_dtype":
+            comment = f"bfloat16 halves task-vector memory ({n} x the image tower in float32 otherwise)"
+        elif key == "init_from":
+            comment = "a checkpoint whose coefficients to start from (e.g. an AdaMerging run)"
+        else:
+            comment = COMMENTS.get(key, "")
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        pad = max(27 - len(key), len(text) + 1)
+        lines.append(f"{key}: {text:<{pad}}# {comment}" if comment else f"{key}: {text}")
+    body = pool.splitlines() + lines
+    if method.build is AdaMerging:  # the plain form: no class_path needed
+        return "\n".join("  " + l for l in body)
+    return "\n".join([f"  class_path: adamerge.methods.{method.build.__name__}", "  init_args:"]
+                     + ["    " + l for l in body])
+
+
+def config_methods() -> dict[str, str]:
+    """Config suffix -> registry name of every learned method with a CLIP config."""
     out = {}
     for name in registry.names("learned"):
-        method = registry.get(name)
-        if method.build is AdaMerging:
-            hp = method.defaults()
-            out[name.removeprefix("adamerging_")] = (hp["granularity"], hp["trim"], method.description)
+        suffix = name.removeprefix("adamerging_")
+        out[suffix] = name
     return out
 
 
+ADD_ON_COUNTS = (8,)  # Surgery / Tinting configs: the 8-task benchmark of their papers
+
+
 def main() -> None:
+    suffix_of = {v: k for k, v in config_methods().items()}
     for key, model in MODELS.items():
         for n, suite in COUNTS.items():
             tasks = SUITES[suite]
-            for method, (granularity, trim, doc) in adamerging_methods().items():
-                name = f"clip-{key}_{n}tasks_{method}.yaml"
-                experts = "\n".join(f"        {t}: experts/{model}/{t}.safetensors" for t in tasks)
+            stem_of = lambda name: f"clip-{key}_{n}tasks_{suffix_of[name]}"
+            for suffix, method in config_methods().items():
+                cls = registry.get(method).build.__name__
+                if cls != "AdaMerging" and n not in ADD_ON_COUNTS:
+                    continue
+                name = f"{stem_of(method)}.yaml"
+                experts = "\n".join(f"      {t}: experts/{model}/{t}.safetensors" for t in tasks)
                 big = key == "vit-l-14" or n > 8
+                note, steps, steps_note = NOTES[cls]
                 text = TEMPLATE.format(
-                    title=name, method_doc=doc, n=n, model=model, pretrained="openai", name=name,
-                    stem=name.removesuffix(".yaml"), experts=experts, granularity=granularity,
-                    trim="null" if trim is None else str(trim),
-                    trim_comment="AdaMerging++: keep the top 20% of each task vector (TIES)"
-                    if trim else "AdaMerging++ sets 0.2",
-                    ptb="true" if big else "false",
-                    tv_note=f"{n} x the image tower in float32 otherwise", tasks=", ".join(tasks))
+                    title=name, method_doc=registry.get(method).description, n=n, model=model,
+                    pretrained="openai", name=name, stem=name.removesuffix(".yaml"),
+                    defaults_note=note, steps=steps, steps_note=steps_note,
+                    model_block=model_block(method, model, experts, n, big, stem_of),
+                    tasks=", ".join(tasks))
                 (ROOT / "configs" / name).write_text(text)
                 print("wrote", name)
 

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from adamerge.commands.bench import bench_main
+from adamerge.commands.bench import VARIANTS, bench_main
 
-KEYS = {"limit_s", "adamerge_s", "naive_s", "adamerge_over_limit", "naive_over_adamerge", "task_vector_bytes"}
+KEYS = {"limit_s", "adamerge_s", "naive_s", "adamerge_over_limit", "naive_over_adamerge", "task_vector_bytes",
+        "surgery_s", "tinting_s", "surgery_over_adamerging", "tinting_over_adamerging", "surgery_uncached_over_cached"}
 
 
 def test_bench_command_prints_json_last_with_every_figure():
@@ -16,7 +17,7 @@ def test_bench_command_prints_json_last_with_every_figure():
                            "--steps", "1", "--warmup", "0"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert KEYS <= set(res) and set(res["peak_rss_mb"]) == set(res["step_rss_mb"]) == {"limit", "adamerge", "naive"}
+    assert KEYS <= set(res) and set(res["peak_rss_mb"]) == set(res["step_rss_mb"]) == set(VARIANTS)
     assert all(v > 0 for v in res["peak_rss_mb"].values())
     assert all(0 <= res["step_rss_mb"][v] <= res["peak_rss_mb"][v] for v in res["step_rss_mb"])
     assert res["adamerge_over_limit"] == pytest.approx(res["adamerge_s"] / res["limit_s"], rel=0.01)

@@ -473,27 +473,43 @@ def test_clip_configs_are_consistent():
             assert f"clip-{model}_8tasks_{g}.yaml" in names
         assert f"clip-{model}_14tasks_layerwise.yaml" in names
         assert f"clip-{model}_20tasks_layerwise.yaml" in names
+        for m in ("layerwise_surgery", "task_arithmetic_surgery", "tinting"):
+            assert f"clip-{model}_8tasks_{m}.yaml" in names
     import open_clip
+    from adamerge.methods import registry
     reg = load_registry()
     for path in CLIP_CONFIGS:
         cfg = yaml.safe_load(path.read_text())
-        pool, src = cfg["model"]["pool"]["init_args"], cfg["data"]["source"]["init_args"]
+        suffix = path.name.split("_", 2)[2].removesuffix(".yaml")
+        method = registry.get(f"adamerging_{suffix}" if f"adamerging_{suffix}" in registry.REGISTRY else suffix)
+        model_args = cfg["model"].get("init_args", cfg["model"])
+        assert cfg["model"].get("class_path", "adamerge.methods.AdaMerging") == \
+            f"adamerge.methods.{method.build.__name__}", path.name
+        for key, value in method.defaults().items():  # the registry's defaults, written out
+            if key not in ("per_task_backward", "init_from"):
+                assert model_args[key] == value, (path.name, key)
+        if method.starts_from:
+            assert model_args["init_from"].endswith("_8tasks_layerwise/checkpoints/last.ckpt"), path.name
+        pool, src = model_args["pool"]["init_args"], cfg["data"]["source"]["init_args"]
         assert list(pool["experts"]) == src["tasks"], path.name
         assert all(t in reg for t in src["tasks"]), path.name
         assert open_clip.get_model_config(pool["model"]) is not None
         assert (pool["model"], pool["pretrained"]) == (src["model"], src["pretrained"])
         n = int(path.name.split("_")[1].removesuffix("tasks"))
         assert len(src["tasks"]) == n
-        assert cfg["model"]["prior"] == 0.3 and cfg["model"]["lr"] == 0.001
-        assert cfg["data"]["batch_size"] == 16 and cfg["trainer"]["max_steps"] == 500
-        assert cfg["model"].get("trim") == (0.2 if "layerwise_pp" in path.name else None)
-        assert cfg["model"]["granularity"] == ("taskwise" if "taskwise" in path.name else "layerwise")
+        assert model_args["prior"] == 0.3
+        assert model_args["lr"] == (0.01 if method.name == "tinting" else 0.001)
+        assert cfg["data"]["batch_size"] == 16
+        assert cfg["trainer"]["max_steps"] == (1000 if "surgery" in method.name else 500)
+        assert model_args.get("trim") == (0.2 if "layerwise_pp" in path.name else None)
 
 
-@pytest.mark.parametrize("name", ["clip-vit-b-32_8tasks_layerwise.yaml", "clip-vit-l-14_20tasks_layerwise_pp.yaml"])
+@pytest.mark.parametrize("name", ["clip-vit-b-32_8tasks_layerwise.yaml", "clip-vit-l-14_20tasks_layerwise_pp.yaml",
+                                  "clip-vit-b-32_8tasks_layerwise_surgery.yaml", "clip-vit-l-14_8tasks_tinting.yaml"])
 def test_clip_config_validates_against_signatures(name, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(ROOT / "configs" / name), "--print_config"])
     assert exc.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["pool"]["class_path"] == "adamerge.models.OpenCLIPPool"
+    model = printed["model"].get("init_args", printed["model"])  # subclass mode when class_path is named
+    assert model["pool"]["class_path"] == "adamerge.models.OpenCLIPPool"

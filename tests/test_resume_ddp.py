@@ -72,7 +72,7 @@ def test_ddp_two_cpu_processes_equal_single_process(tmp_path):
     ddp = run(command(tmp_path / "ddp", *args, "--trainer.devices", "2", "--trainer.strategy", "ddp"))
     out = ddp.stdout + ddp.stderr
     assert "DDP on 2 processes synchronises ['merged.coefficients']" in out, out[-3000:]
-    assert "coefficients identical on all 2 ranks" in out, out[-3000:]
+    assert "learned tensors identical on all 2 ranks" in out, out[-3000:]
     single, multi = coefficients(tmp_path / "single"), coefficients(tmp_path / "ddp")
     assert read_checkpoint(tmp_path / "ddp/checkpoints/last.ckpt")["global_step"] == 4
     assert not torch.equal(single, torch.full_like(single, 0.3))

@@ -8,7 +8,12 @@ Three variants run on the same encoder, the same K x B images and the same froze
   default ``adamerging_layerwise``: :meth:`AdaMerging.training_step`, backward, Adam);
 * ``naive``: a step written the way the original AdaMerging code works: for every task batch a
   re-merge with a Python loop over parameters and tasks, a separate forward, and gradients for
-  every task-vector tensor.
+  every task-vector tensor;
+* ``surgery`` / ``tinting``: the steps of ``adamerging_layerwise_surgery`` and ``tinting``, whose
+  objectives read each task expert's features of the batch: computed once per image and cached
+  (after warm-up every image of the fixed benchmark batch is cached, as every image is after a
+  run's first pass over the adaptation data); ``surgery_uncached`` recomputes them each step (K
+  extra expert forwards), which shows what the cache saves.
 
 Timings are interleaved (limit, adamerge, naive, limit, ...) after warm-up, and the median of
 ``--steps`` is reported. Peak memory is measured per variant: on CPU in a child process that
@@ -35,13 +40,18 @@ import lightning as L
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.data import TensorDataset
 
 from ..engine.objectives import entropy
 from ..engine.task_vectors import DTYPES, TaskVectors
 from ..methods import registry
 from ..models.pool import LoadedPool, PreloadedPool
 
-VARIANTS = ("limit", "adamerge", "naive")
+VARIANTS = ("limit", "adamerge", "naive", "surgery", "surgery_uncached", "tinting")
+# variant -> (learned method of the registry, expert features cached)
+ADD_ONS = {"surgery": ("adamerging_layerwise_surgery", True),
+           "surgery_uncached": ("adamerging_layerwise_surgery", False),
+           "tinting": ("tinting", True)}
 CLASSES = 10  # classes per task head: the head's cost is negligible next to the encoder's
 
 
@@ -106,18 +116,31 @@ def method_hparams(ns: argparse.Namespace) -> dict:
     return registry.get(ns.method).resolve(overrides)
 
 
-def adamerge_step(loaded: LoadedPool, device: torch.device, method: str,
-                  hparams: dict) -> tuple[Callable[[dict], None], "L.LightningModule"]:
-    """The training step of a learned method of the registry, optimizer included."""
+def adamerge_step(loaded: LoadedPool, device: torch.device, method: str, hparams: dict,
+                  cache: bool = True) -> tuple[Callable[[dict], None], "L.LightningModule"]:
+    """The training step of a learned method of the registry, optimizer included. The images
+    carry their indices (0..B-1) as the adaptation stream's do; methods that read the experts'
+    features get the batch's images as their adaptation data (``cache``: keep those features)."""
     module = registry.get(method).build(PreloadedPool(loaded), **hparams).to(device)
     module.train()
     opt = module.configure_optimizers()
+    state = {}
 
     def step(images: dict[str, torch.Tensor]) -> None:
+        if not state:
+            module.use_adaptation_data({t: TensorDataset(x.cpu()) for t, x in images.items()}, cache=cache)
+            state["indices"] = {t: torch.arange(x.shape[0]) for t, x in images.items()}
+        batch = {t: (x, state["indices"][t]) for t, x in images.items()}
         opt.zero_grad(set_to_none=True)
-        module.training_step(images, 0).backward()
+        module.training_step(batch, 0).backward()
         opt.step()
     return step, module
+
+
+def add_on_hparams(ns: argparse.Namespace, variant: str) -> dict:
+    """Hyper-parameters of an add-on variant's method (registry defaults, this command's options)."""
+    return registry.get(ADD_ONS[variant][0]).resolve(
+        {"per_task_backward": ns.per_task_backward, "task_vector_dtype": ns.task_vector_dtype})
 
 
 def naive_step(loaded: LoadedPool, device: torch.device, granularity: str) -> Callable[[dict], None]:
@@ -191,6 +214,9 @@ def _variant_fn(variant: str, ns: argparse.Namespace, device: torch.device):
         fn = limit_step(loaded, device)
     elif variant == "adamerge":
         fn, _ = adamerge_step(loaded, device, ns.method, method_hparams(ns))
+    elif variant in ADD_ONS:
+        fn, _ = adamerge_step(loaded, device, ADD_ONS[variant][0], add_on_hparams(ns, variant),
+                              cache=ADD_ONS[variant][1])
     else:
         fn = naive_step(loaded, device, method_hparams(ns)["granularity"])
     return fn, make_batch(loaded.task_vectors.task_names, ns.batch, shape, device)
@@ -248,6 +274,9 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
             fns[v] = limit_step(loaded, device)
         elif v == "adamerge":
             fns[v], module = adamerge_step(loaded, device, ns.method, hparams)
+        elif v in ADD_ONS:
+            fns[v], _ = adamerge_step(loaded, device, ADD_ONS[v][0], add_on_hparams(ns, v),
+                                      cache=ADD_ONS[v][1])
         else:
             fns[v] = naive_step(loaded, device, hparams["granularity"])
     # what adamerge really holds (its module converts the dtype); else what it would hold
@@ -288,6 +317,11 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
         out["adamerge_over_limit"] = round(med["adamerge"] / med["limit"], 3)
     if "naive" in med and "adamerge" in med:
         out["naive_over_adamerge"] = round(med["naive"] / med["adamerge"], 3)
+    for v in ("surgery", "tinting"):
+        if v in med and "adamerge" in med:
+            out[f"{v}_over_adamerging"] = round(med[v] / med["adamerge"], 3)
+    if "surgery" in med and "surgery_uncached" in med:
+        out["surgery_uncached_over_cached"] = round(med["surgery_uncached"] / med["surgery"], 3)
     if device.type == "cuda":
         out["peak_cuda_mb"] = {v: round(m, 1) for v, m in peak_cuda.items()}
     elif memory:
@@ -326,7 +360,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant; the median is reported (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default: 1)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                   help="which variants to run (default: all three)")
+                   help="which variants to run (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--precision", choices=["32", "bf16-mixed"], default="32",
                    help="bf16-mixed: every variant under bf16 autocast (for GPUs) (default: 32)")

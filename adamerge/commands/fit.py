@@ -1,7 +1,9 @@
 """``adamerge fit | validate | test``: LightningCLI subcommands driven by YAML configs.
 
-The model is :class:`adamerge.methods.AdaMerging`, the data :class:`adamerge.data.MultiTaskDataModule`;
-their typed ``__init__`` signatures are the config schema (``model.*``, ``data.*``).
+The model is :class:`adamerge.methods.AdaMerging` or a subclass named by ``model.class_path``
+(``adamerge.methods.Surgery``, ``adamerge.methods.Tinting``; a config without ``class_path`` is
+AdaMerging), the data :class:`adamerge.data.MultiTaskDataModule`; their typed ``__init__``
+signatures are the config schema (``model.*``, ``data.*``).
 """
 
 from __future__ import annotations
@@ -58,11 +60,36 @@ def absolute_paths(value: Any) -> Any:
     return value
 
 
+def names_model_class(args: Sequence[str]) -> bool:
+    """Whether the command line or one of its ``--config`` files names ``model.class_path``.
+
+    Only then is the model parsed in subclass mode (AdaMerging or a subclass such as Surgery);
+    plain AdaMerging configs keep the plain mode, whose errors name the exact key and value.
+    """
+    import yaml
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg.startswith("--model.class_path") or arg == "--model" or arg.startswith("--model="):
+            return True
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else \
+            args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else None
+        if path is None or not os.path.isfile(path):
+            continue
+        try:
+            cfg = yaml.safe_load(open(path).read())
+        except (OSError, yaml.YAMLError):
+            continue  # LightningCLI reports unreadable configs itself
+        if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and "class_path" in cfg["model"]:
+            return True
+    return False
+
+
 def lightning_main(args: Sequence[str]) -> None:
     """Run a LightningCLI subcommand (fit / validate / test)."""
     from ..data.datamodule import MultiTaskDataModule
     from ..methods.adamerging import AdaMerging
     AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=list(args),
+                subclass_mode_model=names_model_class(args),
                 save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False},
                 trainer_defaults={"max_steps": 500, "check_val_every_n_epoch": None,
                                   "val_check_interval": 500, "log_every_n_steps": 10})

@@ -1,7 +1,8 @@
 """Merging methods and their registry (:mod:`adamerge.methods.registry`, the one list of method
 names): reference rows, static merges over task vectors (weight averaging, task arithmetic, TIES
-and the TIES transform), and learned methods as Lightning modules (AdaMerging task-/layer-wise,
-AdaMerging++).
+and the TIES transform), and learned methods as Lightning modules: AdaMerging (task-/layer-wise,
+AdaMerging++) is the engine module; Representation Surgery (per-task feature adapters) and Model
+Tinting (per-task trainable heads) are small subclasses of it with their own objectives.
 
 May import: :mod:`adamerge.engine`, :mod:`adamerge.models`, :mod:`adamerge.data`,
 :mod:`adamerge.io`, :mod:`adamerge.report`, :mod:`adamerge.errors`. Never suites or commands.
@@ -11,6 +12,8 @@ from . import registry
 from .adamerging import AdaMerging
 from .registry import REGISTRY, Method
 from .static import task_arithmetic, ties, ties_task_vectors, weight_averaging
+from .surgery import Surgery, SurgeryAdapter
+from .tinting import TintedHead, Tinting
 
-__all__ = ["REGISTRY", "AdaMerging", "Method", "registry", "task_arithmetic", "ties", "ties_task_vectors",
-           "weight_averaging"]
+__all__ = ["REGISTRY", "AdaMerging", "Method", "Surgery", "SurgeryAdapter", "TintedHead", "Tinting",
+           "registry", "task_arithmetic", "ties", "ties_task_vectors", "weight_averaging"]

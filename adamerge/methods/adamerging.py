@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.datamodule import MultiTaskDataModule, image_of
-from ..engine.expert_features import ExpertFeatures
+from ..engine.expert_features import FeatureCache
 from ..engine.merged_model import Granularity, MergedModel
 from ..engine.objectives import entropy
 from ..engine.task_vectors import DTYPES, TaskVectors, fingerprint_difference
@@ -107,7 +107,9 @@ class AdaMerging(L.LightningModule):
                                       for t in self.task_names})
         self._eval_params: dict[str, torch.Tensor] | None = None
         self._fixed_params: dict[str, torch.Tensor] | None = None  # the merge, when coefficients are fixed
-        self.experts: ExpertFeatures | None = None  # set by use_adaptation_data when needs_experts
+        self.experts: FeatureCache | None = None  # set by use_adaptation_data when needs_experts
+        self._adapt: tuple | None = None  # (image loader, sizes, chunk) of the adaptation data
+        self._merged_cache: FeatureCache | None = None  # merged features, coefficients fixed
         if init_from is not None:
             self.init_coefficients(init_from)
 
@@ -190,8 +192,22 @@ class AdaMerging(L.LightningModule):
         if self.hparams.get("trim") is None and self.hparams.get("task_vector_dtype") is None:
             tv = self.merged.task_vectors  # the same tensors, already on the module's device
         load = lambda task, idx: torch.stack([image_of(datasets[task][i]) for i in idx])
-        self.experts = ExpertFeatures(self.merged.module, tv, load,
-                                      {t: len(datasets[t]) for t in self.task_names}, chunk, cache)
+        sizes = {t: len(datasets[t]) for t in self.task_names}
+        self.experts = FeatureCache.experts(self.merged.module, tv, load, sizes, chunk, cache)
+        self._adapt = (load, sizes, chunk) if cache else None
+        self._merged_cache = None
+
+    def train_features(self, images: dict[str, torch.Tensor], indices: dict[str, torch.Tensor | None],
+                       params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:meth:`features` of a training batch. With fixed coefficients the merged encoder is
+        frozen too, so each adaptation image's features are computed once and cached."""
+        if self.learn_coefficients or self._adapt is None or any(i is None for i in indices.values()):
+            return self.features(images, params)
+        if self._merged_cache is None:
+            load, sizes, chunk = self._adapt
+            self._merged_cache = FeatureCache.fixed(self.merged.module, params, load, sizes, chunk)
+        device = next(iter(images.values())).device
+        return {t: self._merged_cache(t, indices[t], device) for t in images}
 
     def _batch(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
         missing = [t for t in self.task_names if t not in batch]
@@ -268,7 +284,8 @@ class AdaMerging(L.LightningModule):
         # the learned tensors NaN and every later checkpoint useless.
         for name, p in self.named_parameters():
             if p.grad is not None and not torch.isfinite(p.grad).all():
-                raise FloatingPointError(f"non-finite gradient of {name} at step {self.global_step} "
+                what = "coefficient gradient" if name == COEFFICIENTS_KEY else f"gradient of {name}"
+                raise FloatingPointError(f"non-finite {what} at step {self.global_step} "
                                          f"({int((~torch.isfinite(p.grad)).sum())} of {p.grad.numel()} "
                                          "entries); the last good checkpoint is kept")
 
@@ -281,6 +298,7 @@ class AdaMerging(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._fixed_params = None  # coefficients may have been restored from a checkpoint
+        self._merged_cache = None
 
     # -------------------------------------------------------------------------- evaluate
     def _start_eval(self) -> None:
@@ -410,7 +428,7 @@ class AdaMerging(L.LightningModule):
         with torch.no_grad():
             for k, v in self.learned_state().items():
                 v.copy_(state[k])
-        self._fixed_params = None
+        self._fixed_params = self._merged_cache = None
         return checkpoint
 
     def init_coefficients(self, path: str) -> None:
@@ -419,14 +437,15 @@ class AdaMerging(L.LightningModule):
         self._check(checkpoint, str(path), coefficients_only=True)
         with torch.no_grad():
             self.merged.coefficients.copy_(checkpoint["state_dict"][COEFFICIENTS_KEY])
-        self._fixed_params = None
+        self._fixed_params = self._merged_cache = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         kept = {k: state[k] for k in self.learned_state()}
         for k, v in kept.items():
             if not torch.isfinite(v).all():
-                raise FloatingPointError(f"refusing to save non-finite {k} at step {self.global_step}; "
+                what = "coefficients" if k == COEFFICIENTS_KEY else k
+                raise FloatingPointError(f"refusing to save non-finite {what} at step {self.global_step}; "
                                          "the last good checkpoint is kept")
         checkpoint["state_dict"] = kept
         checkpoint["adamerge"] = {"method": self.method, "fingerprint": self.fingerprint,
@@ -434,7 +453,7 @@ class AdaMerging(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check(checkpoint, "checkpoint")
-        self._fixed_params = None
+        self._fixed_params = self._merged_cache = None
 
 
 def check_checkpoint(checkpoint: dict[str, Any], fingerprint: dict,

@@ -32,6 +32,8 @@ from ..errors import unknown_name
 from .adamerging import AdaMerging
 from .references import individual, pretrained
 from .static import task_arithmetic, ties, weight_averaging
+from .surgery import Surgery
+from .tinting import Tinting
 
 Kind = Literal["static", "per_task", "learned"]
 KINDS: tuple[str, ...] = ("static", "per_task", "learned")
@@ -56,6 +58,9 @@ class Method:
         demo: whether the default ``adamerge demo`` / ``compare`` run includes it (the default
             demo's first run must stay under 6 minutes on 2 CPU cores).
         source: where the method and its defaults come from.
+        starts_from: learned methods: another learned method whose final coefficients this one
+            starts from (its ``init_from``). ``adamerge compare`` runs that one first and passes
+            its checkpoint; a ``fit`` user gives ``--model.init_from CKPT``.
     """
 
     name: str
@@ -66,6 +71,7 @@ class Method:
     tune: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     demo: bool = True
     source: str = ""
+    starts_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.name == ALL:
@@ -77,6 +83,9 @@ class Method:
             if key not in known:
                 raise ValueError(f"method {self.name!r}: {key!r} is not an argument of "
                                  f"{self.build.__qualname__} (arguments: {sorted(known)})")
+        if self.starts_from is not None and (self.kind != "learned" or "init_from" not in known):
+            raise ValueError(f"method {self.name!r}: starts_from needs a learned method with an "
+                             "init_from argument")
 
     def builder_defaults(self) -> dict[str, Any]:
         """Keyword arguments of ``build`` (inputs excluded) with their default values."""
@@ -125,7 +134,34 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("adamerging_layerwise_pp", "learned",
            "AdaMerging++: layer-wise on TIES-trimmed task vectors (top 20%)", AdaMerging,
            {"granularity": "layerwise", "trim": 0.2}, source="Yang et al., ICLR 2024 (AdaMerging++)"),
+    Method("task_arithmetic_surgery", "learned",
+           "Representation Surgery on task arithmetic (scaling 0.3): per-task feature adapters, L1 "
+           "to the experts' features", Surgery, {"granularity": "taskwise", "prior": 0.3},
+           source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery"),
+    Method("adamerging_layerwise_surgery", "learned",
+           "Representation Surgery on the coefficients of a finished layer-wise AdaMerging run",
+           Surgery, {"granularity": "layerwise"}, starts_from="adamerging_layerwise",
+           source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery"),
+    Method("tinting", "learned",
+           "Model Tinting: layer-wise coefficients + a trainable head per task, CE to confident "
+           "expert pseudo-labels", Tinting,
+           source="Model Tinting / SyMerge; AIM-SKKU/SyMerge src/main_symerge.py"),
 )})
+
+
+def with_prerequisites(chosen: Sequence[str]) -> list[str]:
+    """``chosen`` with every method's ``starts_from`` placed before it when missing."""
+    out: list[str] = []
+
+    def add(name: str) -> None:
+        first = REGISTRY[name].starts_from
+        if first is not None and first not in out:
+            add(first)
+        if name not in out:
+            out.append(name)
+    for name in chosen:
+        add(name)
+    return out
 
 
 def get(name: str) -> Method:

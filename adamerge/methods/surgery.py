@@ -52,7 +52,7 @@ class Surgery(AdaMerging):
         init_from: checkpoint whose coefficients are used, e.g. a finished layer-wise AdaMerging
             run (the paper's AdaMerging + Surgery).
         expert_chunk: adaptation images per expert forward; each image's expert features are
-            computed once (see :class:`adamerge.engine.expert_features.ExpertFeatures`).
+            computed once (see :class:`adamerge.engine.expert_features.FeatureCache`).
     """
 
     method = "surgery"
@@ -84,7 +84,7 @@ class Surgery(AdaMerging):
         return nn.Sequential(self.task_modules[task], self.heads[task])
 
     def task_losses(self, images, indices, params):
-        feats = self.features(images, params)
+        feats = self.train_features(images, indices, params)
         return {t: feature_l1(self.task_modules[t](f), self.expert_features(t, indices[t], f.device))
                 for t, f in feats.items()}
 
