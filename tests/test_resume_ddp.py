@@ -78,3 +78,22 @@ def test_ddp_two_cpu_processes_equal_single_process(tmp_path):
     assert not torch.equal(single, torch.full_like(single, 0.3))
     diff = (single - multi).abs().max().item()
     assert diff <= 1e-5, diff
+
+
+def learned(root: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(root / "checkpoints/last.ckpt")["state_dict"]
+
+
+def test_ddp_surgery_synchronises_only_the_adapters_and_matches_one_process(tmp_path):
+    SuitePool("tiny").load()
+    args = ["--trainer.max_steps", "4", "--data.batch_size", "16", "--model.class_path", "adamerge.methods.Surgery"]
+    run(command(tmp_path / "single", *args))
+    ddp = run(command(tmp_path / "ddp", *args, "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    out = ddp.stdout + ddp.stderr
+    synced = out.split("synchronises ", 1)[1].split(" (", 1)[0]
+    assert "task_modules.digits.down.weight" in synced and "merged.module" not in synced, out[-3000:]
+    assert "learned tensors identical on all 2 ranks" in out, out[-3000:]
+    single, multi = learned(tmp_path / "single"), learned(tmp_path / "ddp")
+    assert set(single) == set(multi)
+    for key in single:
+        assert (single[key] - multi[key]).abs().max().item() <= 1e-5, key
