@@ -36,6 +36,8 @@ class CompareSettings:
             searched).
         grids: method -> hyper-parameter -> grid, replacing the registry's ``tune`` grids.
         accelerator: Lightning accelerator for learned methods.
+        seed: global seed set before each learned method is built (random initialisations such
+            as Surgery's adapters), so a row does not depend on which rows ran before it.
         extra: more entries for the report's ``settings``.
     """
 
@@ -44,6 +46,7 @@ class CompareSettings:
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     grids: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
     accelerator: str = "cpu"
+    seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -124,6 +127,7 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
         else:
             if method.starts_from and "init_from" not in fixed:
                 hp["init_from"] = str(final_checkpoints[method.starts_from])
+            L.seed_everything(s.seed, verbose=False)
             model = method.build(PreloadedPool(loaded), **hp)
             trainer = L.Trainer(default_root_dir=out / "runs" / name, max_steps=s.steps,
                                 accelerator=s.accelerator, devices=1, limit_val_batches=0,
@@ -146,7 +150,7 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
                "descriptions": {m: registry.get(m).description for m in methods},
                "hparams": used,
                "tuned": tuned,
-               "settings": {"steps": s.steps, "val_split": s.val_split,
+               "settings": {"steps": s.steps, "val_split": s.val_split, "seed": s.seed,
                             "batch_size": datamodule.batch_size,
                             "adapt_split": datamodule.adapt_split, "eval_split": datamodule.eval_split,
                             **s.extra},

@@ -216,3 +216,37 @@ def test_sigkill_mid_run_then_resume_gives_identical_learned_tensors(tmp_path, m
     assert set(a["state_dict"]) == set(b["state_dict"]) and len(a["state_dict"]) > 1
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), (key, at_kill)
+
+
+def test_fit_then_export_surgery_from_the_command_line(tmp_path):
+    SuitePool("tiny").load()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    extra = ["--model.class_path", "adamerge.methods.Surgery", "--trainer.max_steps", "3"]
+    proc = subprocess.run(fit_command(tmp_path / "run", *extra), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "run/checkpoints/last.ckpt"
+    proc = subprocess.run([sys.executable, "-m", "adamerge", "export", "--config", str(ROOT / "configs/tiny.yaml"),
+                           "--model.class_path", "adamerge.methods.Surgery", "--ckpt_path", str(ckpt),
+                           "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mods = load_state_dict(tmp_path / "out/task_modules.safetensors")
+    assert set(mods) == {f"{t}.{p}" for t in SuiteSource("tiny").task_names() for p in ("down", "up")}
+    # the plain AdaMerging config refuses the Surgery checkpoint in one line
+    proc = subprocess.run([sys.executable, "-m", "adamerge", "export", "--config", str(ROOT / "configs/tiny.yaml"),
+                           "--ckpt_path", str(ckpt), "--out", str(tmp_path / "out2")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "written by method 'surgery', this run is 'adamerging'" in proc.stderr
+
+
+def test_compare_rows_do_not_depend_on_the_global_random_state(tmp_path):
+    loaded = SuitePool("tiny").load()
+    adapters = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # as if other rows had consumed random numbers before
+        dm = MultiTaskDataModule(SuiteSource("tiny"), batch_size=16, eval_batch_size=256)
+        compare(loaded, dm, tmp_path / str(seed), CompareSettings(steps=2, val_split=None),
+                methods=["task_arithmetic_surgery"], suite="tiny", say=lambda s: None)
+        adapters.append(read_checkpoint(tmp_path / str(seed) / "runs/task_arithmetic_surgery/final.ckpt")["state_dict"])
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

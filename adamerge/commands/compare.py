@@ -81,16 +81,20 @@ def hparam_overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def compare_main(args: Sequence[str]) -> None:
     """``adamerge compare``: methods of the registry on the pool and data of a fit config."""
     from ..methods.adamerging import AdaMerging
-    from .fit import AdaMergeCLI
+    from .fit import AdaMergeCLI, names_model_class
     ns, rest = parser("adamerge compare", demo=False).parse_known_args(list(args))
     methods = registry.select(ns.methods)
     hparams = hparam_overrides(ns)
     cli = AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=rest, run=False,
-                      save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+                      save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False},
+                      subclass_mode_model=names_model_class(rest))
     model, dm = cli.model, cli.datamodule
-    # The config's learning rate and prior apply to every learned method (unless --hparam says otherwise).
+    # The config's learning rate and prior apply to the learned methods of the config's class
+    # (AdaMerging's rows for an AdaMerging config); the others (Surgery, Tinting: their own
+    # official lr) keep their registry defaults unless --hparam says otherwise.
     for name in registry.names("learned"):
-        hparams[name] = {"lr": model.lr, "prior": float(model.hparams.prior), **hparams.get(name, {})}
+        if registry.get(name).build is type(model):
+            hparams[name] = {"lr": model.lr, "prior": float(model.hparams.prior), **hparams.get(name, {})}
     settings = CompareSettings(steps=ns.steps or int(cli.trainer.max_steps),
                                val_split=None if ns.val_split == "none" else ns.val_split,
                                hparams=hparams, accelerator="auto")

@@ -14,12 +14,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="adamerge export",
         description="Write the merged model of an adamerge checkpoint as safetensors: the merged "
-                    "encoder (merged.safetensors), the task heads (heads.safetensors) and the "
+                    "encoder (merged.safetensors), the task heads (heads.safetensors; Tinting's "
+                    "learned heads), Surgery's per-task adapters (task_modules.safetensors) and the "
                     "coefficients (coefficients.json).")
     p.add_argument("--config", required=True, action="append",
                    help="the run's config file(s), as given to `adamerge fit`")
     p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True,
-                   help="coefficient checkpoint (e.g. RUN/checkpoints/last.ckpt)")
+                   help="checkpoint of the run (e.g. RUN/checkpoints/last.ckpt); its method must be the config's")
     p.add_argument("--out", required=True, help="output folder")
     p.epilog = ("Other options are config overrides as for fit, e.g. "
                 "--model.pool.init_args.head_cache DIR.")
@@ -27,13 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_model(configs: Sequence[str], overrides: Sequence[str] = ()):
-    """The ``AdaMerging`` module a config describes (the pool is loaded; nothing is trained)."""
+    """The learned module a config describes (``AdaMerging`` or the ``model.class_path``
+    subclass; the pool is loaded, nothing is trained)."""
     from ..data.datamodule import MultiTaskDataModule
     from ..methods.adamerging import AdaMerging
-    from .fit import AdaMergeCLI
+    from .fit import AdaMergeCLI, names_model_class
     args = [a for c in configs for a in ("--config", c)] + list(overrides) + ["--trainer.logger", "false"]
-    cli = AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=args, run=False,
-                      save_config_callback=None)
+    cli = AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=args, run=False, save_config_callback=None,
+                      subclass_mode_model=names_model_class(args))
     return cli.model
 
 

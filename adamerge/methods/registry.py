@@ -214,7 +214,8 @@ def describe(methods: Iterable[str] | None = None, hparams: bool = True) -> str:
             indent = " " * (width + 2)
             shown = ", ".join(f"{k}={v!r}" for k, v in m.defaults().items())
             tuned = ", ".join(f"{k} picked on a labeled split from {_value(g)}" for k, g in m.tune.items())
-            for label, text in (("hparams", shown), ("tuned", tuned)):
+            first = f"the final coefficients of {m.starts_from} (run first)" if m.starts_from else ""
+            for label, text in (("hparams", shown), ("tuned", tuned), ("starts from", first)):
                 if text:
                     lines += textwrap.wrap(text, 100, initial_indent=f"{indent}{label}: ",
                                            subsequent_indent=indent + " " * (len(label) + 2))
