@@ -1,6 +1,6 @@
 """``adamerge bench``: how far one AdaMerging step is from the physical limit.
 
-Three variants run on the same encoder, the same K x B images and the same frozen heads:
+The variants run on the same encoder, the same K x B images and the same frozen heads:
 
 * ``limit``: a plain forward and backward of the encoder on all K x B images, with gradients
   w.r.t. its weights: what any training step on this batch costs at least;
