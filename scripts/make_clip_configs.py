@@ -86,6 +86,8 @@ COMMENTS = {
     "learn_coefficients": "false: coefficients fixed (prior, or init_from's)",
     "rank": "adapter bottleneck width (paper: 16)",
     "loss": "pseudo_confidence (official crosspseudoconf) or entropy",
+    "objective": "entropy (the paper) or pseudo_label (CE to each expert's predicted class)",
+    "min_confidence": "pseudo_label: drop images the expert is less sure of (0 keeps all)",
     "offload": "true: task vectors stay in (pinned) CPU memory, streamed per merge",
     "expert_chunk": "adaptation images per expert forward (expert features cached per image)",
 }

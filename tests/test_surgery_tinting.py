@@ -239,3 +239,51 @@ def test_compare_rows_do_not_depend_on_the_global_random_state(tmp_path):
                 methods=["task_arithmetic_surgery"], suite="tiny", say=lambda s: None)
         adapters.append(read_checkpoint(tmp_path / str(seed) / "runs/task_arithmetic_surgery/final.ckpt")["state_dict"])
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_pseudo_label_objective_gradient_matches_finite_differences_and_filters_by_confidence():
+    from adamerge.engine.objectives import expert_pseudo_label
+    merged = torch.tensor([[2.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    expert = torch.tensor([[0.0, 5.0], [0.0, 0.1]])  # confident 1, unsure (p=0.52) 1
+    assert expert_pseudo_label(merged, expert).item() == pytest.approx(
+        F.cross_entropy(merged, torch.tensor([1, 1])).item())
+    assert expert_pseudo_label(merged, expert, 0.9).item() == pytest.approx(
+        F.cross_entropy(merged[:1], torch.tensor([1])).item())
+    assert expert_pseudo_label(merged, expert, 0.999).item() == 0.0
+
+    model = AdaMerging(tiny(), granularity="taskwise", objective="pseudo_label")
+    data = SuiteSource("tiny")
+    model.use_adaptation_data({t: data.dataset(t, "test") for t in model.task_names})
+    images = {t: torch.stack([data.dataset(t, "test")[i][0] for i in range(16)]) for t in model.task_names}
+    indices = {t: torch.arange(16) for t in model.task_names}
+    expert_logits = {t: model.heads[t](model.experts(t, indices[t])) for t in model.task_names}
+    assert any(len(set(z.argmax(-1).tolist())) > 1 for z in expert_logits.values())
+
+    def loss_at(coeffs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            model.merged.coefficients.copy_(coeffs)
+        losses = model.task_losses(images, indices, model.merged.merged_parameters())
+        return torch.stack(list(losses.values())).sum()
+    c0 = torch.tensor([[0.3, 0.5, 0.4]])
+    loss_at(c0).backward()
+    grad = model.merged.coefficients.grad.clone()
+    eps = 1e-2
+    numeric = torch.zeros_like(c0)
+    for k in range(3):
+        d = torch.zeros_like(c0)
+        d[0, k] = eps
+        numeric[0, k] = (loss_at(c0 + d).item() - loss_at(c0 - d).item()) / (2 * eps)
+    assert torch.allclose(grad, numeric, rtol=0.05, atol=1e-4), (grad, numeric)
+
+
+def test_pseudo_label_row_learns_on_the_tiny_pool(tmp_path):
+    seen = []
+
+    class Rec(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(float(trainer.callback_metrics["train/pseudo_ce"]))
+    from adamerge.methods import registry
+    hp = registry.get("adamerging_layerwise_pseudolabel").resolve({"lr": 1e-2})
+    model = AdaMerging(tiny(), **hp)
+    trainer(tmp_path, 40, [Rec()]).fit(model, MultiTaskDataModule(SuiteSource("tiny"), batch_size=16))
+    assert sum(seen[-5:]) / 5 < 0.9 * sum(seen[:5]) / 5, seen

@@ -37,3 +37,19 @@ def confident_pseudo_label(logits: torch.Tensor, expert_logits: torch.Tensor) ->
     if not bool(keep.any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits[keep].float(), y_expert[keep])
+
+
+def expert_pseudo_label(logits: torch.Tensor, expert_logits: torch.Tensor,
+                        min_confidence: float = 0.0) -> torch.Tensor:
+    """Cross-entropy to the expert's predicted class of each image (no labels are read).
+
+    Images whose expert top softmax probability is below ``min_confidence`` are dropped; the
+    loss is the mean over the kept ones (zero, with a zero gradient, when none is kept). With
+    ``min_confidence=0`` this is the ``crosspseudo`` loss of AIM-SKKU/SyMerge.
+    """
+    with torch.no_grad():
+        p_expert, y_expert = expert_logits.float().softmax(-1).max(-1)
+        keep = p_expert >= min_confidence
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[keep].float(), y_expert[keep])

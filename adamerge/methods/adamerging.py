@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..data.datamodule import MultiTaskDataModule, image_of
 from ..engine.expert_features import FeatureCache
 from ..engine.merged_model import Granularity, MergedModel
-from ..engine.objectives import entropy
+from ..engine.objectives import entropy, expert_pseudo_label
 from ..engine.task_vectors import DTYPES, TaskVectors, fingerprint_difference
 from ..io.checkpoints import read_checkpoint
 from ..models.pool import ModelPool
@@ -68,6 +68,11 @@ class AdaMerging(L.LightningModule):
             values of ``init_from``; the merge is then done once, not per step).
         init_from: an adamerge checkpoint (of any method, same pool and granularity) whose
             coefficients are the starting point, e.g. a finished AdaMerging run.
+        objective: what the coefficients minimise on each unlabeled batch: ``entropy`` of each
+            head's predictions (the paper), or ``pseudo_label``: cross-entropy to each task
+            expert's predicted class of the same image (experts' features cached per image).
+        min_confidence: ``pseudo_label`` only: drop images whose expert top softmax probability is
+            below this (0 keeps every image).
     """
 
     method = "adamerging"       # the method identity written into checkpoints
@@ -79,8 +84,17 @@ class AdaMerging(L.LightningModule):
                  trim: float | None = None,
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
                  offload: bool = False, learn_coefficients: bool = True,
-                 init_from: str | None = None) -> None:
+                 init_from: str | None = None,
+                 objective: Literal["entropy", "pseudo_label"] = "entropy",
+                 min_confidence: float = 0.0) -> None:
         super().__init__()
+        if objective not in ("entropy", "pseudo_label"):
+            raise ValueError(f"objective must be 'entropy' or 'pseudo_label', got {objective!r}")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        self.objective, self.min_confidence = objective, min_confidence
+        if objective == "pseudo_label":  # subclasses keep their own (they pass no objective)
+            self.needs_experts, self.loss_name = True, "pseudo_ce"
         self.save_hyperparameters(ignore=["pool"])
         self.strict_loading = False  # frozen tensors are rebuilt from the pool, not the checkpoint
         loaded = pool.load()
@@ -125,8 +139,14 @@ class AdaMerging(L.LightningModule):
 
     def task_losses(self, images: dict[str, torch.Tensor], indices: dict[str, torch.Tensor | None],
                     params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The objective per task on one unlabeled batch: entropy of each head's predictions."""
-        return {t: entropy(z) for t, z in self.task_logits(images, params).items()}
+        """The objective per task on one unlabeled batch: entropy of each head's predictions, or
+        cross-entropy to the task expert's predictions (``objective="pseudo_label"``)."""
+        logits = self.task_logits(images, params)
+        if self.objective == "entropy":
+            return {t: entropy(z) for t, z in logits.items()}
+        return {t: expert_pseudo_label(z, self.heads[t](self.expert_features(t, indices[t], z.device)),
+                                       self.min_confidence)
+                for t, z in logits.items()}
 
     def export_heads(self) -> dict[str, nn.Module]:
         """The heads written by ``adamerge export`` (the learned ones where a method learns heads)."""

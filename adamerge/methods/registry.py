@@ -135,6 +135,10 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("adamerging_layerwise_pp", "learned",
            "AdaMerging++: layer-wise on TIES-trimmed task vectors (top 20%)", AdaMerging,
            {"granularity": "layerwise", "trim": 0.2}, source="Yang et al., ICLR 2024 (AdaMerging++)"),
+    Method("adamerging_layerwise_pseudolabel", "learned",
+           "layer-wise coefficients learned by cross-entropy to each expert's predicted class "
+           "(no labels)", AdaMerging, {"granularity": "layerwise", "objective": "pseudo_label"},
+           source="objective: the crosspseudo loss of AIM-SKKU/SyMerge src/main_symerge.py L339-347"),
     Method("task_arithmetic_surgery", "learned",
            "Representation Surgery on task arithmetic (scaling 0.3): per-task feature adapters, L1 "
            "to the experts' features", Surgery, {"granularity": "taskwise", "prior": 0.3},
