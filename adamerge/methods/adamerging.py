@@ -73,6 +73,9 @@ class AdaMerging(L.LightningModule):
             expert's predicted class of the same image (experts' features cached per image).
         min_confidence: ``pseudo_label`` only: drop images whose expert top softmax probability is
             below this (0 keeps every image).
+        expert_chunk: objectives that read the experts' features (``pseudo_label``, Surgery,
+            Tinting): adaptation images per expert forward; each image's features are computed
+            once (see :class:`adamerge.engine.expert_features.FeatureCache`).
     """
 
     method = "adamerging"       # the method identity written into checkpoints
@@ -86,8 +89,9 @@ class AdaMerging(L.LightningModule):
                  offload: bool = False, learn_coefficients: bool = True,
                  init_from: str | None = None,
                  objective: Literal["entropy", "pseudo_label"] = "entropy",
-                 min_confidence: float = 0.0) -> None:
+                 min_confidence: float = 0.0, expert_chunk: int = 64) -> None:
         super().__init__()
+        self.expert_chunk = expert_chunk
         if objective not in ("entropy", "pseudo_label"):
             raise ValueError(f"objective must be 'entropy' or 'pseudo_label', got {objective!r}")
         if not 0.0 <= min_confidence <= 1.0:
@@ -202,7 +206,7 @@ class AdaMerging(L.LightningModule):
                              "as MultiTaskDataModule's stream yields it; got bare images")
         return self.experts(task, indices, device)
 
-    def use_adaptation_data(self, datasets: Mapping[str, Dataset], chunk: int = 64,
+    def use_adaptation_data(self, datasets: Mapping[str, Dataset], chunk: int | None = None,
                             cache: bool = True) -> None:
         """Where the experts' features come from: the adaptation datasets the stream indexes
         (called by :meth:`setup` with the data module's; benchmarks call it directly)."""
@@ -213,6 +217,7 @@ class AdaMerging(L.LightningModule):
             tv = self.merged.task_vectors  # the same tensors, already on the module's device
         load = lambda task, idx: torch.stack([image_of(datasets[task][i]) for i in idx])
         sizes = {t: len(datasets[t]) for t in self.task_names}
+        chunk = chunk or self.expert_chunk
         self.experts = FeatureCache.experts(self.merged.module, tv, load, sizes, chunk, cache)
         self._adapt = (load, sizes, chunk) if cache else None
         self._merged_cache = None

@@ -73,8 +73,8 @@ class Surgery(AdaMerging):
         super().__init__(pool, granularity=granularity, prior=prior, clamp=clamp, lr=lr,
                          per_task_backward=per_task_backward, trim=trim,
                          task_vector_dtype=task_vector_dtype, offload=offload,
-                         learn_coefficients=learn_coefficients, init_from=init_from)
-        self.expert_chunk = expert_chunk
+                         learn_coefficients=learn_coefficients, init_from=init_from,
+                         expert_chunk=expert_chunk)
 
     def build_task_modules(self) -> dict[str, nn.Module]:
         dim = self.feature_dim()
@@ -87,9 +87,6 @@ class Surgery(AdaMerging):
         feats = self.train_features(images, indices, params)
         return {t: feature_l1(self.task_modules[t](f), self.expert_features(t, indices[t], f.device))
                 for t, f in feats.items()}
-
-    def use_adaptation_data(self, datasets, chunk: int | None = None, cache: bool = True) -> None:
-        super().use_adaptation_data(datasets, chunk or self.expert_chunk, cache)
 
     def export_task_modules(self) -> dict[str, torch.Tensor]:
         """``{task}.down`` ``[rank, dim]`` and ``{task}.up`` ``[dim, rank]`` per task."""

@@ -72,8 +72,8 @@ class Tinting(AdaMerging):
         super().__init__(pool, granularity=granularity, prior=prior, clamp=clamp, lr=lr,
                          per_task_backward=per_task_backward, trim=trim,
                          task_vector_dtype=task_vector_dtype, offload=offload,
-                         learn_coefficients=learn_coefficients, init_from=init_from)
-        self.expert_chunk = expert_chunk
+                         learn_coefficients=learn_coefficients, init_from=init_from,
+                         expert_chunk=expert_chunk)
 
     def build_task_modules(self) -> dict[str, nn.Module]:
         out = {}
@@ -97,9 +97,6 @@ class Tinting(AdaMerging):
         return {t: confident_pseudo_label(
                     z, self.heads[t](self.expert_features(t, indices[t], z.device)))
                 for t, z in logits.items()}
-
-    def use_adaptation_data(self, datasets, chunk: int | None = None, cache: bool = True) -> None:
-        super().use_adaptation_data(datasets, chunk or self.expert_chunk, cache)
 
     def export_heads(self) -> dict[str, nn.Module]:
         return dict(self.task_modules)
