@@ -129,6 +129,7 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
                 hp["init_from"] = str(final_checkpoints[method.starts_from])
             L.seed_everything(s.seed, verbose=False)
             model = method.build(PreloadedPool(loaded), **hp)
+            data = datamodule.with_options(**method.data) if method.data else datamodule
             trainer = L.Trainer(default_root_dir=out / "runs" / name, max_steps=s.steps,
                                 accelerator=s.accelerator, devices=1, limit_val_batches=0,
                                 check_val_every_n_epoch=None, val_check_interval=s.steps + 1,
@@ -136,11 +137,11 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
                                 enable_checkpointing=False,
                                 callbacks=[CoefficientHeatmap(str(out / f"coefficients_{name}.png"))],
                                 logger=L.pytorch.loggers.TensorBoardLogger(out / "runs", name=name))
-            trainer.fit(model, datamodule)
+            trainer.fit(model, data)
             final_checkpoints[name] = out / "runs" / name / "final.ckpt"
             trainer.save_checkpoint(final_checkpoints[name])  # the learned tensors only
             rows[name] = model.accuracies(eval_sets, datamodule.eval_batch_size)
-        used[name] = hp
+        used[name] = {**hp, **({"data": dict(method.data)} if method.data else {})}
         timings[name] = time.perf_counter() - t0
         say(f"  {name}: avg {sum(rows[name].values()) / len(rows[name]):.1f} ({timings[name]:.1f} s)")
 

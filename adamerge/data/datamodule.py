@@ -7,7 +7,9 @@ exact data order without saving iterator state.
 
 from __future__ import annotations
 
+import copy
 import os
+import zlib
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -171,6 +173,68 @@ def image_of(item: Any) -> torch.Tensor:
     return item[0]
 
 
+def labels_of(ds: Dataset) -> torch.Tensor:
+    """Every label of a dataset of ``(image, label, ...)`` items, as a long tensor ``[len(ds)]``.
+
+    Read without decoding images where the dataset exposes them (a ``TensorDataset``'s second
+    tensor, an image folder's ``samples``, a ``labels`` tensor/array or ``raw.labels()`` as in
+    :mod:`adamerge.data.hf`, a ``Subset`` of those); otherwise each item is read once.
+    """
+    if isinstance(ds, Subset):
+        return labels_of(ds.dataset)[torch.as_tensor(list(ds.indices), dtype=torch.long)]
+    if isinstance(ds, TensorDataset) and len(ds.tensors) > 1:
+        return ds.tensors[1].long()
+    samples = getattr(ds, "samples", None)
+    if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
+        return torch.tensor([s[1] for s in samples], dtype=torch.long)
+    for owner in (ds, getattr(ds, "raw", None)):
+        labels = getattr(owner, "labels", None)
+        if callable(labels):
+            labels = labels()
+        if labels is not None and not callable(labels) and len(labels) == len(ds):
+            return torch.as_tensor(labels, dtype=torch.long)
+    out = []
+    for i in range(len(ds)):
+        item = ds[i]
+        if isinstance(item, dict) and "label" in item:
+            out.append(int(item["label"]))
+        elif isinstance(item, (tuple, list)) and len(item) > 1:
+            out.append(int(item[1]))
+        else:
+            raise ValueError(f"{type(ds).__name__}[{i}] has no label (expected (image, label) items); "
+                             "few-shot data needs a labeled split")
+    return torch.tensor(out, dtype=torch.long)
+
+
+def few_shot_indices(labels: torch.Tensor, shots: int, seed: int, name: str = "dataset") -> list[int]:
+    """``shots`` indices per class, drawn by a seeded permutation (sorted; the same every run).
+
+    A class with fewer than ``shots`` examples gives all it has; ``name`` is used in errors.
+    """
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    if labels.numel() == 0:
+        raise ValueError(f"{name}: no labeled examples to draw {shots} shots per class from")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(labels.numel(), generator=g)
+    taken: dict[int, int] = {}
+    keep = []
+    for i in order.tolist():
+        c = int(labels[i])
+        if taken.get(c, 0) < shots:
+            taken[c] = taken.get(c, 0) + 1
+            keep.append(i)
+    return sorted(keep)
+
+
+class LabeledSubset(Subset):
+    """A :class:`~torch.utils.data.Subset` that remembers its labels (few-shot data)."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], labels: torch.Tensor) -> None:
+        super().__init__(dataset, list(indices))
+        self.labels = labels
+
+
 def label_count(ds: Dataset) -> tuple[int, bool] | None:
     """How many classes a dataset's labels span, when that is cheap to know, else None.
 
@@ -208,15 +272,18 @@ class AdaptationStream(IterableDataset):
     """An endless stream of ``{task: (images[B], indices[B])}`` batches, one per step, from ``start_step``.
 
     ``indices`` are the images' positions in the task's dataset: methods that cache per-image
-    values (expert features) key them by it.
+    values (expert features) key them by it. With ``labeled=True`` each batch is
+    ``(images, indices, labels)`` (few-shot supervised objectives); the labels are read with
+    :func:`labels_of` once.
 
     Each task walks through its own seeded permutations (a new one per pass), so smaller tasks
     cycle. With ``world_size > 1`` each rank yields its own contiguous share of every batch.
     """
 
     def __init__(self, datasets: Mapping[str, Dataset], batch_size: int, seed: int = 0,
-                 start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 start_step: int = 0, rank: int = 0, world_size: int = 1, labeled: bool = False) -> None:
         self.datasets = dict(datasets)
+        self.labels = {t: labels_of(ds) for t, ds in self.datasets.items()} if labeled else None
         for task, ds in self.datasets.items():
             if len(ds) == 0:
                 raise ValueError(f"task {task!r}: the adaptation dataset is empty")
@@ -243,7 +310,10 @@ class AdaptationStream(IterableDataset):
         out = {}
         for pos, (task, ds) in enumerate(self.datasets.items()):
             idx = self.indices(pos, len(ds), step)[lo:lo + share]
-            out[task] = (torch.stack([image_of(ds[i]) for i in idx]), torch.tensor(idx, dtype=torch.long))
+            index = torch.tensor(idx, dtype=torch.long)
+            out[task] = (torch.stack([image_of(ds[i]) for i in idx]), index)
+            if self.labels is not None:
+                out[task] += (self.labels[task][index],)
         return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -267,14 +337,24 @@ class MultiTaskDataModule(L.LightningDataModule):
         num_workers: data-loading worker processes.
         seed: seed of the adaptation order.
         max_eval_samples: evaluate on at most this many samples per task (None: all).
+        shots: few-shot supervised adaptation (objective ``cross_entropy``): adapt on this many
+            labeled images per class of each task, drawn from ``shots_split`` with a seed fixed
+            by ``seed`` and the task name; batches then carry the labels. ``None``: every image of
+            the adaptation split, unlabeled.
+        shots_split: the split the shots come from (default: ``adapt_split``). With the paper's
+            ``adapt_split: test`` the labeled shots are test images; ``train`` keeps them apart.
     """
 
     def __init__(self, source: DatasetSource, batch_size: int = 16, eval_batch_size: int = 128,
                  adapt_split: str = "test", eval_split: str = "test", num_workers: int = 0,
-                 seed: int = 0, max_eval_samples: int | None = None) -> None:
+                 seed: int = 0, max_eval_samples: int | None = None, shots: int | None = None,
+                 shots_split: str | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if shots is not None and shots < 1:
+            raise ValueError(f"data.shots must be >= 1 (labeled images per class), got {shots}")
+        self.shots, self.shots_split = shots, shots_split
         self.source = source
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.adapt_split, self.eval_split = adapt_split, eval_split
@@ -328,6 +408,39 @@ class MultiTaskDataModule(L.LightningDataModule):
             self._cache[key] = self.source.dataset(task, split)
         return self._cache[key]
 
+    def adaptation_dataset(self, task: str) -> Dataset:
+        """What a task adapts on: the adaptation split, or its few-shot subset when ``shots`` is set
+        (the stream's indices and the methods' per-image caches refer to this dataset)."""
+        if self.shots is None:
+            return self.dataset(task, self.adapt_split)
+        key = (task, f"shots:{self.shots}:{self.shots_split or self.adapt_split}:{self.seed}")
+        if key not in self._cache:
+            split = self.shots_split or self.adapt_split
+            ds = self.dataset(task, split)
+            labels = labels_of(ds)
+            seed = self.seed * 1_000_003 + zlib.crc32(task.encode())
+            idx = few_shot_indices(labels, self.shots, seed, name=f"task {task!r} split {split!r}")
+            self._cache[key] = LabeledSubset(ds, idx, labels[torch.tensor(idx, dtype=torch.long)])
+        return self._cache[key]
+
+    def with_options(self, **options: Any) -> "MultiTaskDataModule":
+        """A copy with some settings changed (e.g. ``shots``), sharing the loaded datasets."""
+        unknown = [k for k in options if k not in ("shots", "shots_split", "batch_size", "seed")]
+        if unknown:
+            raise ValueError(f"data settings {unknown} cannot be changed per method "
+                             "(known: shots, shots_split, batch_size, seed)")
+        if options.get("shots") is not None and options["shots"] < 1:
+            raise ValueError(f"data.shots must be >= 1, got {options['shots']}")
+        out = copy.copy(self)
+        for k, v in options.items():
+            setattr(out, k, v)
+        return out
+
+    @property
+    def labeled(self) -> bool:
+        """Whether adaptation batches carry labels (``shots`` is set)."""
+        return self.shots is not None
+
     def _start_step(self) -> int:
         trainer = getattr(self, "trainer", None)
         return int(trainer.global_step) if trainer is not None else 0
@@ -335,9 +448,9 @@ class MultiTaskDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        stream = AdaptationStream({t: self.dataset(t, self.adapt_split) for t in self.task_names()},
+        stream = AdaptationStream({t: self.adaptation_dataset(t) for t in self.task_names()},
                                   self.batch_size, seed=self.seed, start_step=self._start_step(),
-                                  rank=rank, world_size=world)
+                                  rank=rank, world_size=world, labeled=self.labeled)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=False)
 

@@ -7,6 +7,7 @@ from typing import Any, Literal, Mapping
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -21,6 +22,7 @@ from ..models.pool import ModelPool
 from ..report import evaluate
 
 COEFFICIENTS_KEY = "merged.coefficients"
+OBJECTIVES = ("entropy", "pseudo_label", "cross_entropy")
 TASK_MODULES = "task_modules"  # state-dict prefix of the learned per-task modules
 
 
@@ -31,6 +33,13 @@ def images_of(batch: Any) -> torch.Tensor:
     if isinstance(batch, dict):
         return batch["image"] if "image" in batch else next(iter(batch.values()))
     return batch[0]
+
+
+def labels_of_batch(batch: Any) -> torch.Tensor | None:
+    """The labels of a labeled stream batch ``(images, indices, labels)`` (few-shot); else ``None``."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 2 and isinstance(batch[2], torch.Tensor):
+        return batch[2]
+    return None
 
 
 def indices_of(batch: Any) -> torch.Tensor | None:
@@ -71,6 +80,8 @@ class AdaMerging(L.LightningModule):
         objective: what the coefficients minimise on each unlabeled batch: ``entropy`` of each
             head's predictions (the paper), or ``pseudo_label``: cross-entropy to each task
             expert's predicted class of the same image (experts' features cached per image).
+            ``cross_entropy``: supervised cross-entropy to the labels of a few labeled images per
+            class (aTLAS few-shot; set ``data.shots``).
         min_confidence: ``pseudo_label`` only: drop images whose expert top softmax probability is
             below this (0 keeps every image).
         expert_chunk: objectives that read the experts' features (``pseudo_label``, Surgery,
@@ -88,17 +99,19 @@ class AdaMerging(L.LightningModule):
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
                  offload: bool = False, learn_coefficients: bool = True,
                  init_from: str | None = None,
-                 objective: Literal["entropy", "pseudo_label"] = "entropy",
+                 objective: Literal["entropy", "pseudo_label", "cross_entropy"] = "entropy",
                  min_confidence: float = 0.0, expert_chunk: int = 64) -> None:
         super().__init__()
         self.expert_chunk = expert_chunk
-        if objective not in ("entropy", "pseudo_label"):
-            raise ValueError(f"objective must be 'entropy' or 'pseudo_label', got {objective!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if not 0.0 <= min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
         self.objective, self.min_confidence = objective, min_confidence
         if objective == "pseudo_label":  # subclasses keep their own (they pass no objective)
             self.needs_experts, self.loss_name = True, "pseudo_ce"
+        elif objective == "cross_entropy":
+            self.loss_name = "ce"
         self.save_hyperparameters(ignore=["pool"])
         self.strict_loading = False  # frozen tensors are rebuilt from the pool, not the checkpoint
         loaded = pool.load()
@@ -142,12 +155,20 @@ class AdaMerging(L.LightningModule):
         return self.heads[task]
 
     def task_losses(self, images: dict[str, torch.Tensor], indices: dict[str, torch.Tensor | None],
-                    params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The objective per task on one unlabeled batch: entropy of each head's predictions, or
-        cross-entropy to the task expert's predictions (``objective="pseudo_label"``)."""
+                    params: dict[str, torch.Tensor],
+                    labels: dict[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+        """The objective per task on one batch: entropy of each head's predictions, cross-entropy
+        to the task expert's predictions (``objective="pseudo_label"``) or to the batch's labels
+        (``objective="cross_entropy"``, few-shot batches only)."""
         logits = self.task_logits(images, params)
         if self.objective == "entropy":
             return {t: entropy(z) for t, z in logits.items()}
+        if self.objective == "cross_entropy":
+            missing = [t for t in logits if labels is None or labels.get(t) is None]
+            if missing:
+                raise ValueError(f"objective 'cross_entropy' needs labeled batches, tasks {missing} have "
+                                 "none: set data.shots (labeled images per class)")
+            return {t: F.cross_entropy(z.float(), labels[t].to(z.device)) for t, z in logits.items()}
         return {t: expert_pseudo_label(z, self.heads[t](self.expert_features(t, indices[t], z.device)),
                                        self.min_confidence)
                 for t, z in logits.items()}
@@ -234,12 +255,14 @@ class AdaMerging(L.LightningModule):
         device = next(iter(images.values())).device
         return {t: self._merged_cache(t, indices[t], device) for t in images}
 
-    def _batch(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    def _batch(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None],
+                                                      dict[str, torch.Tensor | None]]:
         missing = [t for t in self.task_names if t not in batch]
         if missing:
             raise ValueError(f"training batch has no data for tasks {missing}; got {list(batch)}")
         return ({t: images_of(batch[t]) for t in self.task_names},
-                {t: indices_of(batch[t]) for t in self.task_names})
+                {t: indices_of(batch[t]) for t in self.task_names},
+                {t: labels_of_batch(batch[t]) for t in self.task_names})
 
     def _train_params(self) -> dict[str, torch.Tensor]:
         if self.learn_coefficients:
@@ -255,17 +278,17 @@ class AdaMerging(L.LightningModule):
 
     # ------------------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        images, indices = self._batch(batch)
+        images, indices, labels = self._batch(batch)
         params = self._train_params()
         if not self.per_task_backward:
-            losses = self.task_losses(images, indices, params)
+            losses = self.task_losses(images, indices, params, labels)
             loss = torch.stack(list(losses.values())).sum()
             self._log_train(loss.detach(), {t: e.detach() for t, e in losses.items()})
             return loss
-        return self._per_task_step(images, indices, params)
+        return self._per_task_step(images, indices, params, labels)
 
     def _per_task_step(self, images: dict[str, torch.Tensor], indices: dict[str, torch.Tensor | None],
-                       params: dict[str, torch.Tensor]) -> torch.Tensor:
+                       params: dict[str, torch.Tensor], labels: dict[str, torch.Tensor | None]) -> torch.Tensor:
         # Task by task: gradients w.r.t. the merged tensors (and the per-task modules) are
         # accumulated, then pushed through the merge once via a surrogate whose gradient w.r.t.
         # every trainable tensor is exact.
@@ -275,7 +298,7 @@ class AdaMerging(L.LightningModule):
         grads = [torch.zeros_like(p) for p in wrt]
         losses = {}
         for t in self.task_names:
-            e = self.task_losses({t: images[t]}, {t: indices[t]}, leaves)[t]
+            e = self.task_losses({t: images[t]}, {t: indices[t]}, leaves, {t: labels[t]})[t]
             if e.requires_grad:
                 for acc, g in zip(grads, torch.autograd.grad(e, wrt, allow_unused=True)):
                     if g is not None:
@@ -384,7 +407,7 @@ class AdaMerging(L.LightningModule):
                 splits.append(dm.eval_split)
             dm.check({t: self.num_classes(t) for t in self.task_names}, splits)
             if stage == "fit":
-                self.use_adaptation_data({t: dm.dataset(t, dm.adapt_split) for t in self.task_names})
+                self.use_adaptation_data({t: dm.adaptation_dataset(t) for t in self.task_names})
         # DDP broadcasts every parameter and buffer at start-up and the buffers at every forward.
         # Only the learned tensors differ between steps; every rank rebuilds the frozen weights
         # from the same files, so nothing else needs to travel.

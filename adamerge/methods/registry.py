@@ -62,6 +62,9 @@ class Method:
         starts_from: learned methods: another learned method whose final coefficients this one
             starts from (its ``init_from``). ``adamerge compare`` runs that one first and passes
             its checkpoint; a ``fit`` user gives ``--model.init_from CKPT``.
+        data: learned methods: settings of the data module this method adapts with (e.g.
+            ``{"shots": 4}`` for a few-shot supervised objective); ``compare`` applies them to
+            this row only (a ``fit`` user sets ``data.*``).
     """
 
     name: str
@@ -73,6 +76,7 @@ class Method:
     demo: bool = True
     source: str = ""
     starts_from: str | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.name == ALL:
@@ -87,6 +91,8 @@ class Method:
         if self.starts_from is not None and (self.kind != "learned" or "init_from" not in known):
             raise ValueError(f"method {self.name!r}: starts_from needs a learned method with an "
                              "init_from argument")
+        if self.data and self.kind != "learned":
+            raise ValueError(f"method {self.name!r}: data settings apply to learned methods only")
 
     def builder_defaults(self) -> dict[str, Any]:
         """Keyword arguments of ``build`` (inputs excluded) with their default values."""
@@ -139,6 +145,12 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            "layer-wise coefficients learned by cross-entropy to each expert's predicted class "
            "(no labels)", AdaMerging, {"granularity": "layerwise", "objective": "pseudo_label"},
            source="objective: the crosspseudo loss of AIM-SKKU/SyMerge src/main_symerge.py L339-347"),
+    Method("adamerging_layerwise_fewshot", "learned",
+           "layer-wise coefficients learned by cross-entropy on 4 labeled training images per class "
+           "(aTLAS-style few-shot; uses labels)", AdaMerging,
+           {"granularity": "layerwise", "objective": "cross_entropy"},
+           data={"shots": 4, "shots_split": "train"},
+           source="objective: aTLAS few-shot (Zhang et al., NeurIPS 2024); coefficients as AdaMerging"),
     Method("task_arithmetic_surgery", "learned",
            "Representation Surgery on task arithmetic (scaling 0.3): per-task feature adapters, L1 "
            "to the experts' features", Surgery, {"granularity": "taskwise", "prior": 0.3},
@@ -220,7 +232,8 @@ def describe(methods: Iterable[str] | None = None, hparams: bool = True) -> str:
             shown = ", ".join(f"{k}={v!r}" for k, v in m.defaults().items())
             tuned = ", ".join(f"{k} picked on a labeled split from {_value(g)}" for k, g in m.tune.items())
             first = f"the final coefficients of {m.starts_from} (run first)" if m.starts_from else ""
-            for label, text in (("hparams", shown), ("tuned", tuned), ("starts from", first)):
+            data = ", ".join(f"{k}={v!r}" for k, v in m.data.items())
+            for label, text in (("hparams", shown), ("tuned", tuned), ("starts from", first), ("data", data)):
                 if text:
                     lines += textwrap.wrap(text, 100, initial_indent=f"{indent}{label}: ",
                                            subsequent_indent=indent + " " * (len(label) + 2))

@@ -83,7 +83,7 @@ class Surgery(AdaMerging):
     def task_head(self, task: str) -> nn.Module:
         return nn.Sequential(self.task_modules[task], self.heads[task])
 
-    def task_losses(self, images, indices, params):
+    def task_losses(self, images, indices, params, labels=None):
         feats = self.train_features(images, indices, params)
         return {t: feature_l1(self.task_modules[t](f), self.expert_features(t, indices[t], f.device))
                 for t, f in feats.items()}

@@ -90,7 +90,7 @@ class Tinting(AdaMerging):
     def task_head(self, task: str) -> nn.Module:
         return self.task_modules[task]
 
-    def task_losses(self, images, indices, params):
+    def task_losses(self, images, indices, params, labels=None):
         logits = self.task_logits(images, params)
         if self.loss == "entropy":
             return {t: entropy(z) for t, z in logits.items()}
