@@ -126,8 +126,8 @@ class AdaMerging(L.LightningModule):
             tv = tv.to("cpu")
             if torch.cuda.is_available():
                 tv = TaskVectors(tv.task_names, tv.names, [t.pin_memory() for t in tv.tensors], tv.meta)
-        self.merged = MergedModel(loaded.encoder, tv, granularity=granularity, prior=prior,
-                                  clamp=clamp, offload=offload)
+        self.merged = self.build_merged(loaded.encoder, tv, granularity=granularity, prior=prior,
+                                        clamp=clamp, offload=offload)
         self.merged.coefficients.requires_grad_(learn_coefficients)
         self.heads = nn.ModuleDict({t: h.requires_grad_(False) for t, h in loaded.heads.items()})
         self.task_modules = nn.ModuleDict(self.build_task_modules())
@@ -145,6 +145,28 @@ class AdaMerging(L.LightningModule):
             self.init_coefficients(init_from)
 
     # ------------------------------------------------------------------- method hooks
+    def build_merged(self, encoder: nn.Module, task_vectors: TaskVectors, **options: Any) -> MergedModel:
+        """The merged functional model (``options``: granularity, prior, clamp, offload);
+        subclasses that merge differently (e.g. AdaRank's masked subspaces) return their own."""
+        return MergedModel(encoder, task_vectors, **options)
+
+    def extra_learned_state(self) -> dict[str, torch.Tensor]:
+        """Learned tensors besides the coefficients and the per-task modules, by their state-dict
+        name (e.g. WEMoE's routers, AdaRank's mask logits); none here."""
+        return {}
+
+    @property
+    def trains_merge(self) -> bool:
+        """Whether the merged parameters depend on trained tensors (then they are merged once per
+        step with a graph; otherwise once per run, without one)."""
+        return self.learn_coefficients
+
+    @property
+    def trains_encoder(self) -> bool:
+        """Whether the encoder's forward needs a graph (its merged weights or parts inside it
+        are trained); ``False`` lets fixed-merge methods cache the merged features."""
+        return self.trains_merge
+
     def build_task_modules(self) -> dict[str, nn.Module]:
         """The trainable per-task modules (none for AdaMerging); subclasses add theirs."""
         return {}
@@ -206,7 +228,7 @@ class AdaMerging(L.LightningModule):
         tasks = list(images)
         shapes = {tuple(images[t].shape[1:]) for t in tasks}
         # With fixed coefficients nothing before the per-task modules is trained: no graph.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.learn_coefficients):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_encoder):
             if len(shapes) == 1 and len(tasks) > 1:
                 feats = self.merged(torch.cat([images[t] for t in tasks]), params=params)
                 return dict(zip(tasks, feats.split([images[t].shape[0] for t in tasks])))
@@ -247,7 +269,7 @@ class AdaMerging(L.LightningModule):
                        params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """:meth:`features` of a training batch. With fixed coefficients the merged encoder is
         frozen too, so each adaptation image's features are computed once and cached."""
-        if self.learn_coefficients or self._adapt is None or any(i is None for i in indices.values()):
+        if self.trains_encoder or self._adapt is None or any(i is None for i in indices.values()):
             return self.features(images, params)
         if self._merged_cache is None:
             load, sizes, chunk = self._adapt
@@ -265,12 +287,17 @@ class AdaMerging(L.LightningModule):
                 {t: labels_of_batch(batch[t]) for t in self.task_names})
 
     def _train_params(self) -> dict[str, torch.Tensor]:
-        if self.learn_coefficients:
+        if self.trains_merge:
             return self.merged.merged_parameters(reuse_buffers=True)  # one merge per step
         if self._fixed_params is None:  # fixed coefficients: one merge for the whole run
             with torch.no_grad():
                 self._fixed_params = self.merged.merged_parameters()
         return self._fixed_params
+
+    def _direct_parameters(self) -> list[nn.Parameter]:
+        """Trained tensors outside the merge (per-task modules, routers): their gradient comes
+        straight from the loss, not through the merged parameters."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("merged.")]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: the coefficients (if learned) and the per-task modules."""
@@ -292,9 +319,9 @@ class AdaMerging(L.LightningModule):
         # Task by task: gradients w.r.t. the merged tensors (and the per-task modules) are
         # accumulated, then pushed through the merge once via a surrogate whose gradient w.r.t.
         # every trainable tensor is exact.
-        leaves = {n: p.detach().requires_grad_(self.learn_coefficients) for n, p in params.items()}
-        wrt = (list(leaves.values()) if self.learn_coefficients else []) + \
-            [p for p in self.task_modules.parameters() if p.requires_grad]
+        leaves = {n: p.detach().requires_grad_(self.trains_merge) for n, p in params.items()}
+        direct = self._direct_parameters()
+        wrt = (list(leaves.values()) if self.trains_merge else []) + direct
         grads = [torch.zeros_like(p) for p in wrt]
         losses = {}
         for t in self.task_names:
@@ -305,8 +332,8 @@ class AdaMerging(L.LightningModule):
                         acc.add_(g)
             losses[t] = e.detach()
         self._log_train(torch.stack(list(losses.values())).sum(), losses)
-        merged = list(params.values()) if self.learn_coefficients else []
-        sources = merged + [p for p in self.task_modules.parameters() if p.requires_grad]
+        merged = list(params.values()) if self.trains_merge else []
+        sources = merged + direct
         return sum((p * g).sum() for p, g in zip(sources, grads))
 
     def _log_train(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
@@ -451,6 +478,7 @@ class AdaMerging(L.LightningModule):
         (base weights, task vectors and heads come back from the pool)."""
         out = {COEFFICIENTS_KEY: self.merged.coefficients}
         out.update({f"{TASK_MODULES}.{k}": v for k, v in self.task_modules.state_dict().items()})
+        out.update(self.extra_learned_state())
         return out
 
     def learned_shapes(self) -> dict[str, tuple[int, ...]]:
