@@ -15,14 +15,14 @@ from .compare import CompareSettings, compare
 from .data import DatasetSource, FolderSource, HFSource, InMemorySource, MultiTaskDataModule
 from .engine import MergedModel, TaskVectors, entropy
 from .io import CheckpointError, load_state_dict, save_state_dict
-from .methods import AdaMerging, Method, Surgery, Tinting, registry
+from .methods import WEMoE, AdaMerging, AdaRank, Method, Surgery, Tinting, registry
 from .models import CheckpointPool, LoadedPool, ModelPool, OpenCLIPPool, PreloadedPool
 from .report import evaluate
 from .suites import SuitePool, SuiteSource
 
-__all__ = ["AdaMerging", "CheckpointError", "CheckpointPool", "CompareSettings", "DatasetSource",
+__all__ = ["AdaMerging", "AdaRank", "CheckpointError", "CheckpointPool", "CompareSettings", "DatasetSource",
            "FolderSource", "HFSource", "InMemorySource", "LoadedPool", "MergedModel", "Method",
            "ModelPool", "MultiTaskDataModule", "OpenCLIPPool", "PreloadedPool", "SuitePool",
-           "SuiteSource", "Surgery", "TaskVectors", "Tinting", "compare", "entropy", "evaluate", "load_state_dict",
+           "SuiteSource", "Surgery", "TaskVectors", "Tinting", "WEMoE", "compare", "entropy", "evaluate", "load_state_dict",
            "registry", "save_state_dict"]
 __version__ = "0.1.0"

@@ -48,7 +48,7 @@ data:
   eval_batch_size: 256
   adapt_split: test            # the paper adapts on the test images themselves
   eval_split: test
-  num_workers: 8
+  num_workers: 8{data_extra}
 trainer:
   max_steps: {steps:<18}# {steps_note}
   val_check_interval: {steps:<9}# evaluate once, at the end
@@ -86,11 +86,26 @@ COMMENTS = {
     "learn_coefficients": "false: coefficients fixed (prior, or init_from's)",
     "rank": "adapter bottleneck width (paper: 16)",
     "loss": "pseudo_confidence (official crosspseudoconf) or entropy",
-    "objective": "entropy (the paper) or pseudo_label (CE to each expert's predicted class)",
+    "objective": "entropy (the paper), pseudo_label (CE to experts' predictions), cross_entropy (data.shots labels)",
     "min_confidence": "pseudo_label: drop images the expert is less sure of (0 keeps all)",
     "offload": "true: task vectors stay in (pinned) CPU memory, streamed per merge",
     "expert_chunk": "adaptation images per expert forward (expert features cached per image)",
+    "scaling": "task arithmetic outside the routed MLPs (official 0.3)",
+    "init_lambda": "routers' output bias at the start: the MLPs start near task arithmetic",
+    "router_hidden_layers": "2: Linear(D, D), ReLU, Linear(D, K) per block (official)",
+    "lr_schedule": "cosine over max_steps (official) or constant (FusionBench)",
+    "mlps": "null: every MLP (c_fc/c_proj pairs) is routed",
+    "batch_first": "open_clip >= 2.23 runs its transformer batch-first",
+    "routing_block_numel": "null: 2^21 values per block on CPU, 2^26 on GPU",
+    "initial_rank_ratio": "fraction of singular components kept at the start (TA variant: 1.0)",
+    "mask_temp": "mask probability sigmoid(logit / mask_temp) (official 10)",
+    "masked": "attn_mlp: the blocks' attention and MLP matrices (official)",
+    "cache_dir": "null: SVD factors cached under $ADAMERGE_CACHE/svd",
 }
+
+# Data settings of rows that need them (Method.data), with their comments.
+DATA_COMMENTS = {"shots": "labeled images per class per task (few-shot supervised objective)",
+                 "shots_split": "where the shots come from (not the evaluated test split)"}
 
 # Per module class: the header note and (steps, note) of the trainer.
 NOTES = {
@@ -100,6 +115,14 @@ NOTES = {
                 "# adapter per task on the encoder output, L1 to the expert's features, Adam lr 1e-3; the\n"
                 "# coefficients stay fixed. Schedule differences from the official code: docs/fidelity.md.",
                 1000, "official: 500 x 8 tasks x 2 one-task steps; FusionBench: 1000"),
+    "WEMoE": ("# WEMoE (Tang et al., ICML 2024; tanganke/weight-ensembling_MoE): task arithmetic 0.3 outside the\n"
+              "# MLPs, a router per block mixing the MLP task vectors per sample, Adam lr 1e-3 + cosine,\n"
+              "# entropy. Differences from the official code: docs/fidelity.md.", 1000,
+              "official: 1000 (scripts/clip_dictmoe.py)"),
+    "AdaRank": ("# AdaRank (Lee et al., 2025; david3684/AdaRank): layer-wise coefficients + straight-through masks\n"
+                "# over the singular components of the blocks' attention/MLP task vectors, entropy, Adam lr\n"
+                "# 1e-3. Differences from the official code (CART variant, oracle step selection): docs/fidelity.md.",
+                10000, "official: 10000 (configs/hydra_default.yaml)"),
     "Tinting": ("# Model Tinting (AIM-SKKU/SyMerge, src/main_symerge.py): layer-wise coefficients + one trainable\n"
                 "# head per task, CE to confident expert pseudo-labels, Adam lr 1e-2. Differences from the\n"
                 "# official schedule: docs/fidelity.md.", 500, "official: 500 epochs of one step per task"),
@@ -136,6 +159,12 @@ def model_block(name: str, model: str, experts: str, n: int, big: bool, stem_of)
                      + ["    " + l for l in body])
 
 
+def data_extra(name: str) -> str:
+    """Lines of the ``data:`` section for a method's own data settings (``Method.data``)."""
+    return "".join(f"\n  {k}: {str(v):<{max(25 - len(k), len(str(v)) + 1)}}# {DATA_COMMENTS.get(k, '')}"
+                   for k, v in registry.get(name).data.items())
+
+
 def config_methods() -> dict[str, str]:
     """Config suffix -> registry name of every learned method with a CLIP config."""
     out = {}
@@ -145,7 +174,7 @@ def config_methods() -> dict[str, str]:
     return out
 
 
-ADD_ON_COUNTS = (8,)  # Surgery / Tinting configs: the 8-task benchmark of their papers
+ADD_ON_COUNTS = (8,)  # Surgery / Tinting / WEMoE / AdaRank configs: the 8-task benchmark of their papers
 
 
 def main() -> None:
@@ -167,7 +196,7 @@ def main() -> None:
                     pretrained="openai", name=name, stem=name.removesuffix(".yaml"),
                     defaults_note=note, steps=steps, steps_note=steps_note,
                     model_block=model_block(method, model, experts, n, big, stem_of),
-                    tasks=", ".join(tasks))
+                    tasks=", ".join(tasks), data_extra=data_extra(method))
                 (ROOT / "configs" / name).write_text(text)
                 print("wrote", name)
 

@@ -473,7 +473,8 @@ def test_clip_configs_are_consistent():
             assert f"clip-{model}_8tasks_{g}.yaml" in names
         assert f"clip-{model}_14tasks_layerwise.yaml" in names
         assert f"clip-{model}_20tasks_layerwise.yaml" in names
-        for m in ("layerwise_surgery", "task_arithmetic_surgery", "tinting"):
+        for m in ("layerwise_surgery", "task_arithmetic_surgery", "tinting", "wemoe", "adarank",
+                  "layerwise_fewshot", "layerwise_pseudolabel"):
             assert f"clip-{model}_8tasks_{m}.yaml" in names
     import open_clip
     from adamerge.methods import registry
@@ -497,15 +498,19 @@ def test_clip_configs_are_consistent():
         assert (pool["model"], pool["pretrained"]) == (src["model"], src["pretrained"])
         n = int(path.name.split("_")[1].removesuffix("tasks"))
         assert len(src["tasks"]) == n
-        assert model_args["prior"] == 0.3
+        assert model_args.get("prior", model_args.get("scaling")) == 0.3
         assert model_args["lr"] == (0.01 if method.name == "tinting" else 0.001)
         assert cfg["data"]["batch_size"] == 16
-        assert cfg["trainer"]["max_steps"] == (1000 if "surgery" in method.name else 500)
+        assert {k: cfg["data"][k] for k in method.data} == dict(method.data), path.name
+        steps = {"wemoe": 1000, "adarank": 10000}.get(method.name, 1000 if "surgery" in method.name else 500)
+        assert cfg["trainer"]["max_steps"] == steps, path.name
         assert model_args.get("trim") == (0.2 if "layerwise_pp" in path.name else None)
 
 
 @pytest.mark.parametrize("name", ["clip-vit-b-32_8tasks_layerwise.yaml", "clip-vit-l-14_20tasks_layerwise_pp.yaml",
-                                  "clip-vit-b-32_8tasks_layerwise_surgery.yaml", "clip-vit-l-14_8tasks_tinting.yaml"])
+                                  "clip-vit-b-32_8tasks_layerwise_surgery.yaml", "clip-vit-l-14_8tasks_tinting.yaml",
+                                  "clip-vit-b-32_8tasks_wemoe.yaml", "clip-vit-l-14_8tasks_adarank.yaml",
+                                  "clip-vit-b-32_8tasks_layerwise_fewshot.yaml"])
 def test_clip_config_validates_against_signatures(name, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(ROOT / "configs" / name), "--print_config"])

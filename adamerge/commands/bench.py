@@ -13,7 +13,10 @@ The variants run on the same encoder, the same K x B images and the same frozen 
   objectives read each task expert's features of the batch: computed once per image and cached
   (after warm-up every image of the fixed benchmark batch is cached, as every image is after a
   run's first pass over the adaptation data); ``surgery_uncached`` recomputes them each step (K
-  extra expert forwards), which shows what the cache saves.
+  extra expert forwards), which shows what the cache saves;
+* ``wemoe`` / ``adarank``: the steps of ``wemoe`` (per-sample routed MLP task vectors) and
+  ``adarank`` (masks over the task vectors' singular components; its SVD is computed once when
+  the variant is built, not timed).
 
 Timings are interleaved (limit, adamerge, naive, limit, ...) after warm-up, and the median of
 ``--steps`` is reported. Peak memory is measured per variant: on CPU in a child process that
@@ -47,11 +50,12 @@ from ..engine.task_vectors import DTYPES, TaskVectors
 from ..methods import registry
 from ..models.pool import LoadedPool, PreloadedPool
 
-VARIANTS = ("limit", "adamerge", "naive", "surgery", "surgery_uncached", "tinting")
-# variant -> (learned method of the registry, expert features cached)
+# variant -> (learned method of the registry, expert features cached): Surgery cached and not,
+# and every method the registry marks for the bench (``Method.bench``) under its own name.
 ADD_ONS = {"surgery": ("adamerging_layerwise_surgery", True),
            "surgery_uncached": ("adamerging_layerwise_surgery", False),
-           "tinting": ("tinting", True)}
+           **{name: (name, True) for name in registry.names("learned") if registry.get(name).bench}}
+VARIANTS = ("limit", "adamerge", "naive", *ADD_ONS)
 CLASSES = 10  # classes per task head: the head's cost is negligible next to the encoder's
 
 
@@ -317,8 +321,8 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
         out["adamerge_over_limit"] = round(med["adamerge"] / med["limit"], 3)
     if "naive" in med and "adamerge" in med:
         out["naive_over_adamerge"] = round(med["naive"] / med["adamerge"], 3)
-    for v in ("surgery", "tinting"):
-        if v in med and "adamerge" in med:
+    for v in ADD_ONS:
+        if v != "surgery_uncached" and v in med and "adamerge" in med:
             out[f"{v}_over_adamerging"] = round(med[v] / med["adamerge"], 3)
     if "surgery" in med and "surgery_uncached" in med:
         out["surgery_uncached_over_cached"] = round(med["surgery_uncached"] / med["surgery"], 3)

@@ -6,7 +6,9 @@ state dict goes to ``merged.safetensors`` (for open_clip: keys of ``model.visual
 ``model.visual.load_state_dict``), the heads to ``heads.safetensors`` (``{task}.weight`` and
 optional ``{task}.bias``; a method that learns heads, such as Tinting, writes its learned ones),
 the per-task modules of methods that have them (Surgery's adapters: ``{task}.down`` and
-``{task}.up``) to ``task_modules.safetensors``, and the effective coefficients to
+``{task}.up``) to ``task_modules.safetensors``, files a method adds with ``export_extra()``
+(WEMoE's routers and MLP task vectors: ``wemoe.safetensors``, rebuilt by
+:func:`adamerge.methods.wemoe.load_wemoe`), and the effective coefficients to
 ``coefficients.json``.
 """
 
@@ -68,6 +70,11 @@ def export(model, ckpt_path: str | Path, out: str | Path) -> dict[str, Path]:
         paths["task_modules"] = out / "task_modules.safetensors"
         save_state_dict({k: v.detach().contiguous() for k, v in modules.items()}, paths["task_modules"],
                         metadata={**meta, "apply": str(getattr(model, "task_modules_apply", ""))})
+    extra = model.export_extra() if hasattr(model, "export_extra") else {}
+    for filename, (tensors, more) in extra.items():  # method-specific files, e.g. WEMoE's routers
+        paths[Path(filename).stem] = out / filename
+        save_state_dict({k: v.detach().contiguous() for k, v in tensors.items()}, out / filename,
+                        metadata={**meta, **more})
     table = {"granularity": merged.granularity, "parameters": list(merged.task_vectors.names)
              if merged.granularity == "layerwise" else ["*"],
              "coefficients": merged.coefficient_table()}

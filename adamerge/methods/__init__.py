@@ -10,10 +10,13 @@ May import: :mod:`adamerge.engine`, :mod:`adamerge.models`, :mod:`adamerge.data`
 
 from . import registry
 from .adamerging import AdaMerging
+from .adarank import AdaRank
 from .registry import REGISTRY, Method
 from .static import task_arithmetic, ties, ties_task_vectors, weight_averaging
 from .surgery import Surgery, SurgeryAdapter
 from .tinting import TintedHead, Tinting
+from .wemoe import WEMoE, load_wemoe
 
-__all__ = ["REGISTRY", "AdaMerging", "Method", "Surgery", "SurgeryAdapter", "TintedHead", "Tinting",
+__all__ = ["REGISTRY", "AdaMerging", "AdaRank", "Method", "Surgery", "SurgeryAdapter", "TintedHead", "Tinting",
+           "WEMoE", "load_wemoe",
            "registry", "task_arithmetic", "ties", "ties_task_vectors", "weight_averaging"]

@@ -30,10 +30,12 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from ..errors import unknown_name
 from .adamerging import AdaMerging
+from .adarank import AdaRank
 from .references import individual, pretrained
 from .static import task_arithmetic, ties, weight_averaging
 from .surgery import Surgery
 from .tinting import Tinting
+from .wemoe import WEMoE
 
 Kind = Literal["static", "per_task", "learned"]
 KINDS: tuple[str, ...] = ("static", "per_task", "learned")
@@ -65,6 +67,8 @@ class Method:
         data: learned methods: settings of the data module this method adapts with (e.g.
             ``{"shots": 4}`` for a few-shot supervised objective); ``compare`` applies them to
             this row only (a ``fit`` user sets ``data.*``).
+        bench: learned methods: ``adamerge bench`` times this method's step as a variant of the
+            same name and reports its ratio to the AdaMerging step (``<name>_over_adamerging``).
     """
 
     name: str
@@ -77,6 +81,7 @@ class Method:
     source: str = ""
     starts_from: str | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
+    bench: bool = False
 
     def __post_init__(self) -> None:
         if self.name == ALL:
@@ -91,6 +96,8 @@ class Method:
         if self.starts_from is not None and (self.kind != "learned" or "init_from" not in known):
             raise ValueError(f"method {self.name!r}: starts_from needs a learned method with an "
                              "init_from argument")
+        if self.bench and self.kind != "learned":
+            raise ValueError(f"method {self.name!r}: only learned methods have a step to bench")
         if self.data and self.kind != "learned":
             raise ValueError(f"method {self.name!r}: data settings apply to learned methods only")
 
@@ -151,6 +158,10 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            {"granularity": "layerwise", "objective": "cross_entropy"},
            data={"shots": 4, "shots_split": "train"},
            source="objective: aTLAS few-shot (Zhang et al., NeurIPS 2024); coefficients as AdaMerging"),
+    Method("wemoe", "learned",
+           "WEMoE: task arithmetic (0.3) outside the MLPs; each MLP mixes its task vectors per "
+           "sample by a trained router (entropy)", WEMoE, bench=True,
+           source="Tang et al., ICML 2024 (WEMoE); tanganke/weight-ensembling_MoE src/module/dict_moe.py"),
     Method("task_arithmetic_surgery", "learned",
            "Representation Surgery on task arithmetic (scaling 0.3): per-task feature adapters, L1 "
            "to the experts' features", Surgery, {"granularity": "taskwise", "prior": 0.3},
@@ -161,8 +172,13 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery"),
     Method("tinting", "learned",
            "Model Tinting: layer-wise coefficients + a trainable head per task, CE to confident "
-           "expert pseudo-labels", Tinting,
+           "expert pseudo-labels", Tinting, bench=True,
            source="Model Tinting / SyMerge; AIM-SKKU/SyMerge src/main_symerge.py"),
+    Method("adarank", "learned",
+           "AdaRank: layer-wise coefficients + learned masks over the singular components of each "
+           "task vector's attention/MLP matrices (entropy, straight-through)", AdaRank, bench=True,
+           source="Lee et al., 2025 (AdaRank, arXiv 2503.22178); david3684/AdaRank "
+                  "vision/src/models/merge_vit/adaptive.py"),
 )})
 
 

@@ -1,0 +1,377 @@
+"""WEMoE: weight-ensembling mixture of experts over the MLP task vectors, routed per input.
+
+Tang et al., "Merging Multi-Task Models via Weight-Ensembling Mixture of Experts", ICML 2024;
+official code tanganke/weight-ensembling_MoE (``scripts/clip_dictmoe.py``,
+``src/module/dict_moe.py``, read at commit c401fdc), re-implemented in FusionBench
+(``fusion_bench/models/we_moe.py``). Every parameter outside the MLPs is merged by task
+arithmetic (scaling 0.3); each transformer MLP layer becomes ``W(x) = W0 + sum_k r_k(x) tau_k``
+(weights and biases, ``W0`` the *pretrained* MLP), with one router per block: two linear
+layers ``D -> D -> K`` with a ReLU, weights N(0, 0.01^2), hidden bias 0, output bias 0.3, applied
+to every token of the MLP's input (after ``ln_2``) and averaged over tokens, so each sample has its
+own K weights (raw, no softmax). Only the routers are trained: Adam lr 1e-3, cosine schedule,
+entropy of every task head on unlabeled test batches. Differences: docs/fidelity.md.
+
+The per-sample MLP is never built by a Python loop over samples: :class:`RoutedLinearFunction`
+forms all samples' weights ``W0 + r_b @ tau`` by one GEMM per block of output rows and applies
+them by a batched product while the block is in cache, and forms them again in the backward
+instead of keeping ``[B, H, D]`` tensors alive between forward and backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from ..engine.merged_model import MergedModel
+from ..engine.task_vectors import TaskVectors
+from ..models.pool import ModelPool
+from .adamerging import AdaMerging
+
+# Child names of the two linear layers of a transformer MLP: open_clip, timm/HF/the built-in suites.
+MLP_PAIRS = (("c_fc", "c_proj"), ("fc1", "fc2"))
+# Values of the samples' weights formed at once in a routed layer ([B, rows, D]): on a CPU small
+# enough to stay in cache between being formed and being applied; on a GPU large enough that
+# each block is a few big kernels.
+ROUTING_BLOCK_NUMEL = {"cpu": 1 << 21, "cuda": 1 << 26}
+
+
+def block_rows(batch: int, in_features: int, device: torch.device, block_numel: int | None = None) -> int:
+    """Output rows per block of a routed layer: ``block_numel`` (default by device) / (B * D)."""
+    numel = block_numel or ROUTING_BLOCK_NUMEL.get(device.type, ROUTING_BLOCK_NUMEL["cuda"])
+    return max(1, numel // (batch * in_features))
+
+
+def find_mlps(module: nn.Module) -> list[tuple[str, str]]:
+    """``(first, second)`` qualified names of the linear layer pairs of every MLP in ``module``
+    (children named ``c_fc``/``c_proj`` as in open_clip, or ``fc1``/``fc2``), in module order."""
+    found = []
+    for prefix, m in module.named_modules():
+        children = dict(m.named_children())
+        for a, b in MLP_PAIRS:
+            if isinstance(children.get(a), nn.Linear) and isinstance(children.get(b), nn.Linear):
+                found.append((f"{prefix}.{a}" if prefix else a, f"{prefix}.{b}" if prefix else b))
+    return found
+
+
+class Router(nn.Module):
+    """Per-sample weights of the K task vectors from an MLP's input tokens.
+
+    ``hidden_layers``: 2 (the official default: ``Linear(D, D)``, ReLU, ``Linear(D, K)``), 1
+    (``Linear(D, K)``) or 0 (one learned K-vector shared by all inputs: layer-wise coefficients of
+    the MLP). Weights start N(0, 0.01^2), the hidden bias 0 and the output bias ``init_lambda``, so
+    the merged MLP starts near task arithmetic with scaling ``init_lambda``.
+    """
+
+    def __init__(self, dim: int, num_experts: int, hidden_layers: int = 2, init_lambda: float = 0.3) -> None:
+        super().__init__()
+        if hidden_layers not in (0, 1, 2):
+            raise ValueError(f"router_hidden_layers must be 0, 1 or 2, got {hidden_layers}")
+        self.hidden_layers = hidden_layers
+        if hidden_layers == 0:
+            self.weights = nn.Parameter(torch.full((num_experts,), float(init_lambda)))
+            return
+        layers: list[nn.Module] = []
+        if hidden_layers == 2:
+            layers += [nn.Linear(dim, dim), nn.ReLU()]
+        layers.append(nn.Linear(dim, num_experts))
+        self.net = nn.Sequential(*layers)
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        nn.init.constant_(self.net[-1].bias, float(init_lambda))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, N, D]`` (or ``[B, D]``) -> ``[B, K]``: per-token weights averaged over tokens."""
+        if self.hidden_layers == 0:
+            return self.weights.expand(tokens.shape[0], -1)
+        r = self.net(tokens.to(self.net[0].weight.dtype))
+        return r.mean(1) if r.dim() == 3 else r
+
+
+class RoutedLinearFunction(torch.autograd.Function):
+    """``y_b = x_b (W0 + sum_k r_bk tau_k)^T + b0 + sum_k r_bk beta_k`` for every sample ``b``.
+
+    Inputs: ``x [B, N, D]``, ``r [B, K]``, ``weight [H, D]``, ``bias [H]`` or None, ``tau [K, H, D]``,
+    ``tau_bias [K, H]`` or None, ``rows`` (output rows per block). Gradients flow to ``x`` and
+    ``r`` (the base and the task vectors are frozen). The samples' weights are formed block by
+    block of ``rows`` output rows, ``[B, rows, D]`` at a time (one ``[B, K] x [K, rows*D]`` GEMM),
+    small enough to stay in cache while a batched product applies them; the backward forms them
+    again (nothing of size ``[B, H, D]`` is ever allocated or kept), then ``dx += g W`` and
+    ``dr += (g^T x) . tau`` per block.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, tau: torch.Tensor, tau_bias: torch.Tensor | None,
+                rows: int) -> torch.Tensor:
+        ctx.save_for_backward(x, r, weight, tau, tau_bias)
+        ctx.rows = rows
+        h = weight.shape[0]
+        out = x.new_empty(x.shape[0], x.shape[1], h)
+        b = _sample_bias(r, bias, tau_bias, h, x.dtype)  # [B, H]
+        for lo in range(0, h, rows):
+            w = _sample_weights(r, weight[lo:lo + rows], tau[:, lo:lo + rows])
+            out[:, :, lo:lo + rows] = torch.baddbmm(b[:, None, lo:lo + rows], x, w.transpose(1, 2))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        x, r, weight, tau, tau_bias = ctx.saved_tensors
+        k, h = tau.shape[0], weight.shape[0]
+        g = g.to(x.dtype)
+        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        acc = torch.promote_types(r.dtype, torch.float32)
+        gr = torch.zeros(r.shape, dtype=acc, device=r.device) if ctx.needs_input_grad[1] else None
+        for lo in range(0, h, ctx.rows):
+            gb = g[:, :, lo:lo + ctx.rows]
+            taub = tau[:, lo:lo + ctx.rows]
+            if gx is not None:
+                gx.baddbmm_(gb, _sample_weights(r, weight[lo:lo + ctx.rows], taub))
+            if gr is not None:
+                grad_w = torch.bmm(gb.transpose(1, 2), x)  # [B, rows, D]: d loss / d W_b
+                gr += torch.mm(grad_w.reshape(x.shape[0], -1).to(tau.dtype), taub.reshape(k, -1).t()).to(acc)
+        if gr is not None and tau_bias is not None:
+            gr += torch.mm(g.sum(1).to(tau_bias.dtype), tau_bias.t()).to(acc)
+        return gx, (gr.to(r.dtype) if gr is not None else None), None, None, None, None, None
+
+
+def _sample_weights(r: torch.Tensor, weight: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``[B, H, D]``: ``weight + sum_k r[b, k] tau[k]`` for each sample (one GEMM; ``weight`` and
+    ``tau`` may be a block of rows)."""
+    k = tau.shape[0]
+    mixed = torch.mm(r.to(tau.dtype), tau.reshape(k, -1)).to(weight.dtype)
+    return mixed.add_(weight.reshape(1, -1)).view(r.shape[0], *weight.shape)
+
+
+def _sample_bias(r: torch.Tensor, bias: torch.Tensor | None, tau_bias: torch.Tensor | None,
+                 out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    b = torch.zeros(r.shape[0], out_features, dtype=dtype, device=r.device)
+    if bias is not None:
+        b += bias.to(dtype)
+    if tau_bias is not None:
+        b += torch.mm(r.to(tau_bias.dtype), tau_bias).to(dtype)
+    return b
+
+
+class _Routing:
+    """The routing weights of one MLP for the forward in progress (set by its first layer)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.weights: torch.Tensor | None = None
+
+
+class RoutedLinear(nn.Module):
+    """A linear layer whose weights are mixed per sample: base + routed task vectors.
+
+    It holds the original layer's ``weight`` and ``bias`` parameters under the same names (so a
+    functional call with merged parameters still reaches them). ``tau`` returns the layer's
+    stacked task vectors ``([K, H, D], [K, H] | None)`` when called (they live with the merged
+    model, which moves them between devices). The first layer of an MLP computes the routing
+    weights from its input; the second reuses them.
+    """
+
+    def __init__(self, linear: nn.Linear, routing: _Routing, first: bool,
+                 tau: Callable[[], tuple[torch.Tensor, torch.Tensor | None]], batch_first: bool = True,
+                 block_numel: int | None = None) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.routing, self.first, self.tau = routing, first, tau
+        self.batch_first, self.block_numel = batch_first, block_numel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squeeze = x.dim() == 2
+        if squeeze:
+            x = x.unsqueeze(1)
+        elif not self.batch_first:
+            x = x.transpose(0, 1)
+        if self.first:
+            self.routing.weights = self.routing.router(x)
+        r = self.routing.weights
+        if r is None:
+            raise RuntimeError("routed MLP: its second layer ran before its first")
+        tau, tau_bias = self.tau()
+        rows = block_rows(x.shape[0], self.weight.shape[1], x.device, self.block_numel)
+        y = RoutedLinearFunction.apply(x, r.to(x.dtype), self.weight, self.bias, tau, tau_bias, rows)
+        if squeeze:
+            return y.squeeze(1)
+        return y if self.batch_first else y.transpose(0, 1)
+
+
+def install_routing(module: nn.Module, mlps: Sequence[tuple[str, str]], routers: Sequence[Router],
+                    tau_of: Callable[[str], Callable[[], tuple[torch.Tensor, torch.Tensor | None]]],
+                    batch_first: bool = True, block_numel: int | None = None) -> None:
+    """Replace, in place, each MLP's two linear layers of ``module`` by :class:`RoutedLinear`
+    layers sharing the original parameters; ``tau_of(layer name)`` gives the layer's task vectors."""
+    if len(mlps) != len(routers):
+        raise ValueError(f"{len(mlps)} MLPs but {len(routers)} routers")
+    for (first, second), router in zip(mlps, routers):
+        routing = _Routing(router)
+        for name, is_first in ((first, True), (second, False)):
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            linear = getattr(parent, child)
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"{name} is a {type(linear).__name__}, expected nn.Linear")
+            setattr(parent, child, RoutedLinear(linear, routing, is_first, tau_of(name), batch_first,
+                                                block_numel))
+
+
+def _shallow_module_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer (nothing is duplicated):
+    routing changes the copy, never the pool's module (which other runs may share)."""
+    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return copy.deepcopy(module, memo)
+
+
+class WEMoE(AdaMerging):
+    """WEMoE: task arithmetic outside the MLPs, per-sample routed MLP task vectors inside.
+
+    Args:
+        scaling: task-arithmetic scaling of every parameter outside the MLPs (official 0.3).
+        init_lambda: the routers' output bias at the start (official 0.3).
+        router_hidden_layers: 2 (official), 1 or 0 (see :class:`Router`).
+        lr: Adam learning rate of the routers (official 1e-3; FusionBench's config 1e-4).
+        lr_schedule: ``cosine`` (official: cosine annealing over the run's ``max_steps``) or
+            ``constant`` (FusionBench).
+        mlps: the MLPs to route as ``[first, second]`` linear-layer names; default every MLP
+            found (:func:`find_mlps`: open_clip ``c_fc``/``c_proj``, ``fc1``/``fc2``).
+        batch_first: the encoder's token tensors are ``[B, N, D]`` (open_clip >= 2.23) or
+            ``[N, B, D]``.
+        routing_block_numel: values of the samples' weights formed at once in a routed layer
+            (``[B, rows, D]``); ``None``: 2^21 on a CPU (8 MB in float32, mostly in cache), 2^26
+            on a GPU.
+        per_task_backward, task_vector_dtype, objective: as in :class:`~adamerge.methods.AdaMerging`.
+    """
+
+    method = "wemoe"
+
+    def __init__(self, pool: ModelPool, scaling: float = 0.3, init_lambda: float = 0.3,
+                 router_hidden_layers: int = 2, lr: float = 1e-3,
+                 lr_schedule: Literal["cosine", "constant"] = "cosine",
+                 mlps: list[list[str]] | None = None, batch_first: bool = True,
+                 routing_block_numel: int | None = None, per_task_backward: bool = False,
+                 task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+                 objective: Literal["entropy", "pseudo_label", "cross_entropy"] = "entropy") -> None:
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        self.router_options = {"hidden_layers": router_hidden_layers, "init_lambda": init_lambda}
+        self.wemoe_options = {"mlps": mlps, "batch_first": batch_first, "block_numel": routing_block_numel}
+        self.lr_schedule = lr_schedule
+        super().__init__(pool, granularity="layerwise", prior=scaling, clamp=False, lr=lr,
+                         per_task_backward=per_task_backward, task_vector_dtype=task_vector_dtype,
+                         learn_coefficients=False, objective=objective)
+        with torch.no_grad():  # the MLPs' merged weights are the pretrained ones: W0 of the mixture
+            self.merged.coefficients[self._mlp_rows] = 0.0
+
+    def build_merged(self, encoder: nn.Module, task_vectors: TaskVectors, **options: Any) -> MergedModel:
+        module = _shallow_module_copy(encoder)
+        mlps = [tuple(p) for p in self.wemoe_options["mlps"]] if self.wemoe_options["mlps"] else find_mlps(module)
+        if not mlps:
+            raise ValueError(f"WEMoE: no MLP found in {type(encoder).__name__} (looked for linear "
+                             f"children named {MLP_PAIRS}); give mlps: [[first, second], ...]")
+        names = list(task_vectors.names)
+        missing = [f"{layer}.weight" for pair in mlps for layer in pair if f"{layer}.weight" not in names]
+        if missing:
+            raise ValueError(f"WEMoE: MLP weights {missing[:3]} have no task vector (the pool's task "
+                             f"vectors cover {len(names)} parameters, e.g. {names[:3]})")
+        merged = MergedModel(module, task_vectors, **options)
+        self.routers = nn.ModuleList(Router(module.get_submodule(first).in_features, task_vectors.num_tasks,
+                                            **self.router_options) for first, _ in mlps)
+        self.mlps = [list(p) for p in mlps]
+        routed = {f"{layer}.{part}" for pair in mlps for layer in pair for part in ("weight", "bias")}
+        self._mlp_rows = [i for i, n in enumerate(names) if n in routed]
+
+        def tau_of(layer: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+            w, b = names.index(f"{layer}.weight"), names.index(f"{layer}.bias") if f"{layer}.bias" in names else None
+            return lambda: (merged.task_vectors.tensors[w],
+                            merged.task_vectors.tensors[b] if b is not None else None)
+
+        install_routing(module, mlps, self.routers, tau_of, self.wemoe_options["batch_first"],
+                        self.wemoe_options["block_numel"])
+        return merged
+
+    @property
+    def trains_encoder(self) -> bool:
+        return True  # the routers sit inside the encoder
+
+    def extra_learned_state(self) -> dict[str, torch.Tensor]:
+        return {f"routers.{k}": v for k, v in self.routers.state_dict().items()}
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        steps = getattr(self._trainer, "max_steps", -1) if self._trainer is not None else -1
+        if self.lr_schedule == "constant" or steps is None or steps < 1:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def init_coefficients(self, path: str) -> None:
+        raise ValueError("WEMoE does not take init_from: its merge outside the MLPs is task "
+                         "arithmetic with `scaling`")
+
+    def export_extra(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        """``wemoe.safetensors``: the routers (``router.{i}.*``) and the routed layers' task
+        vectors (``tau.{parameter}`` ``[K, ...]``); the metadata says how to rebuild the model
+        (:func:`load_wemoe`). ``merged.safetensors`` holds W0 (pretrained) in the routed layers."""
+        tv = self.merged.task_vectors
+        tensors = {f"router.{k}": v.detach() for k, v in self.routers.state_dict().items()}
+        for pair in self.mlps:
+            for layer in pair:
+                for part in ("weight", "bias"):
+                    if f"{layer}.{part}" in tv.names:
+                        tensors[f"tau.{layer}.{part}"] = tv.tensors[tv.names.index(f"{layer}.{part}")].detach()
+        meta = {"wemoe": json.dumps({"mlps": self.mlps, "tasks": tv.task_names,
+                                     "router_hidden_layers": self.router_options["hidden_layers"],
+                                     "batch_first": self.wemoe_options["batch_first"]})}
+        return {"wemoe.safetensors": (tensors, meta)}
+
+
+def load_wemoe(module: nn.Module, folder: str | Path, routing_block_numel: int | None = None) -> nn.Module:
+    """Rebuild an exported WEMoE model on ``module`` (e.g. an open_clip model's ``visual``), in place.
+
+    Loads ``merged.safetensors`` (strict: every key of ``module``) and routes the MLPs named in
+    ``wemoe.safetensors`` with its routers and task vectors (kept as buffers of the routed layers,
+    so ``module.to(device)`` moves them). Returns ``module``; features are ``module(images)``.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    for f in ("merged.safetensors", "wemoe.safetensors"):
+        if not (folder / f).is_file():
+            raise FileNotFoundError(f"{folder / f}: not found (write it with `adamerge export` of a WEMoE run)")
+    module.load_state_dict(load_file(folder / "merged.safetensors"), strict=True)
+    with safe_open(str(folder / "wemoe.safetensors"), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("wemoe", "null") or "null")
+    if not isinstance(meta, dict) or "mlps" not in meta:
+        raise ValueError(f"{folder / 'wemoe.safetensors'}: no 'wemoe' metadata (not a WEMoE export)")
+    tensors = load_file(folder / "wemoe.safetensors")
+    k = len(meta["tasks"])
+    routers = nn.ModuleList()
+    for i, (first, _) in enumerate(meta["mlps"]):
+        router = Router(module.get_submodule(first).in_features, k, meta["router_hidden_layers"])
+        router.load_state_dict({key[len(f"router.{i}."):]: v for key, v in tensors.items()
+                                if key.startswith(f"router.{i}.")})
+        routers.append(router)
+    module.wemoe_routers = routers  # registered: .to(device) moves them
+    holders: dict[str, nn.Module] = {}
+
+    def tau_of(layer: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+        holder = nn.Module()
+        holder.register_buffer("weight", tensors[f"tau.{layer}.weight"])
+        holder.register_buffer("bias", tensors.get(f"tau.{layer}.bias"))
+        holders[layer] = holder
+        return lambda: (holder.weight, holder.bias)
+
+    install_routing(module, [tuple(p) for p in meta["mlps"]], list(routers), tau_of,
+                    meta["batch_first"], routing_block_numel)
+    for layer, holder in holders.items():  # the task vectors move with the routed layer
+        module.get_submodule(layer).tau_vectors = holder
+    module.requires_grad_(False)
+    return module
