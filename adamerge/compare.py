@@ -83,7 +83,7 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
     tasks = loaded.task_vectors.task_names
     datamodule.select_tasks(tasks)  # match data to heads by task name
     out = Path(out)
-    eval_sets = {t: datamodule.dataset(t, datamodule.eval_split) for t in tasks}
+    eval_sets = {t: datamodule.eval_dataset(t) for t in tasks}
     val_sets = {t: datamodule.dataset(t, s.val_split) for t in tasks} if s.val_split else None
     encoder, heads, tv = loaded.encoder, loaded.heads, loaded.task_vectors
     base = {n: p.detach() for n, p in encoder.named_parameters()}
@@ -154,6 +154,8 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
                "settings": {"steps": s.steps, "val_split": s.val_split, "seed": s.seed,
                             "batch_size": datamodule.batch_size,
                             "adapt_split": datamodule.adapt_split, "eval_split": datamodule.eval_split,
+                            **({"corruption": datamodule.corruption, "severity": datamodule.severity}
+                               if datamodule.corruption else {}),
                             **s.extra},
                "seconds": {m: round(v, 2) for m, v in timings.items()},
                "commit": _git_commit()}

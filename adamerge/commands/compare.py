@@ -54,6 +54,11 @@ def parser(prog: str, demo: bool) -> argparse.ArgumentParser:
                    help="set a method's hyper-parameter (JSON value), e.g. --hparam ties.keep=0.1 "
                         "adamerging_layerwise.lr=0.002; see --methods for the keys")
     if demo:
+        from ..data.corruptions import CORRUPTIONS
+        p.add_argument("--corruption", choices=list(CORRUPTIONS), default=None,
+                       help="adapt and evaluate on corrupted test images (the paper's robustness protocol)")
+        p.add_argument("--severity", type=int, choices=range(1, 6), default=3,
+                       help="corruption severity 1-5 (default: 3)")
         p.add_argument("--cache-dir", default=None, help="where the built suite is cached")
         p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                        help="change fields of the demo suite's spec (JSON values; a changed suite "

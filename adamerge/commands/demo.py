@@ -25,5 +25,6 @@ def demo_main(args: Sequence[str]) -> None:
     pool = SuitePool("demo", cache_dir=ns.cache_dir, overrides=overrides)
     settings.extra = {"suite_key": pool.spec.key(), **({"suite_overrides": overrides} if overrides else {})}
     loaded = pool.load()
-    dm = MultiTaskDataModule(SuiteSource("demo", overrides=overrides), batch_size=16, eval_batch_size=500)
+    dm = MultiTaskDataModule(SuiteSource("demo", overrides=overrides), batch_size=16, eval_batch_size=500,
+                             corruption=ns.corruption, severity=ns.severity)
     compare(loaded, dm, Path(ns.out), settings, methods, suite="demo")

@@ -33,6 +33,10 @@ commands:
 {methods}
   export    write the merged model as safetensors:
             adamerge export --config FILE --ckpt_path CKPT --out DIR
+  predict   one task's images through a checkpoint's merged model -> predictions.csv:
+            adamerge predict --config FILE --ckpt_path CKPT --task T (--split S | --images DIR)
+  online    answer a stream batch by batch, adapting after each answer (restartable):
+            adamerge online --config FILE --out DIR [--stream SPLIT]
   convert   CLIP image-encoder checkpoint (open_clip, Hugging Face, pickled task-vectors
             ImageEncoder with --allow-pickle) -> open_clip image tower safetensors:
             adamerge convert SRC OUT.safetensors
@@ -50,7 +54,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("fit", "lightning_main"), "demo": ("demo", "demo_main"),
     "compare": ("compare", "compare_main"), "export": ("export", "export_main"),
     "convert": ("convert", "convert_main"), "finetune": ("finetune", "finetune_main"),
-    "bench": ("bench", "bench_main"),
+    "bench": ("bench", "bench_main"), "predict": ("predict", "predict_main"),
+    "online": ("online", "online_main"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")  # they get the command name as first argument
 

@@ -343,18 +343,31 @@ class MultiTaskDataModule(L.LightningDataModule):
             the adaptation split, unlabeled.
         shots_split: the split the shots come from (default: ``adapt_split``). With the paper's
             ``adapt_split: test`` the labeled shots are test images; ``train`` keeps them apart.
+        corruption: corrupt the adaptation images (one of
+            :data:`adamerge.data.corruptions.CORRUPTIONS`, deterministic per image) at
+            ``severity`` 1-5; ``None``: clean images.
+        eval_corruption: corruption of the evaluation images; ``same`` (default) uses
+            ``corruption``, ``None`` keeps them clean. ``eval_severity`` (default: ``severity``).
     """
 
     def __init__(self, source: DatasetSource, batch_size: int = 16, eval_batch_size: int = 128,
                  adapt_split: str = "test", eval_split: str = "test", num_workers: int = 0,
                  seed: int = 0, max_eval_samples: int | None = None, shots: int | None = None,
-                 shots_split: str | None = None) -> None:
+                 shots_split: str | None = None, corruption: str | None = None, severity: int = 3,
+                 eval_corruption: str | None = "same", eval_severity: int | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if shots is not None and shots < 1:
             raise ValueError(f"data.shots must be >= 1 (labeled images per class), got {shots}")
         self.shots, self.shots_split = shots, shots_split
+        from .corruptions import CorruptedDataset
+        for name, sev in ((corruption, severity), (None if eval_corruption == "same" else eval_corruption,
+                                                   eval_severity or severity)):
+            if name is not None:
+                CorruptedDataset([], name, sev)  # an unknown name or severity fails here, naming it
+        self.corruption, self.severity = corruption, severity
+        self.eval_corruption, self.eval_severity = eval_corruption, eval_severity
         self.source = source
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.adapt_split, self.eval_split = adapt_split, eval_split
@@ -412,16 +425,30 @@ class MultiTaskDataModule(L.LightningDataModule):
         """What a task adapts on: the adaptation split, or its few-shot subset when ``shots`` is set
         (the stream's indices and the methods' per-image caches refer to this dataset)."""
         if self.shots is None:
-            return self.dataset(task, self.adapt_split)
-        key = (task, f"shots:{self.shots}:{self.shots_split or self.adapt_split}:{self.seed}")
+            return self._corrupted(self.dataset(task, self.adapt_split), self.corruption, self.severity)
+        key = (task, f"shots:{self.shots}:{self.shots_split or self.adapt_split}:{self.seed}:"
+                     f"{self.corruption}:{self.severity}")
         if key not in self._cache:
             split = self.shots_split or self.adapt_split
             ds = self.dataset(task, split)
             labels = labels_of(ds)
             seed = self.seed * 1_000_003 + zlib.crc32(task.encode())
             idx = few_shot_indices(labels, self.shots, seed, name=f"task {task!r} split {split!r}")
+            ds = self._corrupted(ds, self.corruption, self.severity)
             self._cache[key] = LabeledSubset(ds, idx, labels[torch.tensor(idx, dtype=torch.long)])
         return self._cache[key]
+
+    def eval_dataset(self, task: str) -> Dataset:
+        """What validate/test (and ``compare``) score: the evaluation split, corrupted when
+        ``eval_corruption`` (or ``corruption``, with ``eval_corruption: same``) is set."""
+        name = self.corruption if self.eval_corruption == "same" else self.eval_corruption
+        return self._corrupted(self.dataset(task, self.eval_split), name, self.eval_severity or self.severity)
+
+    def _corrupted(self, ds: Dataset, name: str | None, severity: int) -> Dataset:
+        if name is None:
+            return ds
+        from .corruptions import CorruptedDataset
+        return CorruptedDataset(ds, name, severity, seed=self.seed)
 
     def with_options(self, **options: Any) -> "MultiTaskDataModule":
         """A copy with some settings changed (e.g. ``shots``), sharing the loaded datasets."""
@@ -457,7 +484,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     def _eval_loaders(self) -> list[DataLoader]:
         loaders = []
         for t in self.task_names():
-            ds = self.dataset(t, self.eval_split)
+            ds = self.eval_dataset(t)
             if len(ds) == 0:
                 raise ValueError(f"task {t!r}: the {self.eval_split!r} split is empty")
             if self.max_eval_samples is not None and len(ds) > self.max_eval_samples:

@@ -1,0 +1,62 @@
+"""``adamerge online``: one pass over a stream of test images, answering each batch with the
+current merge before adapting on it (:func:`adamerge.online.run_online`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="adamerge online",
+        description="Online test-time merging: every step, each task's next batch of the stream is "
+                    "first answered with the current learned tensors (predictions.csv), then used for "
+                    "one step of the method's objective. Restart with the same command to continue "
+                    "an interrupted stream: each image is answered exactly once.")
+    p.add_argument("--config", required=True, action="append", help="the run's config file(s), as for fit")
+    p.add_argument("--stream", default=None,
+                   help="split of the config's data source streamed (default: data.adapt_split)")
+    p.add_argument("--out", required=True, help="output folder: predictions.csv, state.pt, summary.json")
+    p.add_argument("--init-from", default=None,
+                   help="start from the learned tensors of this checkpoint (same method and pool)")
+    p.add_argument("--checkpoint-every", type=int, default=10, help="steps between state checkpoints (default: 10)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.epilog = "Other options are config overrides as for fit (batch size: --data.batch_size, seed: --data.seed)."
+    return p
+
+
+def online_main(argv: Sequence[str]) -> None:
+    from ..data.datamodule import MultiTaskDataModule
+    from ..methods.adamerging import AdaMerging
+    from ..online import run_online
+    from .fit import AdaMergeCLI, names_model_class
+    args, overrides = build_parser().parse_known_args(list(argv))
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    cli_args = [a for c in args.config for a in ("--config", c)] + list(overrides) + ["--trainer.logger", "false"]
+    cli = AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=cli_args, run=False, save_config_callback=None,
+                      subclass_mode_model=names_model_class(cli_args))
+    model, dm = cli.model, cli.datamodule
+    if args.init_from:
+        model.load_coefficients(args.init_from)
+    dm.select_tasks(model.task_names)
+    split = args.stream or dm.adapt_split
+    datasets = {t: dm.dataset(t, split) for t in model.task_names}
+    if model.needs_experts:
+        model.use_adaptation_data(datasets)
+    say = lambda s: print(s, file=sys.stderr, flush=True)
+    res = run_online(model, datasets, args.out, dm.batch_size, dm.seed, args.checkpoint_every,
+                     say=say, progress=args.progress)
+    summary = {"split": split, "steps": res.steps, "answered": res.answered,
+               "online_accuracy": res.accuracy,
+               "online_accuracy_avg": (sum(res.accuracy.values()) / len(res.accuracy)) if res.accuracy else None}
+    from pathlib import Path
+    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
+    for t, a in res.accuracy.items():
+        say(f"  {t}: {a:.1f} % online ({res.answered[t]} images)")
+    if res.accuracy:
+        say(f"online accuracy (avg over tasks): {summary['online_accuracy_avg']:.1f}")
+    print(json.dumps(summary))
