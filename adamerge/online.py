@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .data.datamodule import image_of
+from .data.datamodule import image_of, label_of
 from .io.checkpoints import atomic_write
 
 FIELDS = ("step", "task", "index", "prediction", "probability", "label", "correct")
@@ -47,13 +47,6 @@ def stream_order(sizes: Mapping[str, int], seed: int) -> dict[str, list[int]]:
         out[task] = torch.randperm(n, generator=g).tolist()
     return out
 
-
-def _label(item) -> int | None:
-    if isinstance(item, dict):
-        return int(item["label"]) if "label" in item else None
-    if isinstance(item, (tuple, list)) and len(item) > 1:
-        return int(item[1])
-    return None
 
 
 def run_online(model, datasets: Mapping[str, Dataset], out: str | Path, batch_size: int = 16,
@@ -113,7 +106,7 @@ def run_online(model, datasets: Mapping[str, Dataset], out: str | Path, batch_si
                 if idx:
                     items = [datasets[t][i] for i in idx]
                     batch[t] = (torch.stack([image_of(it) for it in items]), torch.tensor(idx))
-                    labels[t] = [_label(it) for it in items]
+                    labels[t] = [label_of(it) for it in items]
             rows += _answer(model, batch, labels, step, writer)
             f.flush()
             _adapt(model, optimizer, batch, step)

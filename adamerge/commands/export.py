@@ -27,16 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_model(configs: Sequence[str], overrides: Sequence[str] = ()):
-    """The learned module a config describes (``AdaMerging`` or the ``model.class_path``
-    subclass; the pool is loaded, nothing is trained)."""
+def build_from_config(configs: Sequence[str], overrides: Sequence[str] = ()):
+    """``(module, data module)`` a config describes (``AdaMerging`` or the ``model.class_path``
+    subclass; the pool is loaded, nothing is trained): what export, predict and online start from."""
     from ..data.datamodule import MultiTaskDataModule
     from ..methods.adamerging import AdaMerging
     from .fit import AdaMergeCLI, names_model_class
     args = [a for c in configs for a in ("--config", c)] + list(overrides) + ["--trainer.logger", "false"]
     cli = AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=args, run=False, save_config_callback=None,
                       subclass_mode_model=names_model_class(args))
-    return cli.model
+    return cli.model, cli.datamodule
+
+
+def build_model(configs: Sequence[str], overrides: Sequence[str] = ()):
+    """The learned module a config describes (see :func:`build_from_config`)."""
+    return build_from_config(configs, overrides)[0]
 
 
 def export_main(argv: Sequence[str]) -> None:

@@ -29,17 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def online_main(argv: Sequence[str]) -> None:
-    from ..data.datamodule import MultiTaskDataModule
-    from ..methods.adamerging import AdaMerging
     from ..online import run_online
-    from .fit import AdaMergeCLI, names_model_class
+    from .export import build_from_config
     args, overrides = build_parser().parse_known_args(list(argv))
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
-    cli_args = [a for c in args.config for a in ("--config", c)] + list(overrides) + ["--trainer.logger", "false"]
-    cli = AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=cli_args, run=False, save_config_callback=None,
-                      subclass_mode_model=names_model_class(cli_args))
-    model, dm = cli.model, cli.datamodule
+    model, dm = build_from_config(args.config, overrides)
     if args.init_from:
         model.load_coefficients(args.init_from)
     dm.select_tasks(model.task_names)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data.datamodule import IMAGE_EXTENSIONS, image_of
+from ..data.datamodule import IMAGE_EXTENSIONS, image_of, label_of
 from ..errors import unknown_name
 from ..io.checkpoints import atomic_write
 
@@ -62,13 +62,6 @@ class ImageFiles(Dataset):
         return pil_to_tensor(im).float().div_(255)
 
 
-def _label(item) -> int | None:
-    if isinstance(item, dict):
-        return int(item["label"]) if "label" in item else None
-    if isinstance(item, (tuple, list)) and len(item) > 1:
-        return int(item[1])
-    return None
-
 
 @torch.no_grad()
 def predict(model, dataset: Dataset, task: str, batch_size: int = 128,
@@ -93,7 +86,7 @@ def predict(model, dataset: Dataset, task: str, batch_size: int = 128,
         probs = model.task_logits({task: x}, params)[task].float().softmax(-1)
         p, y = probs.max(-1)
         for item, pi, yi in zip(items, p.tolist(), y.tolist()):
-            label = _label(item)
+            label = label_of(item)
             rows.append({"index": index, "file": files[index] if files else "", "prediction": yi,
                          "class_name": class_names[yi] if class_names and yi < len(class_names) else "",
                          "probability": f"{pi:.6f}", "label": "" if label is None else label})
@@ -152,14 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def predict_main(argv: Sequence[str]) -> None:
-    from .fit import AdaMergeCLI, names_model_class
-    from ..data.datamodule import MultiTaskDataModule
-    from ..methods.adamerging import AdaMerging
+    from .export import build_from_config
     args, overrides = build_parser().parse_known_args(list(argv))
-    cli_args = [a for c in args.config for a in ("--config", c)] + list(overrides) + ["--trainer.logger", "false"]
-    cli = AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=cli_args, run=False, save_config_callback=None,
-                      subclass_mode_model=names_model_class(cli_args))
-    model, dm = cli.model, cli.datamodule
+    model, dm = build_from_config(args.config, overrides)
     if args.ckpt_path:
         model.load_coefficients(args.ckpt_path)
     if args.task not in model.task_names:

@@ -173,6 +173,15 @@ def image_of(item: Any) -> torch.Tensor:
     return item[0]
 
 
+def label_of(item: Any) -> int | None:
+    """The label of a dataset item ``(image, label, ...)`` or ``{"label": ...}``; ``None`` for a bare image."""
+    if isinstance(item, dict):
+        return int(item["label"]) if "label" in item else None
+    if isinstance(item, (tuple, list)) and len(item) > 1:
+        return int(item[1])
+    return None
+
+
 def labels_of(ds: Dataset) -> torch.Tensor:
     """Every label of a dataset of ``(image, label, ...)`` items, as a long tensor ``[len(ds)]``.
 
