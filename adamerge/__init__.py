@@ -14,6 +14,7 @@ _aliases.install()  # old module paths (adamerge.suite, ...) keep working for on
 from .compare import CompareSettings, compare
 from .data import DatasetSource, FolderSource, HFSource, InMemorySource, MultiTaskDataModule
 from .engine import MergedModel, TaskVectors, entropy
+from .exported import ExportedModel
 from .io import CheckpointError, load_state_dict, save_state_dict
 from .methods import WEMoE, AdaMerging, AdaRank, Method, Surgery, Tinting, registry
 from .models import CheckpointPool, LoadedPool, ModelPool, OpenCLIPPool, PreloadedPool
@@ -21,7 +22,7 @@ from .report import evaluate
 from .suites import SuitePool, SuiteSource
 
 __all__ = ["AdaMerging", "AdaRank", "CheckpointError", "CheckpointPool", "CompareSettings", "DatasetSource",
-           "FolderSource", "HFSource", "InMemorySource", "LoadedPool", "MergedModel", "Method",
+           "ExportedModel", "FolderSource", "HFSource", "InMemorySource", "LoadedPool", "MergedModel", "Method",
            "ModelPool", "MultiTaskDataModule", "OpenCLIPPool", "PreloadedPool", "SuitePool",
            "SuiteSource", "Surgery", "TaskVectors", "Tinting", "WEMoE", "compare", "entropy", "evaluate", "load_state_dict",
            "registry", "save_state_dict"]

@@ -80,12 +80,14 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
             say(f"{name} runs first: {', '.join(m for m in requested if registry.get(m).starts_from == name)} "
                 "starts from its coefficients")
     s.check()
-    tasks = loaded.task_vectors.task_names
-    datamodule.select_tasks(tasks)  # match data to heads by task name
+    tasks, unseen = loaded.task_vectors.task_names, loaded.unseen_tasks
+    datamodule.select_tasks(tasks, unseen)  # match data to heads by task name
     out = Path(out)
-    eval_sets = {t: datamodule.eval_dataset(t) for t in tasks}
+    eval_sets = {t: datamodule.eval_dataset(t) for t in loaded.eval_tasks}
+    # hyper-parameters are picked on the merged tasks only: unseen tasks stay unseen
     val_sets = {t: datamodule.dataset(t, s.val_split) for t in tasks} if s.val_split else None
-    encoder, heads, tv = loaded.encoder, loaded.heads, loaded.task_vectors
+    encoder, tv = loaded.encoder, loaded.task_vectors
+    heads = {**loaded.heads, **loaded.unseen_heads}
     base = {n: p.detach() for n, p in encoder.named_parameters()}
     ev = lambda params, sets=eval_sets: evaluate(encoder, params, heads, sets, datamodule.eval_batch_size)
     rows: dict[str, dict[str, float]] = {}
@@ -143,11 +145,13 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
             rows[name] = model.accuracies(eval_sets, datamodule.eval_batch_size)
         used[name] = {**hp, **({"data": dict(method.data)} if method.data else {})}
         timings[name] = time.perf_counter() - t0
-        say(f"  {name}: avg {sum(rows[name].values()) / len(rows[name]):.1f} ({timings[name]:.1f} s)")
+        row = summarize(rows[name], None, unseen)
+        say(f"  {name}: avg {row['avg']:.1f}" + (f", unseen avg {row['avg_unseen']:.1f}" if row.get("avg_unseen") is not None else "")
+            + f" ({timings[name]:.1f} s)")
 
     individual = rows.get("individual")
-    results = {"suite": suite, "tasks": list(tasks),
-               "methods": {m: summarize(rows[m], individual) for m in methods},
+    results = {"suite": suite, "tasks": list(tasks), **({"unseen_tasks": unseen} if unseen else {}),
+               "methods": {m: summarize(rows[m], individual, unseen) for m in methods},
                "descriptions": {m: registry.get(m).description for m in methods},
                "hparams": used,
                "tuned": tuned,

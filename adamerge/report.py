@@ -42,25 +42,58 @@ def evaluate(encoder: nn.Module, params: Mapping[str, torch.Tensor] | None,
     return accs
 
 
-def summarize(per_task: Mapping[str, float], individual: Mapping[str, float] | None) -> dict[str, Any]:
-    """``{"per_task", "avg", "normalized_avg"}``; normalized = mean of acc / individual acc (in %)."""
-    avg = sum(per_task.values()) / len(per_task)
+def summarize(per_task: Mapping[str, float], individual: Mapping[str, float] | None,
+              unseen: Sequence[str] = ()) -> dict[str, Any]:
+    """``{"per_task", "avg", "normalized_avg"}`` (+ ``avg_unseen`` when there are unseen tasks).
+
+    ``avg`` and ``normalized_avg`` (mean of acc / individual acc, in %) are over the merged tasks;
+    ``avg_unseen`` averages the unseen ones (``None`` for a row that has none, e.g. individual).
+    """
+    seen = {t: a for t, a in per_task.items() if t not in unseen}
+    avg = sum(seen.values()) / len(seen)
     norm = None
     if individual:
-        norm = 100.0 * sum(per_task[t] / individual[t] if individual[t] else 0.0
-                           for t in per_task) / len(per_task)
-    return {"per_task": dict(per_task), "avg": avg, "normalized_avg": norm}
+        norm = 100.0 * sum(seen[t] / individual[t] if individual[t] else 0.0
+                           for t in seen) / len(seen)
+    out = {"per_task": dict(per_task), "avg": avg, "normalized_avg": norm}
+    if unseen:
+        vals = [per_task[t] for t in unseen if t in per_task]
+        out["avg_unseen"] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def _columns(results: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(task keys, their column titles): merged tasks, then unseen ones marked ``*``."""
+    unseen = list(results.get("unseen_tasks", []))
+    return list(results["tasks"]) + unseen, list(results["tasks"]) + [f"{t}*" for t in unseen]
+
+
+def _cell(row: Mapping[str, Any], task: str, fmt: str) -> str:
+    """One task's accuracy, or ``-`` where the row has none (e.g. individual on an unseen task)."""
+    value = row["per_task"].get(task)
+    return "-" if value is None else format(value, fmt)
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
-    """The methods x tasks table of a results dict, in Markdown."""
-    tasks = results["tasks"]
-    lines = ["| method | " + " | ".join(tasks) + " | avg | normalized |",
-             "|---" * (len(tasks) + 3) + "|"]
+    """The methods x tasks table of a results dict, in Markdown (unseen tasks marked ``*``, with
+    their own average column, and a footnote)."""
+    keys, titles = _columns(results)
+    unseen = bool(results.get("unseen_tasks"))
+    extra = " unseen avg |" if unseen else ""
+    lines = ["| method | " + " | ".join(titles) + " | avg | normalized |" + extra,
+             "|---" * (len(keys) + 3 + unseen) + "|"]
     for name, row in results["methods"].items():
         norm = "" if row.get("normalized_avg") is None else f"{row['normalized_avg']:.1f}"
-        lines.append(f"| {name} | " + " | ".join(f"{row['per_task'][t]:.1f}" for t in tasks)
-                     + f" | **{row['avg']:.1f}** | {norm} |")
+        line = (f"| {name} | " + " | ".join(_cell(row, t, ".1f") for t in keys)
+                + f" | **{row['avg']:.1f}** | {norm} |")
+        if unseen:
+            u = row.get("avg_unseen")
+            line += f" {'-' if u is None else f'{u:.1f}'} |"
+        lines.append(line)
+    if unseen:
+        lines.append(f"\n`*` unseen task: evaluated with its head on the merged model, but no expert of "
+                     f"it is merged and none of its images is adapted on; `avg` and `normalized` are "
+                     f"over the merged tasks ({len(results['tasks'])}).")
     return "\n".join(lines)
 
 
@@ -79,17 +112,23 @@ def method_notes(results: Mapping[str, Any]) -> str:
 
 
 def terminal_table(results: Mapping[str, Any]) -> str:
-    """A plain fixed-width table for the terminal."""
-    tasks = results["tasks"]
+    """A plain fixed-width table for the terminal (unseen tasks marked ``*``)."""
+    keys, titles = _columns(results)
+    unseen = bool(results.get("unseen_tasks"))
     width = max(len(m) for m in results["methods"]) + 2
-    cols = [t[:9] for t in tasks] + ["avg", "norm"]
+    cols = [t[:9] for t in titles] + ["avg", "norm"] + (["unseen"] if unseen else [])
     head = " " * width + "".join(f"{c:>10}" for c in cols)
     rows = [head, "-" * len(head)]
     for name, row in results["methods"].items():
-        vals = [row["per_task"][t] for t in tasks] + [row["avg"]]
+        cells = [_cell(row, t, ".1f") for t in keys] + [f"{row['avg']:.1f}"]
         norm = row.get("normalized_avg")
-        rows.append(f"{name:<{width}}" + "".join(f"{v:>10.1f}" for v in vals)
-                    + (f"{norm:>10.1f}" if norm is not None else f"{'':>10}"))
+        cells.append("" if norm is None else f"{norm:.1f}")
+        if unseen:
+            u = row.get("avg_unseen")
+            cells.append("-" if u is None else f"{u:.1f}")
+        rows.append(f"{name:<{width}}" + "".join(f"{c:>10}" for c in cells))
+    if unseen:
+        rows.append("* unseen task (no expert merged, not adapted on); avg/norm over merged tasks")
     return "\n".join(rows)
 
 

@@ -71,7 +71,7 @@ pool:
     model: {model}
     pretrained: {pretrained}
     experts:                 # task -> fine-tuned image encoder (same order as data.source.tasks)
-{experts}
+{experts}{unseen}
     tasks_file: null         # YAML of extra / overriding tasks (see adamerge/data/tasks.yaml)
     allow_pickle: false      # true only for trusted pickled checkpoints; better: adamerge convert
     text_device: cpu         # where the text tower runs once to build the zero-shot heads (cached)"""
@@ -129,12 +129,15 @@ NOTES = {
 }
 
 
-def model_block(name: str, model: str, experts: str, n: int, big: bool, stem_of) -> str:
-    """The ``model:`` section of one method's config."""
+def model_block(name: str, model: str, experts: str, n: int, big: bool, stem_of,
+                unseen: list[str] | None = None) -> str:
+    """The ``model:`` section of one method's config (``unseen``: tasks evaluated, not merged)."""
     method = registry.get(name)
     hp = method.defaults()
     hp["per_task_backward"] = big
-    pool = POOL.format(model=model, pretrained="openai", experts=experts)
+    unseen_line = (f"\n    unseen_tasks: [{', '.join(unseen)}]"
+                   "   # zero-shot heads only: evaluated, not merged, not adapted on" if unseen else "")
+    pool = POOL.format(model=model, pretrained="openai", experts=experts, unseen=unseen_line)
     lines = []
     for key, value in hp.items():
         if key == "init_from" and method.starts_from:
@@ -201,5 +204,48 @@ def main() -> None:
                 print("wrote", name)
 
 
+# The AdaMerging paper's two other protocols on ViT-B/32 (layer-wise AdaMerging; run every method
+# on them with `adamerge compare --config ... --methods ...`).
+# Generalisation (paper Table 5): merge 6 tasks, evaluate the 2 others with their zero-shot heads.
+# Splits as in FusionBench config/modelpool/CLIPVisionModelPool/clip-vit-base-patch32_generalization_exp{1,2}.yaml.
+# Robustness (paper Table 6): 4 tasks, adaptation and test on corrupted test images; tasks as in
+# FusionBench config/modelpool/CLIPVisionModelPool/clip-vit-base-patch32_robustness_corrupted.yaml.
+PROTOCOLS = {
+    "unseen-mnist-eurosat": {"tasks": ["sun397", "stanford_cars", "resisc45", "dtd", "svhn", "gtsrb"],
+                             "unseen": ["mnist", "eurosat"],
+                             "note": "# Generalisation protocol of the AdaMerging paper (Table 5, first split): merge 6 tasks and also\n"
+                                     "# evaluate MNIST and EuroSAT, which have zero-shot heads but no expert (reported as unseen)."},
+    "unseen-resisc45-svhn": {"tasks": ["sun397", "stanford_cars", "gtsrb", "eurosat", "dtd", "mnist"],
+                             "unseen": ["resisc45", "svhn"],
+                             "note": "# Generalisation protocol of the AdaMerging paper (Table 5, second split): merge 6 tasks and also\n"
+                                     "# evaluate RESISC45 and SVHN, which have zero-shot heads but no expert (reported as unseen)."},
+    "corrupted-4tasks": {"tasks": ["stanford_cars", "eurosat", "resisc45", "gtsrb"], "unseen": [],
+                         "data": "\n  corruption: motion_blur       # motion_blur, impulse_noise, gaussian_noise, pixelate, spatter,\n"
+                                 "                                # contrast, jpeg_compression (adapt and test on corrupted test images)\n"
+                                 "  severity: 3                   # 1-5; not stated by the paper's code we read (docs/fidelity.md)",
+                         "note": "# Robustness protocol of the AdaMerging paper (Table 6): 4 tasks, adaptation and evaluation on\n"
+                                 "# corrupted test images; change data.corruption for the 7 corruption types."},
+}
+
+
+def protocol_configs() -> None:
+    """The generalisation and robustness configs of :data:`PROTOCOLS` (ViT-B/32, layer-wise)."""
+    key, model, method = "vit-b-32", "ViT-B-32", "adamerging_layerwise"
+    for tag, spec in PROTOCOLS.items():
+        name = f"clip-{key}_{tag}_layerwise.yaml"
+        experts = "\n".join(f"      {t}: experts/{model}/{t}.safetensors" for t in spec["tasks"])
+        note, steps, steps_note = NOTES["AdaMerging"]
+        text = TEMPLATE.format(
+            title=name, method_doc=registry.get(method).description, n=len(spec["tasks"]), model=model,
+            pretrained="openai", name=name, stem=name.removesuffix(".yaml"),
+            defaults_note=spec["note"] + "\n" + note, steps=steps, steps_note=steps_note,
+            model_block=model_block(method, model, experts, len(spec["tasks"]), False,
+                                    lambda m: m, spec["unseen"]),
+            tasks=", ".join(spec["tasks"] + spec["unseen"]), data_extra=spec.get("data", ""))
+        (ROOT / "configs" / name).write_text(text)
+        print("wrote", name)
+
+
 if __name__ == "__main__":
     main()
+    protocol_configs()

@@ -22,6 +22,7 @@ ALLOWED = {
     "methods": {"engine", "models", "data", "io", "report", "errors"},
     "compare": {"methods", "models", "data", "engine", "io", "report", "errors"},
     "suites": {"engine", "models", "data", "io", "errors"},
+    "exported": {"suites", "models", "methods", "io", "errors"},
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -172,6 +173,13 @@ def test_clip_fit_test_export_through_config(world, tmp_path, capsys):
     assert not torch.allclose(lam, torch.full_like(lam, 0.3)), "coefficients were not learned"
     heads = load_file(str(out / "heads.safetensors"))
     assert heads["mnist.weight"].shape == (10, 32) and heads["colors.weight"].shape == (3, 32)
+    # the folder alone (no base, expert or head-cache file) rebuilds the model: same logits
+    from adamerge.exported import ExportedModel
+    exported = ExportedModel.from_folder(out)
+    assert exported.manifest["encoder"] == {"kind": "open_clip", "model": TINY, "pretrained": str(world["base"])}
+    pixels = torch.randn(2, 3, 32, 32)
+    feats = F.normalize(fresh.visual(pixels), dim=-1)
+    torch.testing.assert_close(exported(pixels, "colors"), feats @ heads["colors.weight"].T, rtol=1e-5, atol=1e-5)
 
     # a checkpoint from another pool is refused, naming the difference
     cfg_other = tmp_path / "other.yaml"
@@ -294,6 +302,12 @@ def test_clip_pool_fills_missing_projection_and_rejects_bad_shapes(world, tmp_pa
     proj = tv.tensors[tv.names.index("proj")]
     assert proj[1].abs().max() == 0 and proj[0].abs().max() > 0   # HF expert: proj from the base
     assert isinstance(loaded.heads["colors"], ZeroShotHead)
+    # an unseen task: its zero-shot head is built, its expert is not merged
+    part = OpenCLIPPool(model=TINY, pretrained=str(world["base"]), experts={"mnist": str(world["experts"]["mnist"])},
+                        tasks_file=str(world["tasks_file"]), head_cache=str(tmp_path / "h"),
+                        unseen_tasks=["colors"]).load()
+    assert part.task_vectors.task_names == ["mnist"] and part.unseen_tasks == ["colors"]
+    assert torch.equal(part.unseen_heads["colors"].linear.weight, loaded.heads["colors"].linear.weight)
     bad = dict(load_file(str(world["experts"]["mnist"])))
     bad["conv1.weight"] = bad["conv1.weight"][:, :, :4].contiguous()
     save_file(bad, str(tmp_path / "bad.safetensors"))
@@ -462,7 +476,24 @@ def test_clip_tasks_file_adds_and_overrides(tmp_path):
         load_registry(f)
 
 
-CLIP_CONFIGS = sorted((ROOT / "configs").glob("clip-*.yaml"))
+PROTOCOL_CONFIGS = sorted(p for p in (ROOT / "configs").glob("clip-*.yaml")
+                          if not re.fullmatch(r"\d+tasks", p.name.split("_")[1]))
+CLIP_CONFIGS = sorted(set((ROOT / "configs").glob("clip-*.yaml")) - set(PROTOCOL_CONFIGS))
+
+
+def test_protocol_configs_name_their_splits():
+    """The generalisation splits and the robustness tasks of the paper (docs: README, fidelity)."""
+    found = {p.name: yaml.safe_load(p.read_text()) for p in PROTOCOL_CONFIGS}
+    want = {"clip-vit-b-32_unseen-mnist-eurosat_layerwise.yaml": ["mnist", "eurosat"],
+            "clip-vit-b-32_unseen-resisc45-svhn_layerwise.yaml": ["resisc45", "svhn"],
+            "clip-vit-b-32_corrupted-4tasks_layerwise.yaml": []}
+    assert sorted(found) == sorted(want)
+    for name, cfg in found.items():
+        pool, data = cfg["model"]["pool"]["init_args"], cfg["data"]
+        assert pool.get("unseen_tasks", []) == want[name], name
+        assert data["source"]["init_args"]["tasks"] == list(pool["experts"]) + want[name], name
+        assert len(pool["experts"]) == (4 if not want[name] else 6)
+    assert found["clip-vit-b-32_corrupted-4tasks_layerwise.yaml"]["data"]["corruption"] == "motion_blur"
 
 
 def test_clip_configs_are_consistent():
@@ -510,7 +541,9 @@ def test_clip_configs_are_consistent():
 @pytest.mark.parametrize("name", ["clip-vit-b-32_8tasks_layerwise.yaml", "clip-vit-l-14_20tasks_layerwise_pp.yaml",
                                   "clip-vit-b-32_8tasks_layerwise_surgery.yaml", "clip-vit-l-14_8tasks_tinting.yaml",
                                   "clip-vit-b-32_8tasks_wemoe.yaml", "clip-vit-l-14_8tasks_adarank.yaml",
-                                  "clip-vit-b-32_8tasks_layerwise_fewshot.yaml"])
+                                  "clip-vit-b-32_8tasks_layerwise_fewshot.yaml",
+                                  "clip-vit-b-32_unseen-mnist-eurosat_layerwise.yaml",
+                                  "clip-vit-b-32_corrupted-4tasks_layerwise.yaml"])
 def test_clip_config_validates_against_signatures(name, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(ROOT / "configs" / name), "--print_config"])

@@ -13,6 +13,7 @@ from PIL import Image
 
 from adamerge import AdaMerging, MultiTaskDataModule
 from adamerge.commands.main import main
+from adamerge.commands.predict import ImageFiles
 from adamerge.io.checkpoints import read_checkpoint
 from adamerge.models.pool import PreloadedPool
 from adamerge.suites.synthetic import SuitePool, SuiteSource
@@ -74,3 +75,39 @@ def test_predict_reads_a_folder_of_images(tmp_path):
     rows = rows_of(out)
     assert [Path(r["file"]).name for r in rows] == ["0.png", "2.png", "4.png", "1.png", "3.png"]
     assert all(r["label"] == "" and r["prediction"].isdigit() for r in rows)
+
+
+def test_predict_from_an_export_folder_needs_no_pool_file(tmp_path, monkeypatch):
+    """Export (with an unseen task), then predict from the folder alone: same logits as the module."""
+    from adamerge.io.export import export
+    from adamerge.exported import ExportedModel
+    loaded = SuitePool("tiny", unseen_tasks=["gratings"]).load()
+    model = AdaMerging(PreloadedPool(loaded), lr=1e-2)
+    dm = MultiTaskDataModule(SuiteSource("tiny"), batch_size=16)
+    tr = trainer(tmp_path, 3)
+    tr.fit(model, dm)
+    tr.save_checkpoint(tmp_path / "run.ckpt")
+    export(model, tmp_path / "run.ckpt", tmp_path / "export")
+    monkeypatch.setenv("ADAMERGE_CACHE", str(tmp_path / "empty"))  # the suite's files are out of reach
+    exported = ExportedModel.from_folder(tmp_path / "export")
+    assert exported.tasks == ["digits", "shapes", "gratings"] and exported.unseen_tasks == ["gratings"]
+    x = torch.stack([dm.dataset("gratings", "test")[i][0] for i in range(8)])
+    params = {k: v.detach() for k, v in model.merged.merged_parameters().items()}
+    for task in ("shapes", "gratings"):
+        torch.testing.assert_close(exported(x, task), model.task_logits({task: x}, params)[task],
+                                   rtol=1e-5, atol=1e-5)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        arr = (x[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(folder / f"{i}.png")
+    out = tmp_path / "pred.csv"
+    assert main(["predict", "--export", str(tmp_path / "export"), "--task", "gratings", "--images",
+                 str(folder), "--out", str(out), "--no-progress"]) == 0
+    rows = rows_of(out)
+    ref = ImageFiles(folder, x.shape[-1], x.shape[1])  # the folder's images as predict reads them
+    want = exported(torch.stack([ref[i] for i in range(4)]), "gratings").argmax(-1)
+    assert [int(r["prediction"]) for r in rows] == want.tolist()
+    assert not list(Path(tmp_path / "empty").glob("**/*.safetensors"))  # nothing was rebuilt
+    assert main(["predict", "--export", str(tmp_path / "export"), "--task", "gratings", "--split", "test",
+                 "--out", str(tmp_path / "x.csv"), "--no-progress"]) == 1

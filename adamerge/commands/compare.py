@@ -59,6 +59,10 @@ def parser(prog: str, demo: bool) -> argparse.ArgumentParser:
                        help="adapt and evaluate on corrupted test images (the paper's robustness protocol)")
         p.add_argument("--severity", type=int, choices=range(1, 6), default=3,
                        help="corruption severity 1-5 (default: 3)")
+        p.add_argument("--unseen", nargs="+", default=[], metavar="TASK",
+                       help="tasks of the suite left out of the merge (no expert, no adaptation data) "
+                            "but still evaluated with their heads, marked unseen in the report (the "
+                            "paper's generalisation protocol), e.g. --unseen dots textures")
         p.add_argument("--cache-dir", default=None, help="where the built suite is cached")
         p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                        help="change fields of the demo suite's spec (JSON values; a changed suite "

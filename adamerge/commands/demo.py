@@ -22,7 +22,7 @@ def demo_main(args: Sequence[str]) -> None:
     settings = CompareSettings(steps=ns.steps or 500, val_split=None if ns.val_split == "none" else ns.val_split,
                                hparams=hparam_overrides(ns))
     settings.check()
-    pool = SuitePool("demo", cache_dir=ns.cache_dir, overrides=overrides)
+    pool = SuitePool("demo", cache_dir=ns.cache_dir, overrides=overrides, unseen_tasks=ns.unseen)
     settings.extra = {"suite_key": pool.spec.key(), **({"suite_overrides": overrides} if overrides else {})}
     loaded = pool.load()
     dm = MultiTaskDataModule(SuiteSource("demo", overrides=overrides), batch_size=16, eval_batch_size=500,

@@ -70,20 +70,29 @@ def predict(model, dataset: Dataset, task: str, batch_size: int = 128,
     """One row per image: index, file, predicted class, its name, its probability, the label.
 
     ``model`` is a learned module (:class:`adamerge.methods.AdaMerging` or a subclass) with its
-    learned tensors set; the merge is done once and every batch goes through ``task_logits`` (so
-    per-task modules, tinted heads and WEMoE's routing apply as in training and evaluation).
+    learned tensors set: the merge is done once and every batch goes through ``task_logits`` (so
+    per-task modules, tinted heads and WEMoE's routing apply as in training and evaluation); or
+    an :class:`adamerge.exported.ExportedModel` (an export folder, no pool needed).
     """
-    if task not in model.task_names:
-        raise ValueError(unknown_name("task", task, model.task_names))
+    from ..exported import ExportedModel
+    if isinstance(model, ExportedModel):
+        tasks, device = model.tasks, next(model.encoder.parameters()).device
+        logits_of = lambda x: model(x, task)
+    else:
+        tasks, device = model.eval_tasks, model.merged.coefficients.device
+        params = None
+    if task not in tasks:
+        raise ValueError(unknown_name("task", task, tasks))
     model.eval()
-    device = model.merged.coefficients.device
-    params = {k: v.detach() for k, v in model.merged.merged_parameters().items()}
+    if not isinstance(model, ExportedModel):
+        params = {k: v.detach() for k, v in model.merged.merged_parameters().items()}
+        logits_of = lambda x: model.task_logits({task: x}, params)[task]
     rows, index = [], 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         collate_fn=lambda items: items)
     for items in tqdm(loader, desc=f"predict {task}", unit="batch", disable=not progress, file=sys.stderr):
         x = torch.stack([image_of(item) for item in items]).to(device)
-        probs = model.task_logits({task: x}, params)[task].float().softmax(-1)
+        probs = logits_of(x).float().softmax(-1)
         p, y = probs.max(-1)
         for item, pi, yi in zip(items, p.tolist(), y.tolist()):
             label = label_of(item)
@@ -105,18 +114,18 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
     return Path(path)
 
 
-def image_files(folder: str, model, source, image_size: int | None = None) -> ImageFiles:
-    """The folder's images prepared as the config's data source prepares its own: open_clip's
-    preprocessing for a CLIP source (``model`` attribute, e.g. HFSource), else a resize to
-    ``image_size`` (default: the source's) with the encoder's input channels."""
+def image_files(folder: str, encoder, clip_model: str | None = None, pretrained: str | None = None,
+                image_size: int | None = None) -> ImageFiles:
+    """The folder's images prepared as the run's data source prepares its own: open_clip's
+    preprocessing for a CLIP model (``clip_model``), else a resize to ``image_size`` with the
+    encoder's input channels."""
     from torch import nn
-    convs = [m for m in model.merged.module.modules() if isinstance(m, nn.Conv2d)]
+    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]
     channels = convs[0].in_channels if convs else 3
-    clip_model = getattr(source, "model", None)
-    if isinstance(clip_model, str) and image_size is None:
+    if clip_model is not None and image_size is None:
         from ..data.transforms import clip_transform
-        return ImageFiles(folder, None, channels, clip_transform(clip_model, getattr(source, "pretrained", None)))
-    return ImageFiles(folder, image_size or getattr(source, "image_size", None), channels)
+        return ImageFiles(folder, None, channels, clip_transform(clip_model, pretrained))
+    return ImageFiles(folder, image_size, channels)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,12 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adamerge predict",
         description="Predict one task's images with the merged model of a checkpoint and write "
                     "predictions.csv (index, file, prediction, class_name, probability, label).")
-    p.add_argument("--config", required=True, action="append", help="the run's config file(s), as given to fit")
+    p.add_argument("--config", action="append", help="the run's config file(s), as given to fit")
+    p.add_argument("--export", default=None,
+                   help="an `adamerge export` folder to predict with instead of --config/--ckpt_path: "
+                        "merged weights and heads only, no pool file is read (needs --images)")
     p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", default=None,
                    help="checkpoint of the run (its method and pool must be the config's); without it "
                         "the method's starting point is used (e.g. coefficients at their prior: task "
                         "arithmetic with scaling = prior for granularity taskwise)")
-    p.add_argument("--task", required=True, help="which task's head answers")
+    p.add_argument("--task", required=True, help="which task's head answers (a merged or an unseen task)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--split", help="a split of the config's data source (labels, when present, go to the CSV)")
     src.add_argument("--images", help="a folder of image files (recursively), prepared as the config's "
@@ -145,24 +157,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def predict_main(argv: Sequence[str]) -> None:
-    from .export import build_from_config
     args, overrides = build_parser().parse_known_args(list(argv))
-    model, dm = build_from_config(args.config, overrides)
-    if args.ckpt_path:
-        model.load_coefficients(args.ckpt_path)
-    if args.task not in model.task_names:
-        raise ValueError(unknown_name("task", args.task, model.task_names))
+    if bool(args.config) == bool(args.export):
+        raise ValueError("give either --config (with --ckpt_path) or --export FOLDER")
     files, names = None, None
-    if args.split:
-        dm.select_tasks(model.task_names)
-        dataset = dm.dataset(args.task, args.split)
-        samples = getattr(dataset, "samples", None)
-        if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
-            files = [str(s[0]) for s in samples]
-    else:
-        dataset = image_files(args.images, model, dm.source, args.image_size)
+    if args.export:
+        if args.split or overrides or args.ckpt_path:
+            raise ValueError("--export predicts with the exported files alone: give --images "
+                             f"(not {'--split' if args.split else '--ckpt_path' if args.ckpt_path else overrides[0]})")
+        from ..exported import ExportedModel
+        model = ExportedModel.from_folder(args.export)
+        recipe = model.manifest.get("encoder") or {}
+        spec = recipe.get("spec", {})
+        dataset = image_files(args.images, model.encoder, recipe.get("model") if recipe.get("kind") == "open_clip" else None,
+                              recipe.get("pretrained"), args.image_size or spec.get("image_size"))
         files = [str(f) for f in dataset.files]
-    names = getattr(dataset, "classes", None)
+    else:
+        from .export import build_from_config
+        model, dm = build_from_config(args.config, overrides)
+        if args.ckpt_path:
+            model.load_coefficients(args.ckpt_path)
+        if args.task not in model.eval_tasks:
+            raise ValueError(unknown_name("task", args.task, model.eval_tasks))
+        if args.split:
+            dm.select_tasks(model.task_names, unseen=model.unseen_tasks)
+            dataset = dm.dataset(args.task, args.split)
+            samples = getattr(dataset, "samples", None)
+            if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
+                files = [str(s[0]) for s in samples]
+        else:
+            source = dm.source
+            clip_model = getattr(source, "model", None)
+            dataset = image_files(args.images, model.merged.module,
+                                  clip_model if isinstance(clip_model, str) else None,
+                                  getattr(source, "pretrained", None),
+                                  args.image_size or (None if isinstance(clip_model, str) else getattr(source, "image_size", None)))
+            files = [str(f) for f in dataset.files]
+        names = getattr(dataset, "classes", None)
     rows = predict(model, dataset, args.task, args.batch_size, names, files, args.progress)
     path = write_csv(rows, args.out)
     print(f"predictions: {path} ({len(rows)} images, task {args.task})", file=sys.stderr)

@@ -383,20 +383,26 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.num_workers, self.seed, self.max_eval_samples = num_workers, seed, max_eval_samples
         self._cache: dict[tuple[str, str], Dataset] = {}
         self._tasks: list[str] | None = None
+        self._unseen: list[str] = []
 
     def task_names(self) -> list[str]:
-        """The tasks in use: those of the model pool once :meth:`select_tasks` ran, else the source's."""
+        """The tasks adapted on: those of the model pool once :meth:`select_tasks` ran, else the source's."""
         return list(self._tasks) if self._tasks is not None else self.source.task_names()
 
-    def select_tasks(self, tasks: Sequence[str]) -> None:
-        """Use exactly ``tasks``, in this order (the model pool's); each must be in the source."""
+    def eval_task_names(self) -> list[str]:
+        """The tasks validate/test score: :meth:`task_names`, then the pool's unseen tasks."""
+        return self.task_names() + self._unseen
+
+    def select_tasks(self, tasks: Sequence[str], unseen: Sequence[str] = ()) -> None:
+        """Adapt on exactly ``tasks``, in this order (the model pool's), and evaluate on them and on
+        ``unseen`` (tasks with a head but no expert); each must be in the source."""
         known = self.source.task_names()
-        missing = [t for t in tasks if t not in known]
+        missing = [t for t in [*tasks, *unseen] if t not in known]
         if missing:
             hints = [f"{t!r} -> {near!r}" for t in missing if (near := suggest(t, known)) is not None]
             raise ValueError(f"no data for tasks {missing} in {type(self.source).__name__} (its tasks: "
                              f"{', '.join(known)})" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
-        self._tasks = list(tasks)
+        self._tasks, self._unseen = list(tasks), list(unseen)
 
     def check(self, num_classes: Mapping[str, int], splits: Sequence[str]) -> None:
         """Fail early, before any step, on empty splits and on labels the heads cannot have.
@@ -406,8 +412,10 @@ class MultiTaskDataModule(L.LightningDataModule):
             splits: the splits the run reads, checked for emptiness; the evaluation split is
                 also checked against the heads (see :func:`label_count`).
         """
-        for task in self.task_names():
+        for task in self.eval_task_names():
             for split in dict.fromkeys(splits):
+                if task in self._unseen and split != self.eval_split:
+                    continue  # unseen tasks are only evaluated
                 ds = self.dataset(task, split)
                 if len(ds) == 0:
                     raise ValueError(f"task {task!r}: the {split!r} split is empty")
@@ -492,7 +500,7 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def _eval_loaders(self) -> list[DataLoader]:
         loaders = []
-        for t in self.task_names():
+        for t in self.eval_task_names():
             ds = self.eval_dataset(t)
             if len(ds) == 0:
                 raise ValueError(f"task {t!r}: the {self.eval_split!r} split is empty")

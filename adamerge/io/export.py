@@ -9,7 +9,9 @@ the per-task modules of methods that have them (Surgery's adapters: ``{task}.dow
 ``{task}.up``) to ``task_modules.safetensors``, files a method adds with ``export_extra()``
 (WEMoE's routers and MLP task vectors: ``wemoe.safetensors``, rebuilt by
 :func:`adamerge.methods.wemoe.load_wemoe`), and the effective coefficients to
-``coefficients.json``.
+``coefficients.json``, and ``export.json`` (tasks, method, and a recipe of the encoder's
+architecture when the pool has one) with which :class:`adamerge.exported.ExportedModel` uses
+the folder without the pool's files.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def export(model, ckpt_path: str | Path, out: str | Path) -> dict[str, Path]:
     meta = {"checkpoint": ckpt_path.name, "tasks": ",".join(merged.task_names),
             "method": str(getattr(model, "method", "adamerging")),
             "granularity": merged.granularity, "global_step": str(checkpoint.get("global_step", ""))}
+    if getattr(model, "unseen_tasks", None):  # heads written for tasks that were not merged
+        meta["unseen_tasks"] = ",".join(model.unseen_tasks)
     paths = {"merged": out / "merged.safetensors", "heads": out / "heads.safetensors",
              "coefficients": out / "coefficients.json"}
     save_state_dict(merged.merged_state_dict(), paths["merged"], metadata=meta)
@@ -75,6 +79,15 @@ def export(model, ckpt_path: str | Path, out: str | Path) -> dict[str, Path]:
         paths[Path(filename).stem] = out / filename
         save_state_dict({k: v.detach().contiguous() for k, v in tensors.items()}, out / filename,
                         metadata={**meta, **more})
+    loaded = getattr(model, "loaded", None)
+    manifest = {"method": meta["method"], "tasks": list(merged.task_names),
+                "unseen_tasks": list(getattr(model, "unseen_tasks", [])),
+                "checkpoint": ckpt_path.name, "global_step": checkpoint.get("global_step"),
+                "encoder": getattr(loaded, "encoder_recipe", None),
+                "files": sorted(p.name for p in paths.values()) + ["coefficients.json"]}
+    paths["manifest"] = out / "export.json"
+    with atomic_write(paths["manifest"]) as tmp:  # what adamerge.exported needs to use the folder
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     table = {"granularity": merged.granularity, "parameters": list(merged.task_vectors.names)
              if merged.granularity == "layerwise" else ["*"],
              "coefficients": merged.coefficient_table()}

@@ -129,13 +129,16 @@ class AdaMerging(L.LightningModule):
         self.merged = self.build_merged(loaded.encoder, tv, granularity=granularity, prior=prior,
                                         clamp=clamp, offload=offload)
         self.merged.coefficients.requires_grad_(learn_coefficients)
-        self.heads = nn.ModuleDict({t: h.requires_grad_(False) for t, h in loaded.heads.items()})
+        # heads of every evaluated task: the merged ones, then the unseen ones (no expert)
+        self.heads = nn.ModuleDict({t: h.requires_grad_(False)
+                                    for t, h in {**loaded.heads, **loaded.unseen_heads}.items()})
+        self.unseen_tasks = list(loaded.unseen_heads)
         self.task_modules = nn.ModuleDict(self.build_task_modules())
         self.fingerprint = tv.fingerprint()
         self.lr, self.per_task_backward = lr, per_task_backward
         self.learn_coefficients = learn_coefficients
         self.metrics = nn.ModuleDict({t: MulticlassAccuracy(num_classes=self.num_classes(t), average="micro")
-                                      for t in self.task_names})
+                                      for t in self.eval_tasks})
         self._eval_params: dict[str, torch.Tensor] | None = None
         self._fixed_params: dict[str, torch.Tensor] | None = None  # the merge, when coefficients are fixed
         self.experts: FeatureCache | None = None  # set by use_adaptation_data when needs_experts
@@ -173,7 +176,8 @@ class AdaMerging(L.LightningModule):
 
     def task_head(self, task: str) -> nn.Module:
         """What maps the merged encoder's output to ``task``'s logits (training, validate, test,
-        :meth:`accuracies`): the frozen head here; subclasses put their per-task module in."""
+        :meth:`accuracies`): the frozen head here; subclasses put their per-task module in
+        (unseen tasks, which have no per-task module, keep the frozen head)."""
         return self.heads[task]
 
     def task_losses(self, images: dict[str, torch.Tensor], indices: dict[str, torch.Tensor | None],
@@ -206,7 +210,13 @@ class AdaMerging(L.LightningModule):
     # ----------------------------------------------------------------------------- helpers
     @property
     def task_names(self) -> list[str]:
+        """The merged tasks (one expert each), in coefficient-column order."""
         return self.merged.task_names
+
+    @property
+    def eval_tasks(self) -> list[str]:
+        """Every task validate/test score: the merged ones, then the unseen ones."""
+        return self.task_names + self.unseen_tasks
 
     def num_classes(self, task: str) -> int:
         """Output width of a task's head, found by probing its last linear layer."""
@@ -383,7 +393,7 @@ class AdaMerging(L.LightningModule):
             m.reset()
 
     def _eval_step(self, batch: Any, dataloader_idx: int) -> None:
-        task = self.task_names[dataloader_idx]
+        task = self.eval_tasks[dataloader_idx]
         x, y = batch[0], batch[1]
         n = self.num_classes(task)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n):
@@ -397,8 +407,12 @@ class AdaMerging(L.LightningModule):
         # torchmetrics already reduced the counts over ranks: every rank logs the same value.
         for t, a in accs.items():
             self.log(f"{stage}/acc/{t}", a, sync_dist=True)
-        if accs:
-            self.log(f"{stage}/acc_avg", sum(accs.values()) / len(accs), prog_bar=True, sync_dist=True)
+        seen = [a for t, a in accs.items() if t not in self.unseen_tasks]
+        unseen = [a for t, a in accs.items() if t in self.unseen_tasks]
+        if seen:  # the merged tasks' average, as in the paper; unseen tasks are averaged apart
+            self.log(f"{stage}/acc_avg", sum(seen) / len(seen), prog_bar=True, sync_dist=True)
+        if unseen:
+            self.log(f"{stage}/acc_avg_unseen", sum(unseen) / len(unseen), sync_dist=True)
         self._eval_params = None
         self.last_accuracies = accs
         return accs
@@ -427,12 +441,12 @@ class AdaMerging(L.LightningModule):
         trainer = self.trainer
         dm = getattr(trainer, "datamodule", None)
         if isinstance(dm, MultiTaskDataModule):
-            dm.select_tasks(self.task_names)
+            dm.select_tasks(self.task_names, unseen=self.unseen_tasks)
             splits = {"fit": [dm.adapt_split], "validate": [dm.eval_split],
                       "test": [dm.eval_split]}.get(stage, [])
             if stage == "fit" and trainer.limit_val_batches != 0:
                 splits.append(dm.eval_split)
-            dm.check({t: self.num_classes(t) for t in self.task_names}, splits)
+            dm.check({t: self.num_classes(t) for t in self.eval_tasks}, splits)
             if stage == "fit":
                 self.use_adaptation_data({t: dm.adaptation_dataset(t) for t in self.task_names})
         # DDP broadcasts every parameter and buffer at start-up and the buffers at every forward.

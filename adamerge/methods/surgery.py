@@ -81,6 +81,8 @@ class Surgery(AdaMerging):
         return {t: SurgeryAdapter(dim, self.adapter_rank) for t in self.task_names}
 
     def task_head(self, task: str) -> nn.Module:
+        if task not in self.task_modules:  # an unseen task: no expert, so no adapter
+            return self.heads[task]
         return nn.Sequential(self.task_modules[task], self.heads[task])
 
     def task_losses(self, images, indices, params, labels=None):

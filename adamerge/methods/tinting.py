@@ -88,7 +88,8 @@ class Tinting(AdaMerging):
         return out
 
     def task_head(self, task: str) -> nn.Module:
-        return self.task_modules[task]
+        # an unseen task has no expert to tint its head against: its frozen head
+        return self.task_modules[task] if task in self.task_modules else self.heads[task]
 
     def task_losses(self, images, indices, params, labels=None):
         logits = self.task_logits(images, params)
@@ -99,4 +100,4 @@ class Tinting(AdaMerging):
                 for t, z in logits.items()}
 
     def export_heads(self) -> dict[str, nn.Module]:
-        return dict(self.task_modules)
+        return {**self.heads, **self.task_modules}

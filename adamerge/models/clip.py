@@ -26,7 +26,7 @@ from ..data.transforms import is_file
 from ..engine.task_vectors import DTYPES, TaskVectors
 from ..io.checkpoints import CheckpointError, StateDict, check_compatible, load_state_dict, save_state_dict
 from .convert import load_visual
-from .pool import LoadedPool, ModelPool, merged_parameter_names
+from .pool import LoadedPool, ModelPool, check_unseen, merged_parameter_names
 
 log = logging.getLogger(__name__)
 HEADS_VERSION = 1
@@ -182,6 +182,9 @@ class OpenCLIPPool(ModelPool):
         allow_pickle: allow expert files holding pickled objects (runs code from the file).
         cache_dir: open_clip's download cache.
         text_device: device that runs the text tower when heads are built.
+        unseen_tasks: tasks of the task registry evaluated with their zero-shot heads on the merged
+            image tower but with no expert in the merge (the AdaMerging paper's generalisation
+            protocol: merge 6 of the 8 tasks, test the 2 others too).
     """
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str | None = "openai",
@@ -189,7 +192,7 @@ class OpenCLIPPool(ModelPool):
                  head_cache: str | None = None, include: list[str] | None = None,
                  exclude: list[str] | None = None, task_vector_dtype: str | None = None,
                  allow_pickle: bool = False, cache_dir: str | None = None,
-                 text_device: str = "cpu") -> None:
+                 text_device: str = "cpu", unseen_tasks: list[str] | None = None) -> None:
         if not experts:
             raise ValueError("OpenCLIPPool needs experts: a mapping of task name -> checkpoint file")
         if task_vector_dtype is not None and task_vector_dtype not in DTYPES:
@@ -200,14 +203,18 @@ class OpenCLIPPool(ModelPool):
         self.task_vector_dtype, self.allow_pickle = task_vector_dtype, allow_pickle
         self.cache_dir, self.text_device = cache_dir, text_device
         registry = load_registry(tasks_file)
-        self.specs = {t: get_task(t, registry) for t in self.experts}  # fail early on unknown tasks
+        self.unseen_tasks = check_unseen(unseen_tasks, list(self.experts))
+        # fail early on unknown tasks
+        self.specs = {t: get_task(t, registry) for t in [*self.experts, *self.unseen_tasks]}
         missing = [p for p in self.experts.values() if not Path(p).expanduser().is_file()]
         if missing:
             raise FileNotFoundError(f"expert checkpoint(s) not found: {missing}")
 
     def load(self) -> LoadedPool:
         clip = create_clip(self.model, self.pretrained, cache_dir=self.cache_dir)
-        heads = zero_shot_heads(clip, self.model, self.specs, self.head_cache, self.text_device)
+        every = zero_shot_heads(clip, self.model, self.specs, self.head_cache, self.text_device)
+        heads = {t: every[t] for t in self.experts}
+        unseen = {t: every[t] for t in self.unseen_tasks}
         visual = clip.visual.cpu()
         del clip  # the text tower is no longer needed
         base = {k: v.detach().clone() for k, v in visual.state_dict().items()}
@@ -218,7 +225,8 @@ class OpenCLIPPool(ModelPool):
         tv.meta.update({"model": self.model, "pretrained": str(self.pretrained)})
         del experts
         loaders = {t: (lambda t=t: self._expert(t, base)) for t in self.experts}
-        return LoadedPool(visual, tv, heads, loaders)
+        recipe = {"kind": "open_clip", "model": self.model, "pretrained": str(self.pretrained)}
+        return LoadedPool(visual, tv, heads, loaders, unseen_heads=unseen, encoder_recipe=recipe)
 
     def _expert(self, task: str, base: Mapping[str, torch.Tensor]) -> StateDict:
         path = self.experts[task]

@@ -30,18 +30,38 @@ class LoadedPool:
         task_vectors: stacked ``finetuned - base`` of the merged parameters.
         heads: task -> frozen classification head applied to the encoder's output.
         expert_state: task -> callable giving that expert's full state dict (for reference rows).
+        unseen_heads: heads of *unseen* tasks: evaluated on the merged model but with no expert in
+            the merge and no adaptation data (the generalisation protocol of the AdaMerging paper).
+        encoder_recipe: how to rebuild the encoder's architecture without any pool file (JSON;
+            see :func:`adamerge.exported.build_encoder`), ``None`` when the pool cannot say.
     """
 
     encoder: nn.Module
     task_vectors: TaskVectors
     heads: dict[str, nn.Module]
     expert_state: dict[str, Callable[[], StateDict]] = field(default_factory=dict)
+    unseen_heads: dict[str, nn.Module] = field(default_factory=dict)
+    encoder_recipe: dict | None = None
 
     def __post_init__(self) -> None:
         tasks = self.task_vectors.task_names
         if list(self.heads) != list(tasks):
             raise ValueError(f"heads are for tasks {list(self.heads)}, but the task vectors are for "
                              f"{tasks}: need one head per task, in the same order")
+        both = [t for t in self.unseen_heads if t in self.heads]
+        if both:
+            raise ValueError(f"tasks {both} are both merged (they have an expert) and unseen; "
+                             "a task is one or the other")
+
+    @property
+    def unseen_tasks(self) -> list[str]:
+        """Tasks evaluated but not merged (no expert), in order."""
+        return list(self.unseen_heads)
+
+    @property
+    def eval_tasks(self) -> list[str]:
+        """Every task with a head: the merged ones, then the unseen ones."""
+        return list(self.task_vectors.task_names) + self.unseen_tasks
 
 
 class ModelPool(ABC):
@@ -61,6 +81,25 @@ def merged_parameter_names(module: nn.Module, include: Sequence[str] | None = No
         raise ValueError(f"no parameter of {type(module).__name__} matches include={include} "
                          f"exclude={exclude}")
     return names
+
+
+def check_unseen(unseen: Sequence[str] | None, merged: Sequence[str], known: Sequence[str] | None = None,
+                 where: str = "") -> list[str]:
+    """The unseen-task list of a pool, checked: no duplicates, none merged, each known (if given)."""
+    unseen = list(unseen or [])
+    dup = sorted({t for t in unseen if unseen.count(t) > 1})
+    if dup:
+        raise ValueError(f"unseen_tasks lists {dup} more than once")
+    both = [t for t in unseen if t in merged]
+    if both:
+        raise ValueError(f"unseen_tasks {both} also have an expert{where}: a task is merged or unseen, "
+                         "not both")
+    if known is not None:
+        from ..errors import unknown_name
+        for t in unseen:
+            if t not in known:
+                raise ValueError(unknown_name("unseen task", t, list(known), where=where))
+    return unseen
 
 
 def linear_heads_from_state(state: Mapping[str, torch.Tensor], tasks: Sequence[str],
@@ -100,11 +139,14 @@ class CheckpointPool(ModelPool):
         exclude: globs of parameter names not to merge (they keep the base value).
         task_vector_dtype: storage dtype of the task vectors (float32, bfloat16, float16).
         allow_pickle: allow torch files holding pickled objects (runs code from the file).
+        unseen_tasks: tasks evaluated on the merged model without an expert (their heads must be
+            in ``heads``); reports mark them as unseen.
     """
 
     def __init__(self, model: nn.Module, base: Path_fr, experts: dict[str, Path_fr], heads: Path_fr,
                  include: list[str] | None = None, exclude: list[str] | None = None,
-                 task_vector_dtype: str | None = None, allow_pickle: bool = False) -> None:
+                 task_vector_dtype: str | None = None, allow_pickle: bool = False,
+                 unseen_tasks: list[str] | None = None) -> None:
         if not experts:
             raise ValueError("CheckpointPool needs at least one expert file, got none")
         self.model = model
@@ -115,6 +157,7 @@ class CheckpointPool(ModelPool):
             raise ValueError(f"task_vector_dtype must be one of {list(DTYPES)}, got {task_vector_dtype!r}")
         self.task_vector_dtype = task_vector_dtype
         self.allow_pickle = allow_pickle
+        self.unseen_tasks = check_unseen(unseen_tasks, list(self.experts))
 
     def load(self) -> LoadedPool:
         base = load_state_dict(self.base, self.allow_pickle)
@@ -128,11 +171,12 @@ class CheckpointPool(ModelPool):
         dtype = DTYPES[self.task_vector_dtype] if self.task_vector_dtype else None
         tv = TaskVectors.from_state_dicts(base, experts, names=names, dtype=dtype)
         del experts
-        heads = linear_heads_from_state(load_state_dict(self.heads, self.allow_pickle),
-                                        list(self.experts), source=str(self.heads))
+        head_state = load_state_dict(self.heads, self.allow_pickle)
+        heads = linear_heads_from_state(head_state, list(self.experts), source=str(self.heads))
+        unseen = linear_heads_from_state(head_state, self.unseen_tasks, source=str(self.heads))
         loaders = {t: (lambda p=p: load_state_dict(p, self.allow_pickle))
                    for t, p in self.experts.items()}
-        return LoadedPool(module, tv, heads, loaders)
+        return LoadedPool(module, tv, heads, loaders, unseen_heads=unseen)
 
 
 def as_path(path: str | os.PathLike) -> Path:

@@ -35,7 +35,7 @@ from ..io.cache import default_cache_dir
 from ..io.checkpoints import load_state_dict, save_state_dict
 from ..data.datamodule import DatasetSource
 from ..errors import unknown_name
-from ..models.pool import LoadedPool, ModelPool, linear_heads_from_state, merged_parameter_names
+from ..models.pool import LoadedPool, ModelPool, check_unseen, linear_heads_from_state, merged_parameter_names
 from ..engine.task_vectors import TaskVectors
 
 SUITE_VERSION = 3  # bump when generators or training change: it is part of the cache key
@@ -437,13 +437,18 @@ class SuitePool(ModelPool):
         include: globs of parameter names to merge (default: all).
         exclude: globs of parameter names to keep at the base value.
         overrides: other spec fields to change, e.g. ``{"pretrain_noise": 0.3}`` (see ``SuiteSpec``).
+        unseen_tasks: tasks of the suite evaluated with their heads but left out of the merge
+            (default: none; ``tasks`` then defaults to the suite's other tasks).
     """
 
     def __init__(self, suite: str = "tiny", tasks: list[str] | None = None, seed: int = 0,
                  cache_dir: str | None = None, include: list[str] | None = None,
-                 exclude: list[str] | None = None, overrides: dict[str, Any] | None = None) -> None:
+                 exclude: list[str] | None = None, overrides: dict[str, Any] | None = None,
+                 unseen_tasks: list[str] | None = None) -> None:
         self.spec = get_spec(suite, **{**(overrides or {}), "seed": seed})
-        self.tasks = list(tasks or self.spec.tasks)
+        unseen = list(unseen_tasks or [])
+        self.tasks = list(tasks or [t for t in self.spec.tasks if t not in unseen])
+        self.unseen_tasks = check_unseen(unseen, self.tasks, self.spec.tasks, where=f" in suite {suite!r}")
         for t in self.tasks:
             if t not in self.spec.tasks:
                 raise ValueError(unknown_name("task", t, self.spec.tasks, where=f" in suite {suite!r}"))
@@ -457,7 +462,9 @@ class SuitePool(ModelPool):
         names = merged_parameter_names(encoder, self.include, self.exclude)
         experts = {t: load_state_dict(folder / f"expert_{t}.safetensors") for t in self.tasks}
         tv = TaskVectors.from_state_dicts(base, experts, names=names)
-        heads = linear_heads_from_state(load_state_dict(folder / "heads.safetensors"), self.tasks,
-                                        source=str(folder / "heads.safetensors"))
+        head_state = load_state_dict(folder / "heads.safetensors")
+        heads = linear_heads_from_state(head_state, self.tasks, source=str(folder / "heads.safetensors"))
+        unseen = linear_heads_from_state(head_state, self.unseen_tasks, source=str(folder / "heads.safetensors"))
         loaders = {t: (lambda t=t: load_state_dict(folder / f"expert_{t}.safetensors")) for t in self.tasks}
-        return LoadedPool(encoder, tv, heads, loaders)
+        recipe = {"kind": "suite", "spec": {**asdict(self.spec), "tasks": list(self.spec.tasks)}}
+        return LoadedPool(encoder, tv, heads, loaders, unseen_heads=unseen, encoder_recipe=recipe)
