@@ -87,6 +87,8 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
     # hyper-parameters are picked on the merged tasks only: unseen tasks stay unseen
     val_sets = {t: datamodule.dataset(t, s.val_split) for t in tasks} if s.val_split else None
     encoder, tv = loaded.encoder, loaded.task_vectors
+    if hasattr(tv, "to_dense"):  # LoRA experts: static merges (TA, TIES, ...) take dense vectors
+        tv = tv.to_dense()
     heads = {**loaded.heads, **loaded.unseen_heads}
     base = {n: p.detach() for n, p in encoder.named_parameters()}
     ev = lambda params, sets=eval_sets: evaluate(encoder, params, heads, sets, datamodule.eval_batch_size)

@@ -8,9 +8,11 @@ commands: the engine knows tensors and modules, not where they came from or who 
 """
 
 from .expert_features import FeatureCache
+from .lowrank import LowRankMergedModel, LowRankTaskVectors
 from .merged_model import Granularity, MergedModel
 from .objectives import confident_pseudo_label, entropy, feature_l1
 from .task_vectors import DTYPES, TaskVectors, fingerprint_difference, select_names
 
-__all__ = ["DTYPES", "FeatureCache", "Granularity", "MergedModel", "TaskVectors", "confident_pseudo_label",
-           "entropy", "feature_l1", "fingerprint_difference", "select_names"]
+__all__ = ["DTYPES", "FeatureCache", "Granularity", "LowRankMergedModel", "LowRankTaskVectors",
+           "MergedModel", "TaskVectors", "confident_pseudo_label", "entropy", "feature_l1",
+           "fingerprint_difference", "select_names"]

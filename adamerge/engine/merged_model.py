@@ -136,20 +136,10 @@ class MergedModel(nn.Module):
         super().__init__()
         if granularity not in ("taskwise", "layerwise"):
             raise ValueError(f"granularity must be 'taskwise' or 'layerwise', got {granularity!r}")
-        params = dict(module.named_parameters())
-        for name, tau in zip(task_vectors.names, task_vectors.tensors):
-            if name not in params:
-                raise ValueError(f"task vector {name!r} is not a parameter of "
-                                 f"{type(module).__name__}")
-            if tuple(tau.shape[1:]) != tuple(params[name].shape):
-                raise ValueError(f"task vector {name!r} has shape {tuple(tau.shape[1:])}, the "
-                                 f"parameter has {tuple(params[name].shape)}")
+        self.task_vectors = self._adopt(module, task_vectors)
         module.requires_grad_(False)
         module.eval()
         self.module = module
-        # A shallow copy: moving it with .to() must not change the caller's object.
-        self.task_vectors = TaskVectors(list(task_vectors.task_names), list(task_vectors.names),
-                                        list(task_vectors.tensors), dict(task_vectors.meta))
         self.granularity = granularity
         self.clamp = clamp
         self.offload = offload
@@ -159,6 +149,20 @@ class MergedModel(nn.Module):
             torch.zeros(task_vectors.num_params, dtype=torch.long)
         self.register_buffer("rows", rows, persistent=False)
         self._merge_buffers: tuple[torch.Tensor, ...] | None = None  # reused by training merges
+
+    def _adopt(self, module: nn.Module, task_vectors: TaskVectors) -> TaskVectors:
+        """Check every task vector against its parameter of ``module``; return a shallow copy."""
+        params = dict(module.named_parameters())
+        for name, tau in zip(task_vectors.names, task_vectors.tensors):
+            if name not in params:
+                raise ValueError(f"task vector {name!r} is not a parameter of "
+                                 f"{type(module).__name__}")
+            if tuple(tau.shape[1:]) != tuple(params[name].shape):
+                raise ValueError(f"task vector {name!r} has shape {tuple(tau.shape[1:])}, the "
+                                 f"parameter has {tuple(params[name].shape)}")
+        # A shallow copy: moving it with .to() must not change the caller's object.
+        return TaskVectors(list(task_vectors.task_names), list(task_vectors.names),
+                           list(task_vectors.tensors), dict(task_vectors.meta))
 
     def _apply(self, fn, recurse: bool = True):  # keep the task vectors next to the module
         super()._apply(fn, recurse)

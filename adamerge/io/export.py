@@ -64,7 +64,10 @@ def export(model, ckpt_path: str | Path, out: str | Path) -> dict[str, Path]:
         meta["unseen_tasks"] = ",".join(model.unseen_tasks)
     paths = {"merged": out / "merged.safetensors", "heads": out / "heads.safetensors",
              "coefficients": out / "coefficients.json"}
-    save_state_dict(merged.merged_state_dict(), paths["merged"], metadata=meta)
+    state = merged.merged_state_dict()
+    save_state_dict(state, paths["merged"], metadata=meta)
+    if hasattr(merged.module, "save_pretrained_merged"):  # Hugging Face models: a from_pretrained folder
+        paths["hf"] = merged.module.save_pretrained_merged(out / "hf", state)
     heads = model.export_heads() if hasattr(model, "export_heads") else dict(model.heads)
     normalized = all(getattr(h, "normalizes_features", False) for h in heads.values())
     save_state_dict(head_tensors(heads), paths["heads"],

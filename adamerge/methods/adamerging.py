@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.datamodule import MultiTaskDataModule, image_of
 from ..engine.expert_features import FeatureCache
+from ..engine.lowrank import LowRankMergedModel, LowRankTaskVectors
 from ..engine.merged_model import Granularity, MergedModel
 from ..engine.objectives import entropy, expert_pseudo_label
 from ..engine.task_vectors import DTYPES, TaskVectors, fingerprint_difference
@@ -117,14 +118,18 @@ class AdaMerging(L.LightningModule):
         loaded = pool.load()
         self.loaded = loaded
         tv = loaded.task_vectors
+        lowrank = not isinstance(tv, TaskVectors)  # LoRA experts: LowRankTaskVectors
         if trim is not None:
+            if lowrank:
+                raise ValueError("trim (AdaMerging++) needs dense task vectors; this pool's are "
+                                 "low-rank (LoRA): drop model.trim")
             from .static import ties_task_vectors
             tv = ties_task_vectors(tv, keep=trim)
         if task_vector_dtype is not None:
             tv = tv.to(dtype=DTYPES[task_vector_dtype])
         if offload:
             tv = tv.to("cpu")
-            if torch.cuda.is_available():
+            if torch.cuda.is_available() and not lowrank:
                 tv = TaskVectors(tv.task_names, tv.names, [t.pin_memory() for t in tv.tensors], tv.meta)
         self.merged = self.build_merged(loaded.encoder, tv, granularity=granularity, prior=prior,
                                         clamp=clamp, offload=offload)
@@ -150,7 +155,10 @@ class AdaMerging(L.LightningModule):
     # ------------------------------------------------------------------- method hooks
     def build_merged(self, encoder: nn.Module, task_vectors: TaskVectors, **options: Any) -> MergedModel:
         """The merged functional model (``options``: granularity, prior, clamp, offload);
-        subclasses that merge differently (e.g. AdaRank's masked subspaces) return their own."""
+        subclasses that merge differently (e.g. AdaRank's masked subspaces) return their own.
+        Low-rank (LoRA) task vectors get the low-rank fused merge."""
+        if isinstance(task_vectors, LowRankTaskVectors):
+            return LowRankMergedModel(encoder, task_vectors, **options)
         return MergedModel(encoder, task_vectors, **options)
 
     def extra_learned_state(self) -> dict[str, torch.Tensor]:
@@ -219,8 +227,10 @@ class AdaMerging(L.LightningModule):
         return self.task_names + self.unseen_tasks
 
     def num_classes(self, task: str) -> int:
-        """Output width of a task's head, found by probing its last linear layer."""
-        return self._head_linear(task, last=True).out_features
+        """Output width of a task's head: its ``num_classes`` when it says (e.g. a verbaliser),
+        else found by probing its last linear layer."""
+        n = getattr(self.heads[task], "num_classes", None)
+        return int(n) if n is not None else self._head_linear(task, last=True).out_features
 
     def feature_dim(self) -> int:
         """Width of the encoder's output, read from the first linear layer of the first head."""

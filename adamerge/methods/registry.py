@@ -70,6 +70,7 @@ class Method:
             this row only (a ``fit`` user sets ``data.*``).
         bench: learned methods: ``adamerge bench`` times this method's step as a variant of the
             same name and reports its ratio to the AdaMerging step (``<name>_over_adamerging``).
+        text: whether ``adamerge demo --suite text`` (language models, LoRA experts) runs it.
     """
 
     name: str
@@ -83,6 +84,7 @@ class Method:
     starts_from: str | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
     bench: bool = False
+    text: bool = False
 
     def __post_init__(self) -> None:
         if self.name == ALL:
@@ -130,22 +132,23 @@ _TIES_GRID = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 ... 2.0
 
 REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("base", "static", "the pretrained model with its zero-shot heads (reference)", pretrained,
-           source="-"),
+           source="-", text=True),
     Method("individual", "per_task", "each task's own fine-tuned expert (reference; K models)",
-           individual, source="-"),
+           individual, source="-", text=True),
     Method("weight_averaging", "static", "mean of the fine-tuned models", weight_averaging,
-           source="Wortsman et al., ICML 2022 (model soups)"),
+           source="Wortsman et al., ICML 2022 (model soups)", text=True),
     Method("task_arithmetic", "static", "base + scaling * sum of the task vectors",
            task_arithmetic, tune={"scaling": _TA_GRID},
-           source="Ilharco et al., ICLR 2023 (task arithmetic)"),
+           source="Ilharco et al., ICLR 2023 (task arithmetic)", text=True),
     Method("ties", "static", "TIES: trim to the top `keep` magnitudes, elect signs, disjoint mean",
-           ties, tune={"scaling": _TIES_GRID}, source="Yadav et al., NeurIPS 2023 (TIES-merging)"),
+           ties, tune={"scaling": _TIES_GRID}, source="Yadav et al., NeurIPS 2023 (TIES-merging)", text=True),
     Method("adamerging_taskwise", "learned",
            "AdaMerging, task-wise: one coefficient per task (entropy on unlabeled test batches)",
-           AdaMerging, {"granularity": "taskwise"}, source="Yang et al., ICLR 2024 (AdaMerging)"),
+           AdaMerging, {"granularity": "taskwise"}, source="Yang et al., ICLR 2024 (AdaMerging)",
+           text=True),
     Method("adamerging_layerwise", "learned",
            "AdaMerging, layer-wise: one coefficient per task per parameter tensor (entropy)", AdaMerging,
-           {"granularity": "layerwise"}, source="Yang et al., ICLR 2024 (AdaMerging)"),
+           {"granularity": "layerwise"}, source="Yang et al., ICLR 2024 (AdaMerging)", text=True),
     Method("adamerging_layerwise_pp", "learned",
            "AdaMerging++: layer-wise on TIES-trimmed task vectors (top 20%)", AdaMerging,
            {"granularity": "layerwise", "trim": 0.2}, source="Yang et al., ICLR 2024 (AdaMerging++)"),
@@ -215,11 +218,17 @@ def demo_methods() -> list[str]:
     return [n for n, m in REGISTRY.items() if m.demo]
 
 
-def select(requested: Sequence[str] | None) -> list[str]:
-    """Method names for a ``--methods`` value: ``None`` -> :func:`demo_methods`; ``["all"]`` ->
-    every method; otherwise the names given, checked, in the order given, without repeats."""
+def text_methods() -> list[str]:
+    """The methods ``adamerge demo --suite text`` runs (language-model pools)."""
+    return [n for n, m in REGISTRY.items() if m.text]
+
+
+def select(requested: Sequence[str] | None, default: Sequence[str] | None = None) -> list[str]:
+    """Method names for a ``--methods`` value: ``None`` -> ``default`` (:func:`demo_methods`
+    unless given); ``["all"]`` -> every method; otherwise the names given, checked, in the
+    order given, without repeats."""
     if requested is None:
-        return demo_methods()
+        return list(default) if default is not None else demo_methods()
     if list(requested) == [ALL]:
         return names()
     chosen: list[str] = []
