@@ -1,13 +1,16 @@
 """Model pools: where the base, the K experts and the K task heads come from, loaded into a
 :class:`LoadedPool` (encoder, task vectors, heads). Checkpoint files of any ``nn.Module``
-(:class:`CheckpointPool`), open_clip CLIP with cached zero-shot heads (:class:`OpenCLIPPool`), and
-the conversion of CLIP checkpoint layouts (open_clip, Hugging Face, task-vectors pickles).
+(:class:`CheckpointPool`), open_clip CLIP with cached zero-shot heads (:class:`OpenCLIPPool`),
+Hugging Face causal LMs with LoRA or full experts (:class:`HFCausalLMPool`, optional ``[llm]``
+extra), and the conversion of CLIP checkpoint layouts (open_clip, Hugging Face, task-vectors pickles).
 
 May import: :mod:`adamerge.engine`, :mod:`adamerge.data` (task registry, preprocessing),
 :mod:`adamerge.io`, :mod:`adamerge.errors`.
 """
 
 from .clip import OpenCLIPPool, ZeroShotHead
+from .hf import HFCausalLMPool, LastTokenLM, VerbaliserHead
 from .pool import CheckpointPool, LoadedPool, ModelPool, PreloadedPool
 
-__all__ = ["CheckpointPool", "LoadedPool", "ModelPool", "OpenCLIPPool", "PreloadedPool", "ZeroShotHead"]
+__all__ = ["CheckpointPool", "HFCausalLMPool", "LastTokenLM", "LoadedPool", "ModelPool", "OpenCLIPPool",
+           "PreloadedPool", "VerbaliserHead", "ZeroShotHead"]
