@@ -55,6 +55,10 @@ def parser(prog: str, demo: bool) -> argparse.ArgumentParser:
                         "adamerging_layerwise.lr=0.002; see --methods for the keys")
     if demo:
         from ..data.corruptions import CORRUPTIONS
+        p.add_argument("--suite", choices=["vision", "text"], default="vision",
+                       help="vision: 16-px images, a small ViT and 6 experts (default); text: a tiny "
+                            "Llama-style LM with one LoRA expert per procedural text task (needs the "
+                            "[llm] extra); its default methods are those the registry marks for text")
         p.add_argument("--corruption", choices=list(CORRUPTIONS), default=None,
                        help="adapt and evaluate on corrupted test images (the paper's robustness protocol)")
         p.add_argument("--severity", type=int, choices=range(1, 6), default=3,
