@@ -124,3 +124,24 @@ def test_lora_reader_errors_name_the_file(world, tmp_path):
     with pytest.raises(ValueError, match=r"no label words for tasks \['nope'\]"):
         HFCausalLMPool(base=str(world["root"] / "base"), experts={"nope": str(bad)},
                        tasks_file=str(world["root"] / "tasks.json"))
+
+
+def test_lora_resume_is_exact(world, tmp_path):
+    """4 steps in one go == 2 steps, a checkpoint, then 2 more from it (bitwise)."""
+    src = TextSource(str(world["root"] / "data"), tokenizer=str(world["root"] / "base"), max_length=12)
+
+    def run(steps, root, ckpt=None):
+        torch.manual_seed(0)
+        model = AdaMerging(PreloadedPool(pool(world).load()), lr=0.05)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
+                            enable_checkpointing=False)
+        trainer.fit(model, MultiTaskDataModule(src, batch_size=4), ckpt_path=ckpt)
+        return trainer, model
+
+    _, full = run(4, tmp_path / "a")
+    half_trainer, _ = run(2, tmp_path / "b")
+    half_trainer.save_checkpoint(tmp_path / "half.ckpt")
+    _, resumed = run(4, tmp_path / "c", ckpt=str(tmp_path / "half.ckpt"))
+    assert torch.equal(full.merged.coefficients, resumed.merged.coefficients)
+    assert not torch.equal(full.merged.coefficients, torch.full_like(full.merged.coefficients, 0.3))
