@@ -14,6 +14,13 @@ from adamerge.suites.synthetic import TinyViT
 from adamerge.engine.task_vectors import TaskVectors
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 on 2 cores: one thread per worker (and per process it starts); two workers of
+    # two OpenMP threads each on two cores spin against each other and run several times slower
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory) -> Path:
     """Suites built by tests go to a temp cache, never the user's."""

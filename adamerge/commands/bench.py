@@ -183,7 +183,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _status_mb(field: str) -> float | None:
+def status_mb(field: str) -> float | None:
     """A memory figure of this process from Linux's /proc/self/status (``VmRSS``, ``VmHWM``)."""
     try:
         with open("/proc/self/status") as f:
@@ -198,11 +198,11 @@ def _status_mb(field: str) -> float | None:
 def _peak_rss_mb() -> float:
     """Peak resident set of this process. Linux's VmHWM, which starts afresh at exec (ru_maxrss
     would carry the parent's peak into the child)."""
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Restart the VmHWM count at the current resident set (Linux: ``clear_refs`` value 5)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -243,7 +243,7 @@ def run_child(ns: argparse.Namespace) -> dict:
     fn, images = _variant_fn(ns.child, ns, device)
     with _autocast(ns, device):
         build_peak = _peak_rss_mb()
-        resident = _status_mb("VmRSS") if _reset_peak_rss() else None
+        resident = status_mb("VmRSS") if reset_peak_rss() else None
         for _ in range(2):
             fn(images)
     step_peak = _peak_rss_mb()

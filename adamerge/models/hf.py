@@ -52,13 +52,19 @@ class LastTokenLM(nn.Module):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
+        import inspect
+        # only the last position's logits are read: models that can, compute no others (the
+        # vocabulary projection at every position is ~12 % of a GPT-2-small-shaped step)
+        self._keep = ({"logits_to_keep": 1}
+                      if "logits_to_keep" in inspect.signature(lm.forward).parameters else {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask = x[:, 0].long(), x[:, 1].long()
         # positions count real tokens only, so a left-padded prompt is seen as it is unpadded
         # (absolute position embeddings, e.g. GPT-2, depend on it; rotary ones do not)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1]
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **self._keep)
+        return out.logits[:, -1]
 
     def save_pretrained_merged(self, folder: str | Path, state: Mapping[str, torch.Tensor]) -> Path:
         """Write the merged LM with ``save_pretrained`` (loadable by plain ``transformers``)."""
