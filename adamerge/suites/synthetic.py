@@ -23,7 +23,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -251,22 +251,34 @@ SUITES: dict[str, SuiteSpec] = {
 
 def get_spec(suite: str | SuiteSpec, **overrides) -> SuiteSpec:
     """A preset by name (``tiny``, ``demo``) or a spec, with field overrides."""
-    if isinstance(suite, str):
-        if suite not in SUITES:
-            raise ValueError(unknown_name("suite", suite, sorted(SUITES)))
-        suite = SUITES[suite]
-    unknown = set(overrides) - set(asdict(suite))
-    if unknown:
-        raise ValueError(f"unknown suite fields {sorted(unknown)}; known: {sorted(asdict(suite))}")
-    for name, value in overrides.items():  # e.g. `--set head_shift=abc` would fail deep in training
-        default = getattr(suite, name)
-        if not _fits(value, default):
-            raise ValueError(f"suite field {name!r} expects a {type(default).__name__}, got {value!r}")
     if "tasks" in overrides:
-        overrides["tasks"] = tuple(overrides["tasks"])
         for t in overrides["tasks"]:
             if t not in GENERATORS:
                 raise ValueError(unknown_name("task", t, sorted(GENERATORS), where=" in the suites"))
+    return spec_with(suite, SUITES, "suite", overrides)
+
+
+def spec_with(suite: Any, presets: Mapping[str, Any], kind: str, overrides: dict[str, Any]) -> Any:
+    """A preset (by name) or spec dataclass with some fields replaced, each override checked
+    against the field's default type (e.g. ``--set head_shift=abc`` would otherwise fail deep in
+    training); ``tasks`` becomes a tuple and a float field gets a float (1 and 1.0 are one spec,
+    with one cache key)."""
+    if isinstance(suite, str):
+        if suite not in presets:
+            raise ValueError(unknown_name(kind, suite, sorted(presets)))
+        suite = presets[suite]
+    unknown = set(overrides) - set(asdict(suite))
+    if unknown:
+        raise ValueError(f"unknown {kind} fields {sorted(unknown)}; known: {sorted(asdict(suite))}")
+    overrides = dict(overrides)
+    for name, value in overrides.items():
+        default = getattr(suite, name)
+        if not _fits(value, default):
+            raise ValueError(f"{kind} field {name!r} expects a {type(default).__name__}, got {value!r}")
+        if isinstance(default, float):
+            overrides[name] = float(value)
+    if "tasks" in overrides:
+        overrides["tasks"] = tuple(overrides["tasks"])
     return replace(suite, **overrides)
 
 

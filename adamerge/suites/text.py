@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import unknown_name
 from ..io.cache import default_cache_dir
 from ..io.checkpoints import write_json_atomic
-from .synthetic import _fits
+from .synthetic import spec_with
 
 TEXT_SUITE_VERSION = 1  # bump when generators or training change: it is part of the cache key
 
@@ -200,23 +200,9 @@ TEXT_PRESETS: dict[str, TextSuiteSpec] = {
 
 
 def get_text_spec(suite: str | TextSuiteSpec, **overrides: Any) -> TextSuiteSpec:
-    """A preset by name (``tiny``, ``demo``) or a spec, with field overrides."""
-    if isinstance(suite, str):
-        if suite not in TEXT_PRESETS:
-            raise ValueError(unknown_name("text suite", suite, sorted(TEXT_PRESETS)))
-        suite = TEXT_PRESETS[suite]
-    unknown = set(overrides) - set(asdict(suite))
-    if unknown:
-        raise ValueError(f"unknown text suite fields {sorted(unknown)}; known: {sorted(asdict(suite))}")
-    for name, value in overrides.items():
-        default = getattr(suite, name)
-        if not _fits(value, default):
-            raise ValueError(f"text suite field {name!r} expects a {type(default).__name__}, got {value!r}")
-        if isinstance(default, float):
-            overrides[name] = float(value)  # 1 and 1.0 are one spec, with one cache key
-    if "tasks" in overrides:
-        overrides["tasks"] = tuple(overrides["tasks"])
-    return replace(suite, **overrides)  # __post_init__ checks the values
+    """A preset by name (``tiny``, ``demo``) or a spec, with field overrides (checked by
+    :func:`adamerge.suites.synthetic.spec_with`; ``__post_init__`` checks the values)."""
+    return spec_with(suite, TEXT_PRESETS, "text suite", overrides)
 
 
 # -------------------------------------------------------------------------------- data
