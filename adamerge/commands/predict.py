@@ -75,16 +75,16 @@ def predict(model, dataset: Dataset, task: str, batch_size: int = 128,
     an :class:`adamerge.exported.ExportedModel` (an export folder, no pool needed).
     """
     from ..exported import ExportedModel
-    if isinstance(model, ExportedModel):
-        tasks, device = model.tasks, next(model.encoder.parameters()).device
-        logits_of = lambda x: model(x, task)
-    else:
-        tasks, device = model.eval_tasks, model.merged.coefficients.device
-        params = None
+    exported = isinstance(model, ExportedModel)
+    tasks = model.tasks if exported else model.eval_tasks
     if task not in tasks:
         raise ValueError(unknown_name("task", task, tasks))
     model.eval()
-    if not isinstance(model, ExportedModel):
+    if exported:
+        device = next(model.encoder.parameters()).device
+        logits_of = lambda x: model(x, task)
+    else:  # one merge for every batch
+        device = model.merged.coefficients.device
         params = {k: v.detach() for k, v in model.merged.merged_parameters().items()}
         logits_of = lambda x: model.task_logits({task: x}, params)[task]
     rows, index = [], 0

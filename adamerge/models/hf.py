@@ -22,7 +22,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -93,17 +93,18 @@ class VerbaliserHead(nn.Module):
         return logits.index_select(-1, self.token_ids.to(logits.device))
 
 
-def verbaliser_ids(tokenizer: Any, words: list[str], task: str = "") -> list[int]:
-    """The token id of each label word; each must be exactly one token of the tokenizer."""
+def verbaliser_ids(tokenizer: Any, words: Sequence[str], task: str = "") -> list[int]:
+    """The token id of each label word; each must be exactly one known token of the tokenizer."""
+    where = f"task {task!r}: " if task else ""
     ids = []
     for w in words:
         toks = tokenizer(w, add_special_tokens=False)["input_ids"]
-        if len(toks) != 1:
-            raise ValueError(f"task {task!r}: label word {w!r} is {len(toks)} tokens {toks}; a "
-                             "verbaliser needs one token per class (use ' word' for BPE tokenizers)")
+        if len(toks) != 1 or toks[0] == tokenizer.unk_token_id:
+            raise ValueError(f"{where}label word {w!r} is not one token of the vocabulary (tokens: "
+                             f"{toks}); a verbaliser needs one token per class (BPE: try ' {w}')")
         ids.append(int(toks[0]))
     if len(set(ids)) != len(ids):
-        raise ValueError(f"task {task!r}: label words {words} share tokens {ids}")
+        raise ValueError(f"{where}label words {list(words)} share tokens {ids}")
     return ids
 
 

@@ -47,6 +47,7 @@ from torch import nn
 from ..errors import unknown_name
 from ..io.cache import default_cache_dir
 from ..io.checkpoints import write_json_atomic
+from ..models.hf import verbaliser_ids  # noqa: F401  (re-exported: the suite's API)
 from .synthetic import spec_with
 
 TEXT_SUITE_VERSION = 1  # bump when generators or training change: it is part of the cache key
@@ -271,17 +272,6 @@ def build_tokenizer(tasks: Sequence[str]):
     tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", unk_token="<unk>", padding_side="left")
-
-
-def verbaliser_ids(tokenizer, words: Sequence[str]) -> list[int]:
-    """The token id of each label word; error if a word is not exactly one known token."""
-    ids = []
-    for w in words:
-        got = tokenizer(w, add_special_tokens=False)["input_ids"]
-        if len(got) != 1 or got[0] == tokenizer.unk_token_id:
-            raise ValueError(f"label word {w!r} is not one token of the vocabulary (tokens: {got})")
-        ids.append(got[0])
-    return ids
 
 
 def model_inputs(tokenizer, prompts: Sequence[str | Mapping], device: torch.device | str | None = None
