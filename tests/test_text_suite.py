@@ -190,3 +190,28 @@ def test_reload_gives_the_build_time_logits_and_experts_beat_the_base(built):
             assert torch.allclose(T.answer_logits(base, tok, rows[:16], ids),
                                   T.answer_logits(expert, tok, rows[:16], ids), atol=1e-4)
         base.load_state_dict(base_state)
+
+
+def test_fit_and_test_the_text_config(built, tmp_path, capsys):
+    """``adamerge fit`` on configs/text_tiny_layerwise.yaml (the suite's pool and source by
+    class path); the suite pool's unseen tasks and the source's common padded length."""
+    from pathlib import Path
+
+    from adamerge.commands.main import main
+    spec, folder, cache, _ = built
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "text_tiny_layerwise.yaml")
+    common = ["--config", config, "--model.pool.init_args.cache_dir", str(cache),
+              "--data.source.init_args.cache_dir", str(cache), "--trainer.logger", "false"]
+    assert main(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "3",
+                 "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    lam = next(v for k, v in state.items() if k.endswith("coefficients"))
+    assert lam.shape == (14, 3) and not torch.allclose(lam, torch.full_like(lam, 0.3))  # 2 layers x 7 LoRA weights
+    pool = T.TextSuitePool("tiny", cache_dir=str(cache), unseen_tasks=["min"])
+    assert pool.tasks == ["topic", "last"] and pool.load().unseen_heads.keys() == {"min"}
+    with pytest.raises(ValueError, match="task 'mni'"):
+        T.TextSuitePool("tiny", tasks=["mni"])
+    source = T.TextSuiteSource("tiny", cache_dir=str(cache))
+    lengths = {source.dataset(t, s).data.shape[-1] for t in spec.tasks for s in ("val", "test")}
+    assert len(lengths) == 1  # one padded length for every task: one forward per step

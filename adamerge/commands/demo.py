@@ -36,36 +36,14 @@ def demo_main(args: Sequence[str]) -> None:
 
 def text_demo(ns) -> None:
     """``adamerge demo --suite text``: the registry's text rows on the LoRA text suite."""
-    from ..data.text import TextSource
-    from ..models.hf import HFCausalLMPool
-    from ..suites.text import ensure_text_suite, get_text_spec
+    from ..suites.text import TextSuitePool, TextSuiteSource
     if ns.corruption or ns.set:
         raise ValueError("--corruption and --set apply to the vision suite only")
     methods = registry.select(ns.methods, default=registry.text_methods())
     settings = CompareSettings(steps=ns.steps or 500, val_split=None if ns.val_split == "none" else ns.val_split,
                                hparams=hparam_overrides(ns))
     settings.check()
-    spec = get_text_spec("demo")
-    folder = ensure_text_suite(spec, ns.cache_dir)
-    settings.extra = {"suite_key": spec.key()}
-    tasks = [t for t in spec.tasks if t not in ns.unseen]
-    pool = HFCausalLMPool(base=str(folder / "base"), experts={t: str(folder / "experts" / t) for t in tasks},
-                          tasks_file=str(folder / "tasks.json"), unseen_tasks=ns.unseen)
-    source = TextSource(str(folder / "data"), tokenizer=str(folder / "base"), tasks=list(spec.tasks))
-    source.max_length = longest_prompt(source, ("train", "val", "test"))  # no padding beyond it
-    dm = MultiTaskDataModule(source, batch_size=16, eval_batch_size=256)
+    pool = TextSuitePool("demo", cache_dir=ns.cache_dir, unseen_tasks=ns.unseen)
+    settings.extra = {"suite_key": pool.spec.key()}
+    dm = MultiTaskDataModule(TextSuiteSource("demo", cache_dir=ns.cache_dir), batch_size=16, eval_batch_size=256)
     compare(pool.load(), dm, Path(ns.out), settings, methods, suite="text-demo")
-
-
-def longest_prompt(source, splits) -> int:
-    """Tokens in the longest prompt of a text source's splits (every batch is padded to it)."""
-    from ..data.text import read_rows
-    longest = 0
-    for task in source.task_names():
-        for split in splits:
-            path = source.root / task / f"{split}.jsonl"
-            if path.is_file():
-                prompts = [p for p, _ in read_rows(path, source.prompt_key, source.label_key)]
-                ids = source.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-                longest = max(longest, max(len(i) for i in ids))
-    return longest

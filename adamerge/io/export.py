@@ -66,9 +66,9 @@ def export(model, ckpt_path: str | Path, out: str | Path) -> dict[str, Path]:
              "coefficients": out / "coefficients.json"}
     state = merged.merged_state_dict()
     save_state_dict(state, paths["merged"], metadata=meta)
-    if hasattr(merged.module, "save_pretrained_merged"):  # Hugging Face models: a from_pretrained folder
-        paths["hf"] = merged.module.save_pretrained_merged(out / "hf", state)
     heads = model.export_heads() if hasattr(model, "export_heads") else dict(model.heads)
+    if hasattr(merged.module, "save_pretrained_merged"):  # Hugging Face models: from_pretrained folders
+        paths["hf"] = merged.module.save_pretrained_merged(out / "hf", state, heads=heads)
     normalized = all(getattr(h, "normalizes_features", False) for h in heads.values())
     save_state_dict(head_tensors(heads), paths["heads"],
                     metadata={**meta, "normalize_features": str(normalized).lower()})

@@ -1,16 +1,24 @@
-"""Hugging Face ``transformers`` causal LMs: the merged "encoder" is the LM answered at its last
-position, each task's "head" picks its label words (the verbaliser) from the next-token logits.
+"""Hugging Face ``transformers`` language models. The merged "encoder" is the model answered at
+one position; each task's "head" turns that answer into its class logits.
 
 * :class:`LastTokenLM` wraps a causal LM so the engine can treat text like images: a batch is one
   tensor ``[B, 2, L]`` (token ids and attention mask, left-padded, so position ``L - 1`` is
   where the answer token comes next); the output is the next-token logits ``[B, V]``.
+* :class:`FirstTokenSeq2Seq` wraps an encoder-decoder LM (T5, Flan-T5, BART): the prompt goes to
+  the encoder, the output is the logits of the *first* decoder token ``[B, V]``.
 * :class:`VerbaliserHead` keeps a task's label-word columns: ``[B, V] -> [B, C]``; entropy,
   accuracy and predictions are then over the task's classes, as for an image head.
-* :class:`HFCausalLMPool` loads the base (a ``save_pretrained`` folder or a hub id) and the
-  experts: PEFT LoRA adapter folders, kept low-rank (``LowRankTaskVectors``: ``B_k A_k`` is never
-  materialised for the whole model), or full fine-tunes (dense task vectors). Layer-wise rows
-  are the adapted weight matrices (one coefficient per task per LoRA-adapted ``nn.Linear`` /
-  GPT-2 ``Conv1D`` weight); parameters no adapter touches keep the base value.
+* :class:`LastTokenFeatures` wraps a decoder-only sequence classifier (GPT-2, Llama, Mistral,
+  Qwen ``...ForSequenceClassification``): the output is the last position's hidden state
+  ``[B, H]`` and each task's head is its expert's own ``score`` layer (``nn.Linear``).
+* :class:`HFLanguageModelPool` loads a causal or seq2seq LM (chosen by the base's config) and its
+  experts: PEFT LoRA adapter folders, kept low-rank (``LowRankTaskVectors``: ``B_k A_k`` is
+  never materialised for the whole model), or full fine-tunes (dense task vectors). Layer-wise
+  rows are the adapted weight matrices (one coefficient per task per LoRA-adapted ``nn.Linear``
+  / GPT-2 ``Conv1D`` weight), or every floating parameter for full fine-tunes; parameters no
+  adapter touches keep the base value. :class:`HFSequenceClassifierPool` does the same for
+  sequence classifiers, whose per-task ``score`` layers are the heads (LoRA adapters carry them
+  as ``modules_to_save``) and are never merged.
 
 Needs the optional extra ``pip install adamerge[llm]`` (``transformers``, ``peft`` is only needed
 to *create* adapters; reading them uses their files).
@@ -29,6 +37,7 @@ from torch import nn
 
 from ..engine.lowrank import LowRankTaskVectors
 from ..engine.task_vectors import DTYPES, TaskVectors
+from ..data.text import load_tasks_file
 from ..io.checkpoints import CheckpointError, StateDict, load_state_dict
 from .pool import LoadedPool, ModelPool, check_unseen
 
@@ -43,35 +52,114 @@ def _transformers():
     return transformers
 
 
-class LastTokenLM(nn.Module):
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions over real tokens only, so a left-padded prompt is seen as it is unpadded
+    (absolute position embeddings, e.g. GPT-2, depend on it; rotary ones do not)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+    return name in inspect.signature(fn).parameters
+
+
+class _HFWrapper(nn.Module):
+    """A ``transformers`` model as ``self.lm`` (parameter names ``lm.<its own names>``)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def _merged_copy(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        import copy
+        lm = copy.deepcopy(self.lm)
+        lm.load_state_dict({k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)})
+        return lm
+
+    def save_pretrained_merged(self, folder: str | Path, state: Mapping[str, torch.Tensor],
+                               heads: Mapping[str, nn.Module] | None = None) -> Path:
+        """Write the merged model with ``save_pretrained`` (loadable by plain ``transformers``)."""
+        self._merged_copy(state).save_pretrained(folder)
+        return Path(folder)
+
+
+class LastTokenLM(_HFWrapper):
     """A causal LM whose output is the next-token logits at the last (left-padded) position.
 
     Input: ``[B, 2, L]`` integer tensor, ``x[:, 0]`` token ids and ``x[:, 1]`` attention mask.
     """
 
     def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-        import inspect
+        super().__init__(lm)
         # only the last position's logits are read: models that can, compute no others (the
         # vocabulary projection at every position is ~12 % of a GPT-2-small-shaped step)
-        self._keep = ({"logits_to_keep": 1}
-                      if "logits_to_keep" in inspect.signature(lm.forward).parameters else {})
+        self._keep = {"logits_to_keep": 1} if _accepts(lm.forward, "logits_to_keep") else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask = x[:, 0].long(), x[:, 1].long()
-        # positions count real tokens only, so a left-padded prompt is seen as it is unpadded
-        # (absolute position embeddings, e.g. GPT-2, depend on it; rotary ones do not)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **self._keep)
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
+                      **self._keep)
         return out.logits[:, -1]
 
-    def save_pretrained_merged(self, folder: str | Path, state: Mapping[str, torch.Tensor]) -> Path:
-        """Write the merged LM with ``save_pretrained`` (loadable by plain ``transformers``)."""
-        import copy
-        lm = copy.deepcopy(self.lm)
-        lm.load_state_dict({k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)})
-        lm.save_pretrained(folder)
+
+class FirstTokenSeq2Seq(_HFWrapper):
+    """An encoder-decoder LM whose output is the logits of the first decoder token (the answer
+    of Flan-T5-style prompts), ``[B, V]``; input as for :class:`LastTokenLM`."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__(lm)
+        start = lm.config.decoder_start_token_id
+        if start is None:
+            raise ValueError(f"{type(lm).__name__}: the config has no decoder_start_token_id; "
+                             "the first decoder token cannot be asked for")
+        self.start = int(start)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = x[:, 0].long(), x[:, 1].long()
+        dec = torch.full((ids.shape[0], 1), self.start, dtype=torch.long, device=ids.device)
+        return self.lm(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits[:, 0]
+
+
+HEAD_MODULES = ("score",)  # the classification layer of decoder-only ...ForSequenceClassification
+
+
+def classifier_head_name(model: nn.Module) -> str:
+    """The name of a sequence classifier's linear head (``score``), or a ValueError naming the class."""
+    for name in HEAD_MODULES:
+        if isinstance(getattr(model, name, None), nn.Linear):
+            return name
+    raise ValueError(f"{type(model).__name__}: no linear 'score' head; supported sequence classifiers "
+                     "are decoder-only ones (GPT-2, Llama, Mistral, Qwen ...ForSequenceClassification)")
+
+
+class LastTokenFeatures(_HFWrapper):
+    """A decoder-only sequence classifier without its head: the last (left-padded) position's
+    hidden state ``[B, H]``, which the model's own pooling (last non-pad token) also reads."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__(lm)
+        self.head_name = classifier_head_name(lm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = x[:, 0].long(), x[:, 1].long()
+        body = getattr(self.lm, self.lm.base_model_prefix)
+        out = body(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
+        return out.last_hidden_state[:, -1]
+
+    def save_pretrained_merged(self, folder: str | Path, state: Mapping[str, torch.Tensor],
+                               heads: Mapping[str, nn.Module] | None = None) -> Path:
+        """One ``save_pretrained`` classifier per task, ``folder/<task>``: the merged body with
+        that task's head (each folder holds the whole body: K copies on disk)."""
+        if not heads:
+            raise ValueError("a sequence classifier is exported with its task heads; none given")
+        lm = self._merged_copy(state)
+        for task, head in heads.items():
+            linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
+            layer = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+            layer.load_state_dict(linear.state_dict())
+            setattr(lm, self.head_name, layer)
+            lm.config.num_labels = linear.out_features
+            lm.save_pretrained(Path(folder) / task)
         return Path(folder)
 
 
@@ -108,24 +196,6 @@ def verbaliser_ids(tokenizer: Any, words: Sequence[str], task: str = "") -> list
     return ids
 
 
-def load_tasks_file(path: str | Path) -> dict[str, dict]:
-    """``{task: {"labels": [word, ...], ...}}`` from a JSON or YAML file."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    data = data.get("tasks", data) if isinstance(data, dict) else data
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping task -> {{labels: [...]}}")
-    for task, spec in data.items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("labels"), list) or not spec["labels"]:
-            raise ValueError(f"{path}: task {task!r} needs 'labels', a list of label words")
-    return data
-
-
 def _pattern_value(name: str, pattern: Mapping[str, Any], default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern: the value of the first key matching the module name."""
     for key, value in (pattern or {}).items():
@@ -134,11 +204,15 @@ def _pattern_value(name: str, pattern: Mapping[str, Any], default: Any) -> Any:
     return default
 
 
-def read_lora(folder: str | Path, base_state: Mapping[str, torch.Tensor]
+def read_lora(folder: str | Path, base_state: Mapping[str, torch.Tensor], heads: Sequence[str] = ()
               ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """A PEFT LoRA adapter folder as ``{base parameter name: (B, A, scale)}`` with
     ``B @ A * scale`` the change of that weight (``fan_in_fan_out`` layers, e.g. GPT-2's
-    ``Conv1D``, are transposed here so that the product has the base weight's shape)."""
+    ``Conv1D``, are transposed here so that the product has the base weight's shape).
+
+    ``heads``: module names whose full copies the adapter may carry as ``modules_to_save`` (a
+    sequence classifier's ``score``; read them with :func:`read_lora_head`); any other
+    ``modules_to_save`` is refused."""
     folder = Path(folder)
     cfg_path = folder / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -146,17 +220,19 @@ def read_lora(folder: str | Path, base_state: Mapping[str, torch.Tensor]
         raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters merge low-rank")
     if cfg.get("use_dora"):
         raise ValueError(f"{cfg_path}: DoRA adapters are not a low-rank weight change; not supported")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+    saved = [m for m in cfg.get("modules_to_save") or [] if m not in ("classifier", *heads)]
+    if cfg.get("bias", "none") != "none" or saved:
         raise ValueError(f"{cfg_path}: bias={cfg.get('bias')!r}, modules_to_save={cfg.get('modules_to_save')}: "
-                         "only pure LoRA adapters (bias 'none', no modules_to_save) are supported")
-    files = [folder / "adapter_model.safetensors", folder / "adapter_model.bin"]
-    wfile = next((f for f in files if f.is_file()), None)
-    if wfile is None:
-        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors")
+                         "only pure LoRA adapters (bias 'none', no modules_to_save but a classifier's "
+                         "head) are supported")
+    wfile = _adapter_file(folder)
     weights = load_state_dict(wfile)
+    head_keys = {k for k in weights for h in heads if k.startswith(f"base_model.model.{h}.")}
     r_default, alpha_default = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for key, a in weights.items():
+        if key in head_keys:
+            continue
         if ".lora_A." not in key:
             if ".lora_B." not in key:
                 raise ValueError(f"{wfile}: unexpected tensor {key!r} (not lora_A / lora_B)")
@@ -188,71 +264,133 @@ def read_lora(folder: str | Path, base_state: Mapping[str, torch.Tensor]
     return out
 
 
+def _adapter_file(folder: Path) -> Path:
+    files = [folder / "adapter_model.safetensors", folder / "adapter_model.bin"]
+    wfile = next((f for f in files if f.is_file()), None)
+    if wfile is None:
+        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors")
+    return wfile
+
+
+def read_lora_head(folder: str | Path, head: str) -> dict[str, torch.Tensor]:
+    """The ``weight`` (and ``bias``) of module ``head`` that a LoRA adapter saved in full
+    (``modules_to_save``, as PEFT does for sequence classifiers); ``{}`` when it has none."""
+    weights = load_state_dict(_adapter_file(Path(folder)))
+    prefix = f"base_model.model.{head}."
+    return {k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)}
+
+
 def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-class HFCausalLMPool(ModelPool):
-    """A Hugging Face causal LM and K experts (PEFT LoRA adapters or full fine-tunes).
+class HFLanguageModelPool(ModelPool):
+    """A Hugging Face causal or seq2seq LM and K experts (PEFT LoRA adapters or full fine-tunes);
+    the answer is the next token (causal) or the first decoder token (seq2seq, e.g. Flan-T5),
+    restricted to each task's label words.
 
     Args:
         base: ``save_pretrained`` folder or hub id (downloaded by transformers for users with a
-            network) of the pretrained model.
+            network) of the pretrained model; its config says causal or encoder-decoder.
         experts: task -> PEFT adapter folder (``adapter_config.json``) or full model folder.
-        tasks_file: JSON/YAML ``{task: {labels: [word, ...]}}``; each label word must be one token.
+        tasks_file: JSON/YAML ``{task: {labels: [word, ...], template: ..., dataset: ...}}``;
+            each label word must be one token (see :mod:`adamerge.data.text` for the rest).
         tokenizer: folder or id of the tokenizer (default: ``base``).
         dtype: dtype of the loaded base (``float32`` default; ``bfloat16`` halves memory).
         unseen_tasks: tasks with label words but no expert: evaluated, not merged.
     """
 
-    def __init__(self, base: str, experts: dict[str, str], tasks_file: str,
+    needs_labels = True  # verbalisers: every task lists its label words
+
+    def __init__(self, base: str, experts: dict[str, str], tasks_file: str | None = None,
                  tokenizer: str | None = None, dtype: str | None = None,
                  unseen_tasks: list[str] | None = None) -> None:
         if not experts:
-            raise ValueError("HFCausalLMPool needs experts: a mapping task -> adapter or model folder")
+            raise ValueError(f"{type(self).__name__} needs experts: a mapping task -> adapter or model folder")
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         self.base, self.experts = str(base), {t: str(p) for t, p in experts.items()}
-        self.tasks_file, self.tokenizer, self.dtype = str(tasks_file), tokenizer, dtype
-        self.specs = load_tasks_file(tasks_file)
-        missing = [t for t in self.experts if t not in self.specs]
-        if missing:
-            raise ValueError(f"{tasks_file}: no label words for tasks {missing} (it has {list(self.specs)})")
-        self.unseen_tasks = check_unseen(unseen_tasks, list(self.experts), list(self.specs),
-                                         where=f" in {tasks_file}")
+        self.tasks_file, self.tokenizer, self.dtype = tasks_file, tokenizer, dtype
+        if tasks_file is None and self.needs_labels:
+            raise ValueError(f"{type(self).__name__} needs tasks_file: the label words of every task")
+        self.specs = load_tasks_file(tasks_file, need_labels=self.needs_labels) if tasks_file else {}
+        if self.needs_labels:
+            missing = [t for t in self.experts if t not in self.specs]
+            if missing:
+                raise ValueError(f"{tasks_file}: no label words for tasks {missing} (it has {list(self.specs)})")
+        self.unseen_tasks = self._check_unseen(unseen_tasks)
         kinds = {is_adapter(p) for p in self.experts.values()}
         if len(kinds) > 1:
             raise ValueError("experts mix LoRA adapters and full models: give one kind "
                              f"({ {t: 'lora' if is_adapter(p) else 'full' for t, p in self.experts.items()} })")
 
+    def _check_unseen(self, unseen: list[str] | None) -> list[str]:
+        return check_unseen(unseen, list(self.experts), list(self.specs), where=f" in {self.tasks_file}")
+
+    # -- what differs between model kinds
+    def auto_class(self, config: Any) -> Any:
+        """The ``transformers`` Auto class of the base (from its config)."""
+        tf = _transformers()
+        return tf.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else tf.AutoModelForCausalLM
+
+    def wrap(self, model: nn.Module) -> _HFWrapper:
+        """The encoder: the model answered at one position."""
+        return FirstTokenSeq2Seq(model) if getattr(model.config, "is_encoder_decoder", False) else LastTokenLM(model)
+
+    def head_modules(self, encoder: _HFWrapper) -> tuple[str, ...]:
+        """Modules that are per-task heads, never merged."""
+        return ()
+
+    def make_heads(self, tasks: Sequence[str], tokenizer: Any, encoder: _HFWrapper,
+                   experts: Mapping[str, Any]) -> dict[str, nn.Module]:
+        return {t: VerbaliserHead(verbaliser_ids(tokenizer, self.specs[t]["labels"], t), self.specs[t]["labels"])
+                for t in tasks}
+
+    # -- shared
     def load(self) -> LoadedPool:
         tf = _transformers()
         dtype = DTYPES[self.dtype] if self.dtype else torch.float32
-        lm = tf.AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype)
+        config = tf.AutoConfig.from_pretrained(self.base)
+        auto = self.auto_class(config)
+        model = auto.from_pretrained(self.base, dtype=dtype)
         tok = tf.AutoTokenizer.from_pretrained(self.tokenizer or self.base)
-        encoder = LastTokenLM(lm.eval())
-        base_state = {k: v for k, v in lm.state_dict().items()}
+        if getattr(model.config, "pad_token_id", None) is None:  # batched classifiers pool on it
+            model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        encoder = self.wrap(model.eval())
+        heads_of = self.head_modules(encoder)
+        base_state = dict(model.state_dict())
         tasks = list(self.experts)
         if all(is_adapter(p) for p in self.experts.values()):
-            adapters = {t: read_lora(p, base_state) for t, p in self.experts.items()}
+            adapters = {t: read_lora(p, base_state, heads=heads_of) for t, p in self.experts.items()}
             tv = LowRankTaskVectors.from_adapters(adapters, task_names=tasks)
             loaders = {t: (lambda t=t: self._lora_expert(encoder, adapters[t])) for t in tasks}
+            sources: dict[str, Any] = dict(self.experts)
         else:
-            full = {t: self._full_expert(p) for t, p in self.experts.items()}
-            names = sorted(n for n, p in encoder.named_parameters() if p.is_floating_point())
-            tv = TaskVectors.from_state_dicts(encoder.state_dict(), full, names=names)
-            loaders = {t: (lambda t=t: full[t]) for t in tasks}
+            own = encoder.state_dict()
+            full = {t: self._full_expert(auto, p, own, heads_of) for t, p in self.experts.items()}
+            names = sorted(n for n, p in encoder.named_parameters()
+                           if p.is_floating_point() and not _under(n, heads_of))
+            tv = TaskVectors.from_state_dicts(own, {t: st for t, (st, _) in full.items()}, names=names)
+            loaders = {t: (lambda t=t: full[t][0]) for t in tasks}
+            sources = {t: head for t, (_, head) in full.items()}
         tv.meta.update({"base": self.base})
-        heads = {t: VerbaliserHead(verbaliser_ids(tok, self.specs[t]["labels"], t), self.specs[t]["labels"])
-                 for t in tasks}
-        unseen = {t: VerbaliserHead(verbaliser_ids(tok, self.specs[t]["labels"], t), self.specs[t]["labels"])
-                  for t in self.unseen_tasks}
+        heads = self.make_heads(tasks, tok, encoder, sources)
+        unseen = self.make_heads(self.unseen_tasks, tok, encoder, {})
         return LoadedPool(encoder, tv, heads, loaders, unseen_heads=unseen)
 
-    def _full_expert(self, path: str) -> StateDict:
-        tf = _transformers()
-        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return {PREFIX + k: v for k, v in model.state_dict().items()}
+    def _full_expert(self, auto: Any, path: str, own: Mapping[str, torch.Tensor],
+                     heads_of: Sequence[str]) -> tuple[StateDict, StateDict]:
+        """A full fine-tune's state dict in the encoder's names (head modules at the base value)
+        and its head tensors."""
+        model = auto.from_pretrained(path, dtype=torch.float32)
+        state = {PREFIX + k: v for k, v in model.state_dict().items()}
+        head = {k[len(PREFIX) + len(h) + 1:]: v for k, v in state.items() for h in heads_of
+                if k.startswith(f"{PREFIX}{h}.")}
+        for name, value in state.items():
+            if name in own and not _under(name, heads_of) and value.shape != own[name].shape:
+                raise CheckpointError(f"{path}: {name.removeprefix(PREFIX)} has shape {tuple(value.shape)}, "
+                                      f"the base model's is {tuple(own[name].shape)}")
+        return {k: (own[k] if _under(k, heads_of) else state.get(k, own[k])) for k in own}, head
 
     @staticmethod
     def _lora_expert(encoder: nn.Module, adapter: Mapping[str, tuple]) -> StateDict:
@@ -263,5 +401,66 @@ class HFCausalLMPool(ModelPool):
         return state
 
 
-__all__ = ["HFCausalLMPool", "LastTokenLM", "VerbaliserHead", "is_adapter", "load_tasks_file", "read_lora",
-           "verbaliser_ids"]
+def _under(name: str, modules: Sequence[str]) -> bool:
+    return any(name.startswith(f"{PREFIX}{m}.") for m in modules)
+
+
+HFCausalLMPool = HFLanguageModelPool  # the name of the first release (causal LMs only)
+
+
+class HFSequenceClassifierPool(HFLanguageModelPool):
+    """A decoder-only Hugging Face sequence classifier (GPT-2, Llama, ... ``ForSequenceClassification``)
+    and K experts, each with its own classification layer (``score``). The bodies are merged;
+    each task's head is its expert's ``score`` layer, applied to the last position's hidden
+    state (:class:`LastTokenFeatures`); entropy is over the class logits. Experts: full
+    fine-tunes, or PEFT LoRA adapters (``task_type="SEQ_CLS"``, which saves ``score`` in full as
+    ``modules_to_save``; an adapter without it uses the base's ``score``).
+
+    Args:
+        base: ``save_pretrained`` folder or hub id of the pretrained classifier (a plain LM folder
+            works too: ``transformers`` adds a fresh ``score`` layer).
+        experts: task -> adapter or model folder.
+        tasks_file: optional; ``labels`` there name the classes (their count must match the head).
+        tokenizer, dtype: as for :class:`HFLanguageModelPool`.
+    """
+
+    needs_labels = False
+
+    def _check_unseen(self, unseen: list[str] | None) -> list[str]:
+        if unseen:
+            raise ValueError(f"unseen_tasks {unseen}: a sequence classifier's task head comes with its "
+                             "expert, so a task without an expert has no head")
+        return []
+
+    def auto_class(self, config: Any) -> Any:
+        return _transformers().AutoModelForSequenceClassification
+
+    def wrap(self, model: nn.Module) -> _HFWrapper:
+        return LastTokenFeatures(model)
+
+    def head_modules(self, encoder: _HFWrapper) -> tuple[str, ...]:
+        return (encoder.head_name,)
+
+    def make_heads(self, tasks: Sequence[str], tokenizer: Any, encoder: _HFWrapper,
+                   experts: Mapping[str, Any]) -> dict[str, nn.Module]:
+        base_head = getattr(encoder.lm, encoder.head_name)
+        heads = {}
+        for t in tasks:
+            source = experts[t]
+            tensors = read_lora_head(source, encoder.head_name) if isinstance(source, str) else source
+            if not tensors:
+                tensors = {k: v.detach() for k, v in base_head.state_dict().items()}
+            w = tensors["weight"]
+            head = nn.Linear(w.shape[1], w.shape[0], bias="bias" in tensors)
+            head.load_state_dict(tensors)
+            labels = self.specs.get(t, {}).get("labels")
+            if labels is not None and len(labels) != w.shape[0]:
+                raise ValueError(f"{self.tasks_file}: task {t!r} lists {len(labels)} labels, its expert's "
+                                 f"{encoder.head_name} layer has {w.shape[0]} classes")
+            heads[t] = head.requires_grad_(False)
+        return heads
+
+
+__all__ = ["FirstTokenSeq2Seq", "HFCausalLMPool", "HFLanguageModelPool", "HFSequenceClassifierPool",
+           "LastTokenFeatures", "LastTokenLM", "VerbaliserHead", "classifier_head_name", "is_adapter",
+           "load_tasks_file", "read_lora", "read_lora_head", "verbaliser_ids"]

@@ -9,4 +9,7 @@ a suite is data and weights, not a way of merging.
 
 from .synthetic import SUITES, SuitePool, SuiteSource, SuiteSpec, TinyViT, get_spec
 
-__all__ = ["SUITES", "SuitePool", "SuiteSource", "SuiteSpec", "TinyViT", "get_spec"]
+from .text import TEXT_PRESETS, TextSuitePool, TextSuiteSource, TextSuiteSpec
+
+__all__ = ["SUITES", "SuitePool", "SuiteSource", "SuiteSpec", "TEXT_PRESETS", "TextSuitePool", "TextSuiteSource",
+           "TextSuiteSpec", "TinyViT", "get_spec"]

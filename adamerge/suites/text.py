@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -47,7 +48,9 @@ from torch import nn
 from ..errors import unknown_name
 from ..io.cache import default_cache_dir
 from ..io.checkpoints import write_json_atomic
-from ..models.hf import verbaliser_ids  # noqa: F401  (re-exported: the suite's API)
+from ..data.text import TextSource
+from ..models.hf import HFLanguageModelPool, verbaliser_ids  # noqa: F401  (verbaliser_ids: re-exported)
+from ..models.pool import LoadedPool, ModelPool, check_unseen
 from .synthetic import spec_with
 
 TEXT_SUITE_VERSION = 1  # bump when generators or training change: it is part of the cache key
@@ -545,7 +548,9 @@ def _build(spec: TextSuiteSpec, out: Path, say: Callable[[str], None]) -> dict[s
         record["accuracy"][t] = {"base": acc}
         record["fingerprint"][t] = {"base": fp}
         torch.manual_seed(spec.seed + 1000 + i)  # LoRA's A init
-        expert = get_peft_model(copy.deepcopy(base), lora_config(spec))
+        with warnings.catch_warnings():  # peft asks a deprecated transformers property; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            expert = get_peft_model(copy.deepcopy(base), lora_config(spec))
         _train_answers(spec, expert, tokenizer, t, data[t]["train"], spec.expert_lr, say, f"expert {t}")
         expert.save_pretrained(out / "experts" / t)
         record["accuracy"][t]["expert"], record["fingerprint"][t]["expert"] = evaluate(expert, t)
@@ -592,3 +597,79 @@ def ensure_text_suite(spec: TextSuiteSpec, cache_dir: str | os.PathLike | None =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+# ------------------------------------------------------------------ pool and data source
+class TextSuitePool(ModelPool):
+    """The base LM and LoRA experts of a built-in text suite (built on first use, then cached),
+    for configs: ``model.pool.class_path: adamerge.suites.TextSuitePool``.
+
+    Args:
+        suite: preset name (``tiny``, ``demo``).
+        tasks: the merged tasks, in order (default: the suite's tasks but ``unseen_tasks``).
+        seed: suite seed (data and weights).
+        cache_dir: where the suite is cached (default ``$ADAMERGE_CACHE`` or ``~/.cache/adamerge``).
+        full_experts: merge the fully fine-tuned experts instead of the LoRA adapters.
+        overrides: other spec fields (see :class:`TextSuiteSpec`).
+        unseen_tasks: suite tasks evaluated with their label words but not merged.
+    """
+
+    def __init__(self, suite: str = "tiny", tasks: list[str] | None = None, seed: int = 0,
+                 cache_dir: str | None = None, full_experts: bool = False,
+                 overrides: dict[str, Any] | None = None, unseen_tasks: list[str] | None = None) -> None:
+        self.spec = get_text_spec(suite, **{**(overrides or {}), "seed": seed,
+                                            **({"full_experts": True} if full_experts else {})})
+        unseen = list(unseen_tasks or [])
+        self.tasks = list(tasks or [t for t in self.spec.tasks if t not in unseen])
+        self.unseen_tasks = check_unseen(unseen, self.tasks, self.spec.tasks, where=f" in text suite {suite!r}")
+        for t in self.tasks:
+            if t not in self.spec.tasks:
+                raise ValueError(unknown_name("task", t, self.spec.tasks, where=f" in text suite {suite!r}"))
+        self.cache_dir, self.full_experts = cache_dir, full_experts
+
+    def hf_pool(self) -> HFLanguageModelPool:
+        """The suite's files as a :class:`HFLanguageModelPool` (building the suite if needed)."""
+        folder = ensure_text_suite(self.spec, self.cache_dir)
+        kind = "experts_full" if self.full_experts else "experts"
+        return HFLanguageModelPool(base=str(folder / "base"), experts={t: str(folder / kind / t) for t in self.tasks},
+                                   tasks_file=str(folder / "tasks.json"), unseen_tasks=self.unseen_tasks)
+
+    def load(self) -> LoadedPool:
+        return self.hf_pool().load()
+
+
+class TextSuiteSource(TextSource):
+    """The prompts of a built-in text suite (splits ``train``, ``val``, ``test``), padded to the
+    longest prompt of the suite, for configs: ``data.source.class_path: adamerge.suites.TextSuiteSource``.
+
+    Args:
+        suite, seed, cache_dir, overrides: as for :class:`TextSuitePool` (the same suite).
+        tasks: a subset / order of the suite's tasks (default: all, unseen ones included).
+    """
+
+    def __init__(self, suite: str = "tiny", tasks: list[str] | None = None, seed: int = 0,
+                 cache_dir: str | None = None, overrides: dict[str, Any] | None = None) -> None:
+        self.spec = get_text_spec(suite, **{**(overrides or {}), "seed": seed})
+        for t in tasks or []:
+            if t not in self.spec.tasks:
+                raise ValueError(unknown_name("task", t, self.spec.tasks, where=f" in text suite {suite!r}"))
+        self.cache_dir, self.suite_tasks = cache_dir, list(tasks or self.spec.tasks)
+        self._built = False
+
+    def _build(self) -> None:
+        if not self._built:
+            folder = ensure_text_suite(self.spec, self.cache_dir)
+            TextSource.__init__(self, str(folder / "data"), tokenizer=str(folder / "base"),
+                                tasks=self.suite_tasks, max_length="longest")
+            self._built = True
+
+    def task_names(self) -> list[str]:
+        return list(self.suite_tasks)
+
+    def rows(self, task: str, split: str):
+        self._build()
+        return super().rows(task, split)
+
+    def dataset(self, task: str, split: str):
+        self._build()
+        return super().dataset(task, split)
