@@ -37,6 +37,16 @@ def test_ties_trim_elect_disjoint_by_hand():
     torch.testing.assert_close(tv.tensors[0], toy()[0].tensors[0])
 
 
+def test_ties_disjoint_sum_of_the_official_adamerging_baseline():
+    """``merge="sum"`` at 0.3 (src/main_ties_merging.py: "dis-sum", 0.3) by hand: column 1 keeps
+    -2.0 and -1.0 (sign -), column 3 keeps 3.0, column 4 keeps -3.0; column 0 keeps -1.5."""
+    tv, base = toy()
+    merged = ties(tv, base, keep=0.4, scaling=0.3, merge="sum")["w"]
+    torch.testing.assert_close(merged, 1 + 0.3 * torch.tensor([-1.5, -3.0, 0.0, 3.0, -3.0]))
+    with pytest.raises(ValueError, match="merge must be 'mean' or 'sum'"):
+        ties(tv, base, merge="max")
+
+
 def test_ties_transform_is_in_fingerprint_and_keep_checked():
     tv, _ = toy()
     assert ties_task_vectors(tv, 0.2).fingerprint()["transform"] == "ties(keep=0.2)"

@@ -78,13 +78,20 @@ def ties_task_vectors(task_vectors: TaskVectors, keep: float = 0.2) -> TaskVecto
 
 
 def ties(task_vectors: TaskVectors, base: Mapping[str, torch.Tensor], keep: float = 0.2,
-         scaling: float = 1.0) -> dict[str, torch.Tensor]:
-    """TIES-merging: trim, elect signs, disjoint mean of the agreeing entries, times ``scaling``."""
+         scaling: float = 1.0, merge: str = "mean") -> dict[str, torch.Tensor]:
+    """TIES-merging: trim, elect signs, disjoint merge of the agreeing entries, times ``scaling``.
+
+    ``merge``: ``mean`` (the TIES paper's, our default, with ``scaling`` picked on a labeled
+    split) or ``sum`` (the disjoint sum of the official AdaMerging baseline,
+    ``src/main_ties_merging.py`` L53-57: ``merge_func = "dis-sum"`` at a fixed 0.3).
+    """
+    if merge not in ("mean", "sum"):
+        raise ValueError(f"ties: merge must be 'mean' or 'sum', got {merge!r}")
     selected = ties_task_vectors(task_vectors, keep)
     out = {}
     for name, tau in zip(selected.names, selected.tensors):
-        count = (tau != 0).sum(0).clamp(min=1)
-        merged = tau.float().sum(0) / count
+        merged = tau.float().sum(0)
+        if merge == "mean":
+            merged = merged / (tau != 0).sum(0).clamp(min=1)
         out[name] = (base[name].float() + scaling * merged).to(base[name].dtype)
     return out
-
