@@ -20,7 +20,8 @@ import lightning as L
 from .data.datamodule import MultiTaskDataModule
 from .methods import registry
 from .models.pool import LoadedPool, PreloadedPool
-from .report import CoefficientHeatmap, evaluate, summarize, terminal_table, write_results
+from .report import (CoefficientHeatmap, build_results, evaluate, quiet_lightning, summarize, terminal_table,
+                     write_results)
 
 
 @dataclass
@@ -134,16 +135,19 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
             L.seed_everything(s.seed, verbose=False)
             model = method.build(PreloadedPool(loaded), **hp)
             data = datamodule.with_options(**method.data) if method.data else datamodule
-            trainer = L.Trainer(default_root_dir=out / "runs" / name, max_steps=s.steps,
-                                accelerator=s.accelerator, devices=1, limit_val_batches=0,
-                                check_val_every_n_epoch=None, val_check_interval=s.steps + 1,
-                                log_every_n_steps=10, enable_model_summary=False,
-                                enable_checkpointing=False,
-                                callbacks=[CoefficientHeatmap(str(out / f"coefficients_{name}.png"))],
-                                logger=L.pytorch.loggers.TensorBoardLogger(out / "runs", name=name))
-            trainer.fit(model, data)
-            final_checkpoints[name] = out / "runs" / name / "final.ckpt"
-            trainer.save_checkpoint(final_checkpoints[name])  # the learned tensors only
+            with quiet_lightning():  # hides Lightning's tips and the frozen base's eval-mode warning
+                trainer = L.Trainer(default_root_dir=out / "runs" / name, max_steps=s.steps,
+                                    accelerator=s.accelerator, devices=1, limit_val_batches=0,
+                                    check_val_every_n_epoch=None, val_check_interval=s.steps + 1,
+                                    log_every_n_steps=10, enable_model_summary=False,
+                                    enable_checkpointing=False,
+                                    callbacks=[CoefficientHeatmap(str(out / f"coefficients_{name}.png"))],
+                                    logger=L.pytorch.loggers.TensorBoardLogger(out / "runs", name=name))
+                trainer.fit(model, data)
+                final_checkpoints[name] = out / "runs" / name / "final.ckpt"
+                # what Lightning's default saves (naming it drops Lightning's 'not set' notice); the
+                # module's on_save_checkpoint keeps only its learned tensors of the state dict
+                trainer.save_checkpoint(final_checkpoints[name], weights_only=False)
             rows[name] = model.accuracies(eval_sets, datamodule.eval_batch_size)
         used[name] = {**hp, **({"data": dict(method.data)} if method.data else {})}
         timings[name] = time.perf_counter() - t0
@@ -152,19 +156,18 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
             + f" ({timings[name]:.1f} s)")
 
     individual = rows.get("individual")
-    results = {"suite": suite, "tasks": list(tasks), **({"unseen_tasks": unseen} if unseen else {}),
-               "methods": {m: summarize(rows[m], individual, unseen) for m in methods},
-               "descriptions": {m: registry.get(m).description for m in methods},
-               "hparams": used,
-               "tuned": tuned,
-               "settings": {"steps": s.steps, "val_split": s.val_split, "seed": s.seed,
-                            "batch_size": datamodule.batch_size,
-                            "adapt_split": datamodule.adapt_split, "eval_split": datamodule.eval_split,
-                            **({"corruption": datamodule.corruption, "severity": datamodule.severity}
-                               if datamodule.corruption else {}),
-                            **s.extra},
-               "seconds": {m: round(v, 2) for m, v in timings.items()},
-               "commit": _git_commit()}
+    results = build_results(
+        suite=suite, tasks=tasks, unseen=unseen,
+        methods={m: summarize(rows[m], individual, unseen) for m in methods},
+        descriptions={m: registry.get(m).description for m in methods},
+        hparams=used, tuned=tuned,
+        settings={"steps": s.steps, "val_split": s.val_split, "seed": s.seed,
+                  "batch_size": datamodule.batch_size,
+                  "adapt_split": datamodule.adapt_split, "eval_split": datamodule.eval_split,
+                  **({"corruption": datamodule.corruption, "severity": datamodule.severity}
+                     if datamodule.corruption else {}),
+                  **s.extra},
+        seconds=timings, commit=_git_commit())
     json_path, md_path = write_results(results, out)
     say("\n" + terminal_table(results))
     say(f"\nwrote {json_path} and {md_path}")

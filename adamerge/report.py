@@ -1,10 +1,15 @@
-"""Evaluation of merged weights, the results table (JSON, Markdown, terminal) and coefficient heatmaps."""
+"""Evaluation of merged weights, the results table (JSON, Markdown, terminal), coefficient heatmaps
+(PNG and TensorBoard) and the quiet console of adamerge's Lightning runs."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -60,6 +65,19 @@ def summarize(per_task: Mapping[str, float], individual: Mapping[str, float] | N
         vals = [per_task[t] for t in unseen if t in per_task]
         out["avg_unseen"] = sum(vals) / len(vals) if vals else None
     return out
+
+
+def build_results(*, suite: str, tasks: Sequence[str], unseen: Sequence[str],
+                  methods: Mapping[str, Mapping[str, Any]], descriptions: Mapping[str, str],
+                  hparams: Mapping[str, Any], tuned: Mapping[str, Any], settings: Mapping[str, Any],
+                  seconds: Mapping[str, float], commit: str | None) -> dict[str, Any]:
+    """The results dict of ``results.json`` (one schema for ``demo``, ``compare``, ``test`` and
+    ``validate``): ``methods`` maps each row to its :func:`summarize` output; ``unseen_tasks`` is
+    present only when there are unseen tasks."""
+    return {"suite": suite, "tasks": list(tasks), **({"unseen_tasks": list(unseen)} if unseen else {}),
+            "methods": dict(methods), "descriptions": dict(descriptions), "hparams": dict(hparams),
+            "tuned": dict(tuned), "settings": dict(settings),
+            "seconds": {m: round(v, 2) for m, v in seconds.items()}, "commit": commit}
 
 
 def _columns(results: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -176,24 +194,137 @@ def save_heatmap(coefficients: torch.Tensor, param_names: Sequence[str], task_na
 
 
 class CoefficientHeatmap(L.Callback):
-    """Logs the coefficient heatmap to TensorBoard at the end of fit and writes it as a PNG.
+    """The learned coefficients in TensorBoard during ``fit``, and their heatmap as a PNG.
+
+    At each validation of a fit (not the sanity check) and at the end of training, every
+    TensorBoard logger gets the heatmap as the image ``coefficients`` and one histogram per task
+    column, ``coefficients/<task>`` (a task's coefficients over the parameter tensors). At the end
+    of training the heatmap is also written as a PNG, and the run's hyper-parameters are logged
+    again with the last ``val/acc_avg`` as ``hp_metric`` (TensorBoard's HPARAMS tab), when the run
+    validated. Methods without coefficients (no ``merged.lambdas()``) are skipped, other loggers
+    (or none) get only the PNG; rank zero only.
 
     Args:
-        path: PNG to write (default: ``<log_dir>/coefficients.png``, else ``<default_root_dir>``).
+        path: PNG to write (default: ``<log dir>/coefficients.png``, the folder of the run's
+            TensorBoard events and ``config.yaml``; without a logger ``<default_root_dir>``).
     """
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path
+        self._logged_step: int | None = None  # the step last logged to TensorBoard
+
+    @staticmethod
+    def coefficients(pl_module: L.LightningModule) -> tuple[torch.Tensor, list[str], list[str]] | None:
+        """``(coefficients [P, K], row names, task names)`` of the module, ``None`` if it has none."""
+        merged = getattr(pl_module, "merged", None)
+        lambdas = getattr(merged, "lambdas", None)
+        if not callable(lambdas):
+            return None
+        with torch.no_grad():
+            lam = lambdas()
+        if not isinstance(lam, torch.Tensor) or lam.dim() != 2 or lam.numel() == 0:
+            return None
+        lam = lam.detach().float().cpu()
+        tasks = list(getattr(merged, "task_names", None) or [f"task{k}" for k in range(lam.shape[1])])
+        names = list(getattr(getattr(merged, "task_vectors", None), "names", None) or [])
+        if lam.shape[0] == 1 or len(names) != lam.shape[0]:
+            names = ["all"] if lam.shape[0] == 1 else [str(i) for i in range(lam.shape[0])]
+        return lam, names, tasks
+
+    @staticmethod
+    def _tensorboards(trainer: L.Trainer) -> list[Any]:
+        """The TensorBoard loggers of the trainer."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+        return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def _log(self, trainer: L.Trainer, found: tuple[torch.Tensor, list[str], list[str]]) -> None:
+        step = trainer.global_step
+        if step == self._logged_step:  # the end of training right after its last validation
+            return
+        self._logged_step = step
+        lam, names, tasks = found
+        for logger in self._tensorboards(trainer):
+            writer = logger.experiment
+            fig = coefficient_figure(lam, names, tasks, f"coefficients at step {step}")
+            writer.add_figure("coefficients", fig, global_step=step)  # closes the figure
+            for k, task in enumerate(tasks):
+                writer.add_histogram(f"coefficients/{task}", lam[:, k], global_step=step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            found = self.coefficients(pl_module)
+            if found is not None:
+                self._log(trainer, found)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        merged = pl_module.merged
-        lam = merged.lambdas().detach()
-        names = merged.task_vectors.names if lam.shape[0] > 1 else ["all"]
-        fig = coefficient_figure(lam, names, merged.task_names, f"coefficients at step {trainer.global_step}")
-        logger = trainer.logger
-        if logger is not None and hasattr(logger.experiment, "add_figure"):
-            logger.experiment.add_figure("coefficients", fig, global_step=trainer.global_step)
-        folder = Path(self.path).parent if self.path else Path(getattr(logger, "log_dir", None) or trainer.default_root_dir)
-        save_heatmap(lam, names, merged.task_names, Path(self.path) if self.path else folder / "coefficients.png")
+        found = self.coefficients(pl_module)
+        if found is not None:
+            self._log(trainer, found)
+            lam, names, tasks = found
+            folder = Path(trainer.log_dir or trainer.default_root_dir)
+            save_heatmap(lam, names, tasks, Path(self.path) if self.path else folder / "coefficients.png",
+                         f"coefficients at step {trainer.global_step}")
+        acc = trainer.callback_metrics.get("val/acc_avg")
+        if acc is not None:  # the HPARAMS tab: the run's hyper-parameters and its final accuracy
+            for logger in self._tensorboards(trainer):
+                params = dict(logger.hparams or pl_module.hparams)
+                logger.log_hyperparams(params, metrics={"hp_metric": float(acc)}, step=trainer.global_step)
+
+
+# ------------------------------------------------------------------ console of Lightning runs
+VERBOSE_ENV = "ADAMERGE_VERBOSE"
+
+# Warnings that adamerge's runs trigger by design: (message regex, category). Each is hidden
+# unless ADAMERGE_VERBOSE=1 (``adamerge ... --verbose``).
+QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # The merged model's frozen base stays in eval mode on purpose (MergedModel.train: no dropout,
+    # no batch-norm statistics updates while the coefficients learn); Lightning warns about any
+    # module in eval mode at the start of training.
+    (r"Found \d+ module\(s\) in eval mode at the start of training", Warning),
+    # Lightning 2.6's own _pytree helper builds torch's LeafSpec, deprecated since torch 2.10;
+    # nothing adamerge calls, and harmless until Lightning changes it.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+
+
+class _LightningTips(logging.Filter):
+    """Drops Lightning's advertising tips (litlogger / litmodels), logged at every Trainer start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("Tip:" in msg and ("litlogger" in msg or "litmodels" in msg))
+
+
+def verbose_requested() -> bool:
+    """Whether ``$ADAMERGE_VERBOSE`` asks for Lightning's full console output (set by ``--verbose``)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@contextmanager
+def quiet_lightning(verbose: bool | None = None) -> Iterator[None]:
+    """Hide, inside the block, the Lightning messages that an adamerge run triggers on purpose
+    (:data:`QUIET_WARNINGS`, Lightning's litlogger/litmodels tips); everything else (progress bars,
+    other warnings, errors) is unchanged. ``verbose`` (default: :func:`verbose_requested`) hides
+    nothing. The warning filters are scoped (``warnings.catch_warnings``)."""
+    if verbose is None:
+        verbose = verbose_requested()
+    if verbose:
+        with warnings.catch_warnings():  # filters added inside the block stay scoped
+            yield
+        return
+    # rank_zero_info logs to lightning.pytorch's rank_zero logger (fabric's before it is imported)
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero",
+                                              "lightning.fabric.utilities.rank_zero")]
+    tips = _LightningTips()
+    with warnings.catch_warnings():  # also scopes filters added inside the block
+        for pattern, category in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=category)
+        for log in loggers:
+            log.addFilter(tips)
+        try:
+            yield
+        finally:
+            for log in loggers:
+                log.removeFilter(tips)

@@ -4,22 +4,49 @@ The model is :class:`adamerge.methods.AdaMerging` or a subclass named by ``model
 (``adamerge.methods.Surgery``, ``adamerge.methods.Tinting``; a config without ``class_path`` is
 AdaMerging), the data :class:`adamerge.data.MultiTaskDataModule`; their typed ``__init__``
 signatures are the config schema (``model.*``, ``data.*``).
+
+What every run adds to LightningCLI: ``fit`` logs the coefficients to TensorBoard and writes
+their heatmap (:class:`adamerge.report.CoefficientHeatmap`); ``validate`` and ``test`` print the
+per-task table of ``adamerge demo`` instead of Lightning's metric box and write ``results.json`` /
+``results.md`` into the run's log dir; Lightning's messages that these runs trigger on purpose are
+hidden unless ``--verbose`` / ``ADAMERGE_VERBOSE=1`` (:func:`adamerge.report.quiet_lightning`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 from lightning.pytorch.cli import LightningCLI
 
+from ..report import (CoefficientHeatmap, build_results, quiet_lightning, summarize, terminal_table,
+                      verbose_requested, write_results)
+
+
 class AdaMergeCLI(LightningCLI):
-    """LightningCLI with a checkpoint section that every run gets (periodic + ``last.ckpt``).
+    """LightningCLI with a checkpoint section that every run gets (periodic + ``last.ckpt``), the
+    coefficients in TensorBoard in every ``fit``, and the per-task table and ``results.json``
+    after ``validate`` / ``test``.
 
     Config files are plain YAML read with a safe loader (no ``!!python`` tags, nothing is
     evaluated); ``class_path`` entries name classes to import and instantiate. File paths in a
     config (``Path_fr`` / ``Path_dr`` arguments) are relative to that config file.
+
+    Args:
+        verbose: show Lightning's metric box and the messages adamerge hides (default:
+            ``$ADAMERGE_VERBOSE``, which ``adamerge ... --verbose`` sets).
     """
+
+    def __init__(self, *args: Any, verbose: bool | None = None, **kwargs: Any) -> None:
+        self.verbose = verbose_requested() if verbose is None else verbose
+        self._ckpt_step: int | None = None
+        self._eval_started = 0.0
+        with quiet_lightning(self.verbose):  # LightningCLI parses, builds and runs in __init__
+            super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         from ..io.run_checkpoint import RunCheckpoint
@@ -28,7 +55,12 @@ class AdaMergeCLI(LightningCLI):
                              "checkpoint.save_top_k": -1})
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        # LightningCLI.parse_arguments warns whenever ``args`` is given while sys.argv has
+        # arguments (against mixing the two); adamerge passes the whole command line as ``args``,
+        # so parse them as it would, without the warning.
+        from jsonargparse import Namespace
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) \
+            else parser.parse_args(args)
         # LightningCLI reads --ckpt_path itself (for hyperparameters) right after parsing; check
         # the file first so a missing, corrupt or pickled one gets a message naming it.
         sub = self.config.get("subcommand")
@@ -36,12 +68,117 @@ class AdaMergeCLI(LightningCLI):
         if isinstance(ckpt, str) and ckpt not in ("last", "best", "hpc") and "://" not in ckpt \
                 and not ckpt.startswith("registry"):
             from ..io.checkpoints import read_checkpoint
-            read_checkpoint(ckpt)
+            step = read_checkpoint(ckpt).get("global_step")
+            self._ckpt_step = step if isinstance(step, int) else None
 
     def before_instantiate_classes(self) -> None:
         # The config saved next to the run (lightning_logs/version_N/config.yaml) must still
         # point at the same files: write resolved paths into it, not the relative spelling.
         absolute_paths(self.config)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        """The trainer, with a :class:`CoefficientHeatmap` in ``fit`` unless the config has one."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit" and not any(isinstance(c, CoefficientHeatmap) for c in trainer.callbacks):
+            from lightning.pytorch.callbacks import Checkpoint
+            # before the checkpoint callbacks, which Lightning keeps last
+            at = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)),
+                      len(trainer.callbacks))
+            trainer.callbacks.insert(at, CoefficientHeatmap())
+        return trainer
+
+    # ------------------------------------------------------- validate / test: the results table
+    def _before_eval(self) -> None:
+        # Lightning's metric box only with --verbose: the per-task table replaces it.
+        self.config_init[self.subcommand]["verbose"] = self.verbose
+        if not self.verbose:
+            # An evaluation saves no checkpoint, so the checkpoint callback's bookkeeping that
+            # --ckpt_path restores (best/last paths of the fit run's folder), or its absence when
+            # the checkpoint options differ from the fit's, does not matter (other callbacks' do).
+            # Scoped by quiet_lightning's catch_warnings around the whole CLI run.
+            warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+            warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to "
+                                    r".*Please add the following callbacks: \[\"(Run|Model)Checkpoint\{[^\"]*\}\"\]")
+        self._eval_started = time.perf_counter()
+
+    before_validate = before_test = _before_eval
+
+    def _after_eval(self) -> None:
+        accs = getattr(self.model, "last_accuracies", None)
+        if not accs or not self.trainer.is_global_zero:
+            return
+        results = eval_results(self, accs, time.perf_counter() - self._eval_started)
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        json_path, md_path = write_results(results, out)
+        row = next(iter(results["methods"].values()))
+        stage = "val" if self.subcommand == "validate" else "test"
+        logged = f"{stage}/acc_avg {row['avg']:.2f}" + (
+            f", {stage}/acc_avg_unseen {row['avg_unseen']:.2f}" if row.get("avg_unseen") is not None else "")
+        print("\n" + terminal_table(results) + f"\n{logged} (top-1 %)")
+        print(f"\nwrote {json_path} and {md_path}")
+
+    after_validate = after_test = _after_eval
+
+
+def row_name(model: Any) -> tuple[str, str]:
+    """The registry method a module is (its row name and description): the one of the module's
+    class whose hyper-parameters all match the module's, the most specific if several do; else
+    the module's ``method`` and the first line of its class docstring."""
+    found = registry_method(type(model), dict(getattr(model, "hparams", {})))
+    if found is not None:
+        return found.name, found.description
+    doc = (type(model).__doc__ or "").strip().splitlines()
+    return str(getattr(model, "method", type(model).__name__)), doc[0] if doc else ""
+
+
+def registry_method(cls: type, hp: dict[str, Any]):
+    """The learned registry :class:`~adamerge.methods.registry.Method` built by ``cls`` whose
+    hyper-parameters ``hp`` has (and whose ``trim`` / ``objective`` / ``granularity`` it keeps),
+    the most specific one if several match; ``None`` if none does."""
+    from ..methods import registry
+    best = None
+    for name in registry.names("learned"):
+        m = registry.get(name)
+        if m.build is not cls or any(hp.get(k) != v for k, v in m.hparams.items()):
+            continue
+        # the identity keys must match too (an AdaMerging run with trim is not adamerging_layerwise)
+        defaults = m.defaults()
+        if any(k in hp and k in defaults and hp[k] != defaults[k] for k in ("trim", "objective", "granularity")):
+            continue
+        if best is None or len(m.hparams) > len(best.hparams):
+            best = m
+    return best
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy of a hyper-parameter value (anything else as its string)."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def eval_results(cli: AdaMergeCLI, accs: dict[str, float], seconds: float) -> dict[str, Any]:
+    """The ``results.json`` of a ``validate`` / ``test`` run: one row, the schema of ``adamerge demo``."""
+    from ..compare import _git_commit
+    model, dm, sub = cli.model, cli.datamodule, cli.subcommand
+    name, description = row_name(model)
+    unseen = [t for t in getattr(model, "unseen_tasks", []) if t in accs]
+    hparams = {k: _plain(v) for k, v in dict(model.hparams).items() if not k.startswith("_")}
+    cfg = cli.config[sub]
+    ckpt = cfg.get("ckpt_path")
+    configs = [str(getattr(c, "absolute", c)) for c in (cfg.get("config") or [])]
+    settings = {"steps": cli._ckpt_step, "val_split": None, "seed": cfg.get("seed_everything"),
+                "batch_size": getattr(dm, "batch_size", None),
+                "adapt_split": getattr(dm, "adapt_split", None), "eval_split": getattr(dm, "eval_split", None),
+                **({"corruption": dm.corruption, "severity": dm.severity}
+                   if getattr(dm, "corruption", None) else {}),
+                "command": sub, "ckpt_path": None if ckpt is None else str(ckpt), "config": configs}
+    return build_results(suite="custom", tasks=list(model.task_names), unseen=unseen,
+                         methods={name: summarize(accs, None, unseen)},
+                         descriptions={name: description}, hparams={name: hparams}, tuned={},
+                         settings=settings, seconds={name: seconds}, commit=_git_commit())
 
 
 def absolute_paths(value: Any) -> Any:

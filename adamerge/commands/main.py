@@ -16,6 +16,7 @@ from typing import Sequence
 
 from ..errors import unknown_name
 from ..methods import registry
+from ..report import VERBOSE_ENV
 
 HELP_TEMPLATE = """usage: adamerge COMMAND [options]
 
@@ -45,7 +46,9 @@ commands:
   bench     step time and peak memory vs a plain forward+backward and a naive merge:
             adamerge bench [--model ViT-B-32] [-K 8] [-B 2] [--device cuda]
 
-Run `adamerge COMMAND --help` for the options of a command.
+Run `adamerge COMMAND --help` for the options of a command. Any command takes --verbose (or
+ADAMERGE_VERBOSE=1): Lightning's warnings and tips that adamerge hides, and for validate/test
+Lightning's metric box.
 """
 
 # command -> (module under adamerge.commands, function taking the argument list)
@@ -75,6 +78,29 @@ def _wrap(words: list[str], width: int) -> list[str]:
         else:
             line = f"{line} {w}" if line else w
     return lines + ([line] if line else [])
+
+
+def pop_verbose(args: Sequence[str]) -> tuple[list[str], bool | None]:
+    """``args`` without ``--verbose`` (also Lightning's ``--verbose true|false`` and
+    ``--verbose=true|false``), and what it asked for (``None``: not given)."""
+    out, verbose, args = [], None, list(args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--verbose":
+            value = args[i + 1].lower() if i + 1 < len(args) else ""
+            if value in ("true", "false", "1", "0", "yes", "no"):
+                verbose, i = value in ("true", "1", "yes"), i + 2
+            else:
+                verbose, i = True, i + 1
+            continue
+        if arg.startswith("--verbose="):
+            verbose = arg.split("=", 1)[1].lower() in ("true", "1", "yes")
+        else:
+            out.append(arg)
+        i += 1
+    return out, verbose
+
 
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, FloatingPointError,
                                                   RuntimeError, argparse.ArgumentError)
@@ -109,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adamerge: {unknown_name('command', command, COMMANDS)}\n\n{help_text()}", file=sys.stderr)
         return 2
     module, function = COMMANDS[command]
+    rest, verbose = pop_verbose(rest)
+    previous = os.environ.get(VERBOSE_ENV)
+    if verbose is not None:  # read by adamerge.report.quiet_lightning, for this command only
+        os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     try:
         run = getattr(importlib.import_module(f"adamerge.commands.{module}"), function)
         run([command, *rest] if command in LIGHTNING_COMMANDS else rest)
@@ -117,6 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"adamerge {command}: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        if verbose is not None:
+            if previous is None:
+                os.environ.pop(VERBOSE_ENV, None)
+            else:
+                os.environ[VERBOSE_ENV] = previous
     return 0
 
 
