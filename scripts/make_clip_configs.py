@@ -246,6 +246,52 @@ def protocol_configs() -> None:
         print("wrote", name)
 
 
+# The official AdaMerging code's own recipe (EnnengYang/AdaMerging, src/), where it differs from
+# our defaults (docs/fidelity.md): each step sums the mean entropies of two shuffled batches of 16
+# per task (main_*_adamerging*.py break after `if i > 0`), i.e. one batch of 32 (Adam is invariant
+# to the factor 2 of the loss, up to its eps); AdaMerging++ keeps the top 20 % of one flat vector
+# that also holds the six text-side tensors of the checkpoints (token and positional embeddings,
+# ln_final, text_projection, logit_scale), whose task vectors are zero: the visual entries kept are
+# 0.2 * (visual + text-side) / visual of them, computed from open_clip's architectures.
+PAPER_TRIM = {"vit-b-32": 0.2583,   # 0.2 * (87,849,216 + 25,599,489) / 87,849,216
+              "vit-l-14": 0.2254}   # 0.2 * (303,966,208 + 38,595,841) / 303,966,208
+PAPER_METHODS = {"taskwise": ("adamerging_taskwise", False), "layerwise": ("adamerging_layerwise", False),
+                 "taskwise_pp": ("adamerging_taskwise", True), "layerwise_pp": ("adamerging_layerwise_pp", True)}
+PAPER_SOURCES = {"taskwise": "main_task_wise_adamerging.py", "layerwise": "main_layer_wise_adamerging.py",
+                 "taskwise_pp": "main_task_wise_adamergingpp.py", "layerwise_pp": "main_layer_wise_adamergingpp.py"}
+
+
+def paper_configs() -> None:
+    """configs/paper/: the 8-task CLIP runs with the official code's recipe (:data:`PAPER_TRIM`)."""
+    (ROOT / "configs" / "paper").mkdir(exist_ok=True)
+    tasks = SUITES[COUNTS[8]]
+    for key, model in MODELS.items():
+        for suffix, (method, pp) in PAPER_METHODS.items():
+            name = f"paper/clip-{key}_8tasks_{suffix}.yaml"
+            experts = "\n".join(f"      {t}: experts/{model}/{t}.safetensors" for t in tasks)
+            note = ("# The official code's recipe (EnnengYang/AdaMerging src/" + PAPER_SOURCES[suffix] + "): prior 0.3,\n"
+                    "# Adam lr 1e-3, 500 steps, coefficients clamped to [0, 1], two batches of 16 unlabeled test images\n"
+                    "# per task per step" + (f", TIES trim keeping {PAPER_TRIM[key]:.2%} of the visual entries" if pp else "")
+                    + ".\n# Our defaults: configs/clip-" + key + "_8tasks_*.yaml; differences: docs/fidelity.md.")
+            text = TEMPLATE.format(
+                title=name, method_doc=registry.get(method).description + (" + TIES trim (AdaMerging++)" if suffix == "taskwise_pp" else ""),
+                n=8, model=model, pretrained="openai", name=name, stem=name.removesuffix(".yaml"),
+                defaults_note=note, steps=500, steps_note="official: epochs = 500",
+                model_block=model_block(method, model, experts, 8, key == "vit-l-14", lambda m: m),
+                tasks=", ".join(tasks), data_extra="")
+            text = text.replace("  batch_size: 16               # unlabeled test images per task per step (paper: 16)",
+                                "  batch_size: 32               # two batches of 16 per task per step, their mean entropies summed (official)")
+            trim_lines = [l for l in text.splitlines() if l.lstrip().startswith("trim:")]
+            assert len(trim_lines) == 1, name
+            if pp:
+                value = f"trim: {PAPER_TRIM[key]}"
+                text = text.replace(trim_lines[0], " " * (len(trim_lines[0]) - len(trim_lines[0].lstrip()))
+                                    + f"{value:<29}# official-equivalent: top 20% of the checkpoints' flat vector")
+            (ROOT / "configs" / name).write_text(text)
+            print("wrote", name)
+
+
 if __name__ == "__main__":
     main()
     protocol_configs()
+    paper_configs()

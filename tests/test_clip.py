@@ -538,7 +538,21 @@ def test_clip_configs_are_consistent():
         assert model_args.get("trim") == (0.2 if "layerwise_pp" in path.name else None)
 
 
+def test_paper_configs_follow_the_official_recipe():
+    """configs/paper/: batches of 2 x 16 per task, the official-equivalent trim, defaults otherwise."""
+    found = {p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "configs" / "paper").glob("*.yaml")}
+    assert len(found) == 8
+    for name, cfg in found.items():
+        model = cfg["model"]
+        assert cfg["data"]["batch_size"] == 32 and cfg["trainer"]["max_steps"] == 500, name
+        assert (model["prior"], model["lr"], model["clamp"]) == (0.3, 0.001, True), name
+        assert model["granularity"] == ("taskwise" if "taskwise" in name else "layerwise"), name
+        trim = {"vit-b-32": 0.2583, "vit-l-14": 0.2254}[name.split("_")[0].removeprefix("clip-")]
+        assert model["trim"] == (trim if name.endswith("_pp.yaml") else None), name
+
+
 @pytest.mark.parametrize("name", ["clip-vit-b-32_8tasks_layerwise.yaml", "clip-vit-l-14_20tasks_layerwise_pp.yaml",
+                                  "paper/clip-vit-b-32_8tasks_taskwise_pp.yaml",
                                   "clip-vit-b-32_8tasks_layerwise_surgery.yaml", "clip-vit-l-14_8tasks_tinting.yaml",
                                   "clip-vit-b-32_8tasks_wemoe.yaml", "clip-vit-l-14_8tasks_adarank.yaml",
                                   "clip-vit-b-32_8tasks_layerwise_fewshot.yaml",

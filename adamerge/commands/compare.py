@@ -50,6 +50,12 @@ def parser(prog: str, demo: bool) -> argparse.ArgumentParser:
                    help="fixed task-arithmetic scaling (same as --hparam task_arithmetic.scaling=X)")
     p.add_argument("--ties-scaling", type=float, default=None,
                    help="fixed TIES scaling (same as --hparam ties.scaling=X)")
+    p.add_argument("--protocol", choices=["ours", "paper"], default="ours",
+                   help="ours: our defaults (scalings picked on --val-split, TIES disjoint mean, one "
+                        "batch of 16 per task per step); paper: the official AdaMerging code's recipe "
+                        "(task arithmetic and TIES at a fixed 0.3, TIES as the disjoint sum, two "
+                        "batches of 16 per task per step, AdaMerging++ with the official-equivalent "
+                        "trim); --hparam still overrides. docs/fidelity.md lists each difference")
     p.add_argument("--hparam", nargs="+", default=[], metavar="METHOD.KEY=VALUE",
                    help="set a method's hyper-parameter (JSON value), e.g. --hparam ties.keep=0.1 "
                         "adamerging_layerwise.lr=0.002; see --methods for the keys")
@@ -91,6 +97,26 @@ def hparam_overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+PAPER_BATCH_SIZE = 32  # two batches of 16 per task per step (official: `if i > 0: break`)
+
+
+def paper_protocol(loaded: Any, hparams: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``hparams`` over the official AdaMerging code's recipe (``--protocol paper``; see
+    docs/fidelity.md): task arithmetic and TIES at a fixed 0.3, TIES as the disjoint sum,
+    AdaMerging++ keeping the official-equivalent fraction (open_clip pools: the checkpoints'
+    zero text-side tensors counted, :func:`adamerge.models.clip.official_trim`; other pools 0.2)."""
+    out: dict[str, dict[str, Any]] = {"task_arithmetic": {"scaling": 0.3},
+                                      "ties": {"scaling": 0.3, "merge": "sum", "keep": 0.2}}
+    recipe = getattr(loaded, "encoder_recipe", None) or {}
+    if recipe.get("kind") == "open_clip":
+        from ..models.clip import official_trim
+        visual = sum(p.numel() for p in loaded.encoder.parameters())
+        out["adamerging_layerwise_pp"] = {"trim": official_trim(recipe["model"], visual)}
+    for method, values in hparams.items():
+        out.setdefault(method, {}).update(values)
+    return out
+
+
 def compare_main(args: Sequence[str]) -> None:
     """``adamerge compare``: methods of the registry on the pool and data of a fit config."""
     from ..methods.adamerging import AdaMerging
@@ -108,7 +134,11 @@ def compare_main(args: Sequence[str]) -> None:
     for name in registry.names("learned"):
         if registry.get(name).build is type(model):
             hparams[name] = {"lr": model.lr, "prior": float(model.hparams.prior), **hparams.get(name, {})}
+    if ns.protocol == "paper":
+        hparams = paper_protocol(model.loaded, hparams)
+        dm = dm.with_options(batch_size=PAPER_BATCH_SIZE)
     settings = CompareSettings(steps=ns.steps or int(cli.trainer.max_steps),
                                val_split=None if ns.val_split == "none" else ns.val_split,
                                hparams=hparams, accelerator="auto")
+    settings.extra = {"protocol": ns.protocol}
     compare(model.loaded, dm, Path(ns.out), settings, methods, suite="custom")

@@ -13,7 +13,7 @@ from ..data.datamodule import MultiTaskDataModule
 from ..methods import registry
 from ..options import parse_overrides
 from ..suites.synthetic import SuitePool, SuiteSource
-from .compare import hparam_overrides, parser
+from .compare import PAPER_BATCH_SIZE, hparam_overrides, paper_protocol, parser
 
 
 def demo_main(args: Sequence[str]) -> None:
@@ -27,9 +27,13 @@ def demo_main(args: Sequence[str]) -> None:
                                hparams=hparam_overrides(ns))
     settings.check()
     pool = SuitePool("demo", cache_dir=ns.cache_dir, overrides=overrides, unseen_tasks=ns.unseen)
-    settings.extra = {"suite_key": pool.spec.key(), **({"suite_overrides": overrides} if overrides else {})}
+    settings.extra = {"suite_key": pool.spec.key(), **({"suite_overrides": overrides} if overrides else {}),
+                      **({"protocol": "paper"} if ns.protocol == "paper" else {})}
     loaded = pool.load()
-    dm = MultiTaskDataModule(SuiteSource("demo", overrides=overrides), batch_size=16, eval_batch_size=500,
+    if ns.protocol == "paper":
+        settings.hparams = paper_protocol(loaded, settings.hparams)
+    dm = MultiTaskDataModule(SuiteSource("demo", overrides=overrides),
+                             batch_size=PAPER_BATCH_SIZE if ns.protocol == "paper" else 16, eval_batch_size=500,
                              corruption=ns.corruption, severity=ns.severity)
     compare(loaded, dm, Path(ns.out), settings, methods, suite="demo")
 
@@ -44,6 +48,10 @@ def text_demo(ns) -> None:
                                hparams=hparam_overrides(ns))
     settings.check()
     pool = TextSuitePool("demo", cache_dir=ns.cache_dir, unseen_tasks=ns.unseen)
-    settings.extra = {"suite_key": pool.spec.key()}
-    dm = MultiTaskDataModule(TextSuiteSource("demo", cache_dir=ns.cache_dir), batch_size=16, eval_batch_size=256)
-    compare(pool.load(), dm, Path(ns.out), settings, methods, suite="text-demo")
+    settings.extra = {"suite_key": pool.spec.key(), **({"protocol": "paper"} if ns.protocol == "paper" else {})}
+    loaded = pool.load()
+    if ns.protocol == "paper":
+        settings.hparams = paper_protocol(loaded, settings.hparams)
+    dm = MultiTaskDataModule(TextSuiteSource("demo", cache_dir=ns.cache_dir),
+                             batch_size=PAPER_BATCH_SIZE if ns.protocol == "paper" else 16, eval_batch_size=256)
+    compare(loaded, dm, Path(ns.out), settings, methods, suite="text-demo")

@@ -233,5 +233,26 @@ class OpenCLIPPool(ModelPool):
         return complete_visual_state(load_visual(path, self.allow_pickle), base, source=str(path))
 
 
+def official_trim(model: str, visual_parameters: int, keep: float = 0.2) -> float:
+    """The fraction of the image tower's task-vector entries that the official AdaMerging++ keeps.
+
+    The official code (EnnengYang/AdaMerging ``src/main_layer_wise_adamergingpp.py`` L44-60,
+    ``ties_merging_utils.py`` L80-99) keeps the top ``keep`` of one flat vector holding every
+    tensor of its checkpoints: the image tower plus six text-side tensors (token and positional
+    embeddings, ``ln_final``, ``text_projection``, ``logit_scale``) whose task vectors are zero.
+    So ``keep * (visual + text-side) / visual`` of the image tower's entries are kept: 0.2583 for
+    ViT-B-32, 0.2254 for ViT-L-14. The text-side sizes come from open_clip's model config.
+    """
+    import open_clip
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"open_clip has no model config {model!r}")
+    text = cfg["text_cfg"]
+    width, embed = int(text.get("width", 512)), int(cfg["embed_dim"])
+    side = (int(text.get("vocab_size", 49408)) * width + int(text.get("context_length", 77)) * width
+            + 2 * width + width * embed + 1)
+    return round(keep * (visual_parameters + side) / visual_parameters, 4)
+
+
 __all__ = ["OpenCLIPPool", "ZeroShotHead", "complete_visual_state", "create_clip", "head_cache_key",
-           "text_identity", "zero_shot_heads"]
+           "official_trim", "text_identity", "zero_shot_heads"]
