@@ -112,6 +112,21 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
         say(f"  {method.name}: {picked} picked on the '{s.val_split}' split (val avg {best_acc:.1f})")
         return best
 
+    def pick_per_task(method: registry.Method, hp: dict[str, Any], grids: Mapping[str, tuple]) -> dict[str, Any]:
+        """Per task, the grid point whose model of that task is best on that task's validation
+        split: ``{hparam: {task: value}}`` (a per-task method takes a value or a task mapping)."""
+        best: dict[str, tuple[float, tuple]] = {}
+        for point in itertools.product(*grids.values()):
+            for t, params in method.build(loaded, **{**hp, **dict(zip(grids, point))}).items():
+                acc = evaluate(encoder, params(), heads, {t: val_sets[t]}, datamodule.eval_batch_size)[t]
+                if t not in best or acc > best[t][0]:
+                    best[t] = (acc, point)
+        picked = {k: {t: best[t][1][i] for t in best} for i, k in enumerate(grids)}
+        say(f"  {method.name}: " + "; ".join(f"{k} " + ", ".join(f"{t} {v}" for t, v in vals.items())
+                                              for k, vals in picked.items())
+            + f" picked per task on the '{s.val_split}' split")
+        return picked
+
     for i, name in enumerate(methods, 1):
         t0 = time.perf_counter()
         say(f"[{i}/{len(methods)}] {name}")
@@ -125,6 +140,10 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
                 hp.update(tuned[name])
             rows[name] = ev(method.build(tv, base, **hp))
         elif method.kind == "per_task":
+            grids = {k: g for k, g in {**method.tune, **s.grids.get(name, {})}.items() if k not in fixed}
+            if grids and val_sets:
+                tuned[name] = pick_per_task(method, hp, grids)
+                hp.update(tuned[name])
             rows[name] = {}
             for t, params in method.build(loaded, **hp).items():
                 rows[name].update(evaluate(encoder, params(), heads, {t: eval_sets[t]},
@@ -160,6 +179,7 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
         suite=suite, tasks=tasks, unseen=unseen,
         methods={m: summarize(rows[m], individual, unseen) for m in methods},
         descriptions={m: registry.get(m).description for m in methods},
+        profiles={m: registry.get(m).profile() for m in methods},
         hparams=used, tuned=tuned,
         settings={"steps": s.steps, "val_split": s.val_split, "seed": s.seed,
                   "batch_size": datamodule.batch_size,

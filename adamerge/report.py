@@ -70,12 +70,15 @@ def summarize(per_task: Mapping[str, float], individual: Mapping[str, float] | N
 def build_results(*, suite: str, tasks: Sequence[str], unseen: Sequence[str],
                   methods: Mapping[str, Mapping[str, Any]], descriptions: Mapping[str, str],
                   hparams: Mapping[str, Any], tuned: Mapping[str, Any], settings: Mapping[str, Any],
-                  seconds: Mapping[str, float], commit: str | None) -> dict[str, Any]:
+                  seconds: Mapping[str, float], commit: str | None,
+                  profiles: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
     """The results dict of ``results.json`` (one schema for ``demo``, ``compare``, ``test`` and
     ``validate``): ``methods`` maps each row to its :func:`summarize` output; ``unseen_tasks`` is
-    present only when there are unseen tasks."""
+    present only when there are unseen tasks; ``profiles`` (row -> models kept, extra storage,
+    data used; :meth:`adamerge.methods.registry.Method.profile`) when given."""
     return {"suite": suite, "tasks": list(tasks), **({"unseen_tasks": list(unseen)} if unseen else {}),
-            "methods": dict(methods), "descriptions": dict(descriptions), "hparams": dict(hparams),
+            "methods": dict(methods), **({"profiles": dict(profiles)} if profiles else {}),
+            "descriptions": dict(descriptions), "hparams": dict(hparams),
             "tuned": dict(tuned), "settings": dict(settings),
             "seconds": {m: round(v, 2) for m, v in seconds.items()}, "commit": commit}
 
@@ -97,9 +100,10 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     their own average column, and a footnote)."""
     keys, titles = _columns(results)
     unseen = bool(results.get("unseen_tasks"))
-    extra = " unseen avg |" if unseen else ""
+    profiles = results.get("profiles") or {}
+    extra = (" unseen avg |" if unseen else "") + (" models | extra storage | data used |" if profiles else "")
     lines = ["| method | " + " | ".join(titles) + " | avg | normalized |" + extra,
-             "|---" * (len(keys) + 3 + unseen) + "|"]
+             "|---" * (len(keys) + 3 + unseen + 3 * bool(profiles)) + "|"]
     for name, row in results["methods"].items():
         norm = "" if row.get("normalized_avg") is None else f"{row['normalized_avg']:.1f}"
         line = (f"| {name} | " + " | ".join(_cell(row, t, ".1f") for t in keys)
@@ -107,6 +111,9 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         if unseen:
             u = row.get("avg_unseen")
             line += f" {'-' if u is None else f'{u:.1f}'} |"
+        if profiles:
+            pr = profiles.get(name, {})
+            line += f" {pr.get('models', '')} | {pr.get('storage', '')} | {pr.get('data', '')} |"
         lines.append(line)
     if unseen:
         lines.append(f"\n`*` unseen task: evaluated with its head on the merged model, but no expert of "
@@ -134,7 +141,8 @@ def terminal_table(results: Mapping[str, Any]) -> str:
     keys, titles = _columns(results)
     unseen = bool(results.get("unseen_tasks"))
     width = max(len(m) for m in results["methods"]) + 2
-    cols = [t[:9] for t in titles] + ["avg", "norm"] + (["unseen"] if unseen else [])
+    profiles = results.get("profiles") or {}
+    cols = [t[:9] for t in titles] + ["avg", "norm"] + (["unseen"] if unseen else []) + (["models"] if profiles else [])
     head = " " * width + "".join(f"{c:>10}" for c in cols)
     rows = [head, "-" * len(head)]
     for name, row in results["methods"].items():
@@ -144,6 +152,8 @@ def terminal_table(results: Mapping[str, Any]) -> str:
         if unseen:
             u = row.get("avg_unseen")
             cells.append("-" if u is None else f"{u:.1f}")
+        if profiles:
+            cells.append(profiles.get(name, {}).get("models", "")[:9])
         rows.append(f"{name:<{width}}" + "".join(f"{c:>10}" for c in cells))
     if unseen:
         rows.append("* unseen task (no expert merged, not adapted on); avg/norm over merged tasks")

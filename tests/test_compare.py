@@ -26,10 +26,14 @@ def test_compare_writes_every_row(tmp_path):
         assert 0 <= row["avg"] <= 100
         assert row["avg"] == pytest.approx(sum(row["per_task"].values()) / 3)
     assert saved["methods"]["individual"]["normalized_avg"] == pytest.approx(100.0)
+    assert saved["profiles"]["individual"] == {"models": "K", "storage": "K experts", "data": "-"}
+    assert saved["profiles"]["task_arithmetic"]["data"] == "labeled val (tuning)"
+    assert saved["profiles"]["adamerging_layerwise"] == {"models": "1", "storage": "-", "data": "unlabeled test images"}
     assert saved["tuned"]["task_arithmetic"]["scaling"] in (0.1, 0.3)
     assert saved["hparams"]["task_arithmetic"]["scaling"] == saved["tuned"]["task_arithmetic"]["scaling"]
     assert saved["hparams"]["adamerging_layerwise_pp"]["trim"] == 0.2
     assert (tmp_path / "results.md").read_text().startswith("| method |")
+    assert "| models | extra storage | data used |" in (tmp_path / "results.md").read_text().splitlines()[0]
     notes = (tmp_path / "results.md").read_text().split("\n\n")[1]
     assert f"- `ties`: {registry.get('ties').description} (keep=0.2, scaling=" in notes and "(tuned)" in notes
     for m in ("adamerging_taskwise", "adamerging_layerwise", "adamerging_layerwise_pp"):

@@ -94,7 +94,7 @@ def test_demo_runs_a_subset_with_fixed_hyperparameters(tmp_path, monkeypatch):
     saved = json.loads((out / "results.json").read_text())
     assert list(saved["methods"]) == ["task_arithmetic", "ties", "base"]
     assert saved["hparams"]["task_arithmetic"] == {"scaling": 0.4}
-    assert saved["hparams"]["ties"] == {"keep": 0.5, "scaling": 0.8}
+    assert saved["hparams"]["ties"] == {"keep": 0.5, "scaling": 0.8, "merge": "mean"}
     assert saved["tuned"] == {}  # every tunable value was fixed
     assert saved["descriptions"]["ties"] == registry.get("ties").description
 

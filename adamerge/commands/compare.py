@@ -101,17 +101,22 @@ PAPER_BATCH_SIZE = 32  # two batches of 16 per task per step (official: `if i > 
 
 
 def paper_protocol(loaded: Any, hparams: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``hparams`` over the official AdaMerging code's recipe (``--protocol paper``; see
-    docs/fidelity.md): task arithmetic and TIES at a fixed 0.3, TIES as the disjoint sum,
-    AdaMerging++ keeping the official-equivalent fraction (open_clip pools: the checkpoints'
-    zero text-side tensors counted, :func:`adamerge.models.clip.official_trim`; other pools 0.2)."""
-    out: dict[str, dict[str, Any]] = {"task_arithmetic": {"scaling": 0.3},
-                                      "ties": {"scaling": 0.3, "merge": "sum", "keep": 0.2}}
+    """``hparams`` over the official code's recipe of every registry row that has one
+    (``Method.paper``; ``--protocol paper``, docs/fidelity.md): e.g. task arithmetic and TIES at
+    a fixed 0.3, TIES as the disjoint sum. ``OFFICIAL_TRIM`` (AdaMerging++) becomes the fraction
+    the official code keeps: for open_clip pools the checkpoints' zero text-side tensors counted
+    (:func:`adamerge.models.clip.official_trim`), else the row's own trim."""
+    out: dict[str, dict[str, Any]] = {}
     recipe = getattr(loaded, "encoder_recipe", None) or {}
-    if recipe.get("kind") == "open_clip":
-        from ..models.clip import official_trim
-        visual = sum(p.numel() for p in loaded.encoder.parameters())
-        out["adamerging_layerwise_pp"] = {"trim": official_trim(recipe["model"], visual)}
+    for name in registry.names():
+        method = registry.get(name)
+        for key, value in method.paper.items():
+            if value == registry.OFFICIAL_TRIM:
+                if recipe.get("kind") != "open_clip":
+                    continue  # no text-side tensors: the official fraction is the row's own
+                from ..models.clip import official_trim
+                value = official_trim(recipe["model"], sum(p.numel() for p in loaded.encoder.parameters()))
+            out.setdefault(name, {})[key] = value
     for method, values in hparams.items():
         out.setdefault(method, {}).update(values)
     return out

@@ -32,6 +32,7 @@ from ..errors import unknown_name
 from .adamerging import AdaMerging
 from .adarank import AdaRank
 from .references import individual, pretrained
+from .sparsify import breadcrumbs, consensus, dare, emr, tall_masks
 from .static import task_arithmetic, ties, weight_averaging
 from .surgery import Surgery
 from .tinting import Tinting
@@ -40,6 +41,8 @@ from .wemoe import WEMoE
 Kind = Literal["static", "per_task", "learned"]
 KINDS: tuple[str, ...] = ("static", "per_task", "learned")
 ALL = "all"  # the --methods value that selects every registered method
+# Method.paper value: the trim fraction the official AdaMerging++ keeps of this pool's task vectors
+OFFICIAL_TRIM = "official"
 
 # Arguments of a builder that are inputs, not hyper-parameters.
 _INPUTS = {"static": ("task_vectors", "base"), "per_task": ("loaded",), "learned": ("pool",)}
@@ -56,7 +59,9 @@ class Method:
         build: the merge function (static), the per-task builder (per_task) or the
             LightningModule class (learned).
         hparams: hyper-parameters that differ from ``build``'s own defaults.
-        tune: static methods: hyper-parameter -> grid, picked on a labeled split unless fixed.
+        tune: hyper-parameter -> grid, picked on a labeled split unless fixed (static methods: one
+            value for the merged model; per_task methods: one value per task, each task's model
+            picking its own on that task's split).
         demo: whether the default ``adamerge demo`` / ``compare`` run includes it (the default
             demo's first run had a 6-minute target on 2 CPU cores; with the eleven rows of
             2026-11-29 it took 9 min 13 s there, 4.5 min of it building the suite, and the four
@@ -71,6 +76,14 @@ class Method:
         bench: learned methods: ``adamerge bench`` times this method's step as a variant of the
             same name and reports its ratio to the AdaMerging step (``<name>_over_adamerging``).
         text: whether ``adamerge demo --suite text`` (language models, LoRA experts) runs it.
+        models: how many models it keeps: ``1``, ``K`` (one per task) or ``per input`` (default
+            from the kind: ``K`` for per_task, else ``1``).
+        storage: what it stores besides one merged model (``-``: nothing).
+        uses: the data it needs (default from the kind: ``-``; static rows with a ``tune`` grid:
+            a labeled val split; learned rows: unlabeled test images).
+        paper: the hyper-parameters of the official code's recipe behind the published numbers,
+            where they differ from ours (``--protocol paper``; fixed, never tuned). The value
+            :data:`OFFICIAL_TRIM` is resolved per pool (:func:`adamerge.commands.compare.paper_protocol`).
     """
 
     name: str
@@ -85,6 +98,10 @@ class Method:
     data: Mapping[str, Any] = field(default_factory=dict)
     bench: bool = False
     text: bool = False
+    models: str = ""
+    storage: str = "-"
+    uses: str = ""
+    paper: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.name == ALL:
@@ -92,7 +109,7 @@ class Method:
         if self.kind not in KINDS:
             raise ValueError(f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         known = self.builder_defaults()
-        for key in [*self.hparams, *self.tune]:
+        for key in [*self.hparams, *self.tune, *self.paper]:
             if key not in known:
                 raise ValueError(f"method {self.name!r}: {key!r} is not an argument of "
                                  f"{self.build.__qualname__} (arguments: {sorted(known)})")
@@ -103,6 +120,13 @@ class Method:
             raise ValueError(f"method {self.name!r}: only learned methods have a step to bench")
         if self.data and self.kind != "learned":
             raise ValueError(f"method {self.name!r}: data settings apply to learned methods only")
+
+    def profile(self) -> dict[str, str]:
+        """``{"models", "storage", "data"}``: the report's columns of what a method keeps and uses."""
+        models = self.models or ("K" if self.kind == "per_task" else "1")
+        uses = self.uses or ("unlabeled test images" if self.kind == "learned"
+                             else "labeled val (tuning)" if self.tune else "-")
+        return {"models": models, "storage": self.storage, "data": uses}
 
     def builder_defaults(self) -> dict[str, Any]:
         """Keyword arguments of ``build`` (inputs excluded) with their default values."""
@@ -129,19 +153,42 @@ class Method:
 
 _TA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))   # 0.05 ... 1.0
 _TIES_GRID = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 ... 2.0
+_TALL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)  # nik-dim/tall_masks src/utils/tallmask_utils.py L96
 
 REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("base", "static", "the pretrained model with its zero-shot heads (reference)", pretrained,
            source="-", text=True),
     Method("individual", "per_task", "each task's own fine-tuned expert (reference; K models)",
-           individual, source="-", text=True),
+           individual, source="-", text=True, storage="K experts"),
     Method("weight_averaging", "static", "mean of the fine-tuned models", weight_averaging,
            source="Wortsman et al., ICML 2022 (model soups)", text=True),
     Method("task_arithmetic", "static", "base + scaling * sum of the task vectors",
-           task_arithmetic, tune={"scaling": _TA_GRID},
+           task_arithmetic, tune={"scaling": _TA_GRID}, paper={"scaling": 0.3},
            source="Ilharco et al., ICLR 2023 (task arithmetic)", text=True),
     Method("ties", "static", "TIES: trim to the top `keep` magnitudes, elect signs, disjoint mean",
-           ties, tune={"scaling": _TIES_GRID}, source="Yadav et al., NeurIPS 2023 (TIES-merging)", text=True),
+           ties, tune={"scaling": _TIES_GRID}, paper={"scaling": 0.3, "merge": "sum", "keep": 0.2},
+           source="Yadav et al., NeurIPS 2023 (TIES-merging)", text=True),
+    Method("dare", "static",
+           "DARE: drop each task-vector entry with probability p, rescale the kept by 1/(1-p), then "
+           "task arithmetic", dare, tune={"scaling": _TA_GRID}, text=True, demo=False,
+           source="Yu et al., ICML 2024 (DARE); yule-BUAA/MergeLM model_merging_methods/mask_weights_utils.py"),
+    Method("breadcrumbs", "static",
+           "Model Breadcrumbs: per row drop the largest `top` magnitudes, keep the next `keep`, then "
+           "task arithmetic", breadcrumbs, tune={"scaling": _TA_GRID}, demo=False,
+           source="Davari & Belilovsky, ECCV 2024 (Model Breadcrumbs); rezazzr/breadcrumbs src/task_vectors.py"),
+    Method("consensus", "static",
+           "Consensus merging: keep the entries that at least k TALL masks keep, then task arithmetic",
+           consensus, tune={"scaling": _TA_GRID}, demo=False,
+           source="Wang et al., ICML 2024 (TALL masks / Consensus); nik-dim/tall_masks src/utils/tallmask_utils.py"),
+    Method("tall_masks", "per_task",
+           "TALL masks: per task, the base plus its TALL mask of the sum of the task vectors (K masks)",
+           tall_masks, tune={"lambdas": _TALL_GRID}, storage="K binary masks + the sum of the task vectors", demo=False,
+           uses="labeled val (lambda per task)",
+           source="Wang et al., ICML 2024 (TALL masks); nik-dim/tall_masks src/utils/tallmask_utils.py, src/eval/eval.py"),
+    Method("emr", "per_task",
+           "EMR-Merging: elected unified task vector, per-task sign masks and rescalers (no hyper-parameter)",
+           emr, storage="one unified task vector + K binary masks + K scalars", demo=False,
+           source="Huang et al., NeurIPS 2024 (EMR-Merging); harveyhuang18/EMR_Merging merge_vit/src/main_emr_merging.py"),
     Method("adamerging_taskwise", "learned",
            "AdaMerging, task-wise: one coefficient per task (entropy on unlabeled test batches)",
            AdaMerging, {"granularity": "taskwise"}, source="Yang et al., ICLR 2024 (AdaMerging)",
@@ -151,32 +198,38 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            {"granularity": "layerwise"}, source="Yang et al., ICLR 2024 (AdaMerging)", text=True),
     Method("adamerging_layerwise_pp", "learned",
            "AdaMerging++: layer-wise on TIES-trimmed task vectors (top 20%)", AdaMerging,
-           {"granularity": "layerwise", "trim": 0.2}, source="Yang et al., ICLR 2024 (AdaMerging++)"),
+           {"granularity": "layerwise", "trim": 0.2}, paper={"trim": OFFICIAL_TRIM},
+           source="Yang et al., ICLR 2024 (AdaMerging++)"),
     Method("adamerging_layerwise_pseudolabel", "learned",
            "layer-wise coefficients learned by cross-entropy to each expert's predicted class "
            "(no labels)", AdaMerging, {"granularity": "layerwise", "objective": "pseudo_label"},
+           uses="unlabeled test images + the experts",
            source="objective: the crosspseudo loss of AIM-SKKU/SyMerge src/main_symerge.py L339-347"),
     Method("adamerging_layerwise_fewshot", "learned",
            "layer-wise coefficients learned by cross-entropy on 4 labeled training images per class "
            "(aTLAS-style few-shot; uses labels)", AdaMerging,
            {"granularity": "layerwise", "objective": "cross_entropy"},
-           data={"shots": 4, "shots_split": "train"},
+           data={"shots": 4, "shots_split": "train"}, uses="4 labeled train images per class",
            source="objective: aTLAS few-shot (Zhang et al., NeurIPS 2024); coefficients as AdaMerging"),
     Method("wemoe", "learned",
            "WEMoE: task arithmetic (0.3) outside the MLPs; each MLP mixes its task vectors per "
-           "sample by a trained router (entropy)", WEMoE, bench=True,
+           "sample by a trained router (entropy)", WEMoE, bench=True, models="per input",
+           storage="K MLP task vectors per block + routers",
            source="Tang et al., ICML 2024 (WEMoE); tanganke/weight-ensembling_MoE src/module/dict_moe.py"),
     Method("task_arithmetic_surgery", "learned",
            "Representation Surgery on task arithmetic (scaling 0.3): per-task feature adapters, L1 "
            "to the experts' features", Surgery, {"granularity": "taskwise", "prior": 0.3},
+           storage="K feature adapters (rank 16)", uses="unlabeled test images + the experts",
            source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery"),
     Method("adamerging_layerwise_surgery", "learned",
            "Representation Surgery on the coefficients of a finished layer-wise AdaMerging run",
            Surgery, {"granularity": "layerwise"}, starts_from="adamerging_layerwise",
+           storage="K feature adapters (rank 16)", uses="unlabeled test images + the experts",
            source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery"),
     Method("tinting", "learned",
            "Model Tinting: layer-wise coefficients + a trainable head per task, CE to confident "
-           "expert pseudo-labels", Tinting, bench=True,
+           "expert pseudo-labels", Tinting, bench=True, storage="K tinted heads",
+           uses="unlabeled test images + the experts",
            source="Model Tinting / SyMerge; AIM-SKKU/SyMerge src/main_symerge.py"),
     Method("adarank", "learned",
            "AdaRank: layer-wise coefficients + learned masks over the singular components of each "
