@@ -35,3 +35,8 @@ def unknown_name(kind: str, name: str, known: Iterable[str], where: str = "") ->
     hint = f"; did you mean {near!r}?" if near is not None else ""
     listing = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
     return f"unknown {kind} {name!r}{where}{hint} (known: {listing or 'none'})"
+
+
+class RunInProgressError(RuntimeError):
+    """A run folder is in use by another live ``adamerge fit`` (see
+    :class:`adamerge.io.run_checkpoint.RunLock`); two runs must not write one folder's checkpoints."""

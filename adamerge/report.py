@@ -267,13 +267,14 @@ class CoefficientHeatmap(L.Callback):
                 self._log(trainer, found)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # trainer.log_dir broadcasts from rank zero: every rank must ask, or DDP runs deadlock
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
         found = self.coefficients(pl_module)
         if found is not None:
             self._log(trainer, found)
             lam, names, tasks = found
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
             save_heatmap(lam, names, tasks, Path(self.path) if self.path else folder / "coefficients.png",
                          f"coefficients at step {trainer.global_step}")
         acc = trainer.callback_metrics.get("val/acc_avg")

@@ -101,6 +101,14 @@ COMMENTS = {
     "mask_temp": "mask probability sigmoid(logit / mask_temp) (official 10)",
     "masked": "attn_mlp: the blocks' attention and MLP matrices (official)",
     "cache_dir": "null: SVD factors cached under $ADAMERGE_CACHE/svd",
+    "rank_fraction": "fraction of each exclusive part's rank kept (official 0.1)",
+    "storage": "auto: low-rank factors or dense, whichever is smaller per layer",
+    "layers": "linear: every nn.Linear; mlp: the MLPs only",
+    "router_hidden": "null: 2 x the feature width (official)",
+    "router_norm": "batch: BatchNorm in the router (official)",
+    "router_dropout": "official 0.5",
+    "preprocess": "learn on transformed task vectors: ties, dare, breadcrumbs, consensus, tsv_m",
+    "preprocess_options": "the transform's options (null: its defaults)",
 }
 
 # Data settings of rows that need them (Method.data), with their comments.
@@ -123,6 +131,10 @@ NOTES = {
                 "# over the singular components of the blocks' attention/MLP task vectors, entropy, Adam lr\n"
                 "# 1e-3. Differences from the official code (CART variant, oracle step selection): docs/fidelity.md.",
                 10000, "official: 10000 (configs/hydra_default.yaml)"),
+    "TwinMerging": ("# Twin-Merging (Lu et al., NeurIPS 2024; LZY-the-boys/Twin-Merging): task arithmetic 0.29 as the shared\n"
+                    "# expert, each expert's exclusive part truncated to 10% of its rank, mixed per input by a router on the\n"
+                    "# shared model's features, trained on task identity (Adam lr 5e-4). Differences: adamerge/methods/twin.py.",
+                    500, "ours; official: 50 epochs of its router trainer"),
     "Tinting": ("# Model Tinting (AIM-SKKU/SyMerge, src/main_symerge.py): layer-wise coefficients + one trainable\n"
                 "# head per task, CE to confident expert pseudo-labels, Adam lr 1e-2. Differences from the\n"
                 "# official schedule: docs/fidelity.md.", 500, "official: 500 epochs of one step per task"),

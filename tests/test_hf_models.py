@@ -240,3 +240,17 @@ def test_prompts_from_hugging_face_datasets(tmp_path):
     with pytest.raises(ValueError, match="with a 'dataset' entry"):
         HFTextSource(str(tmp_path / "tasks.json"), tokenizer=str(tmp_path / "tok"), tasks=["yesno"])
     assert load_tasks_file(tmp_path / "tasks.json")["count"]["dataset"]["label_key"] == "y"
+
+
+def test_nan_in_an_adapter_is_named_at_load(gpt2cls, tmp_path):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    root, lora, _ = gpt2cls
+    bad = tmp_path / "nan_adapter"
+    shutil.copytree(lora["yesno"], bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key][0, 0] = float("nan")
+    save_file(weights, bad / "adapter_model.safetensors")
+    with pytest.raises(Exception, match=r"adapter_model.safetensors.*non-finite"):
+        HFSequenceClassifierPool(base=str(root / "base"), experts={"parity": lora["parity"], "yesno": str(bad)}).load()

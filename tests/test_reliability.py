@@ -416,3 +416,15 @@ def test_write_json_atomic(tmp_path):
             tmp.write_text("partial")
             raise RuntimeError("crash")
     assert json.loads(path.read_text()) == {"acc": {"a": 91.5}}
+
+
+def test_last_checkpoint_is_the_final_step_when_max_steps_is_not_a_multiple(tmp_path):
+    """Lightning keeps the last *periodic* last.ckpt unless told; RunCheckpoint saves the end."""
+    from pathlib import Path
+    from adamerge.commands.main import main
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "7",
+                 "--trainer.val_check_interval", "7", "--trainer.enable_progress_bar", "false",
+                 "--trainer.logger", "false"]) == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+    assert (tmp_path / "checkpoints" / "epoch=0-step=5.ckpt").is_file()

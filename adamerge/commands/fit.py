@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ..report import (CoefficientHeatmap, build_results, quiet_lightning, summarize, terminal_table,
                       verbose_requested, write_results)
@@ -104,11 +104,11 @@ class AdaMergeCLI(LightningCLI):
     before_validate = before_test = _before_eval
 
     def _after_eval(self) -> None:
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a broadcast: every rank asks
         accs = getattr(self.model, "last_accuracies", None)
         if not accs or not self.trainer.is_global_zero:
             return
         results = eval_results(self, accs, time.perf_counter() - self._eval_started)
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         json_path, md_path = write_results(results, out)
         row = next(iter(results["methods"].values()))
         stage = "val" if self.subcommand == "validate" else "test"
@@ -214,18 +214,45 @@ def names_model_class(args: Sequence[str]) -> bool:
             continue
         try:
             cfg = yaml.safe_load(open(path).read())
-        except (OSError, yaml.YAMLError):
+        except OSError:
             continue  # LightningCLI reports unreadable configs itself
+        except yaml.YAMLError as exc:  # named here: jsonargparse's message names no file
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ValueError(f"{path}: not valid YAML: {getattr(exc, 'problem', None) or exc}{where}") from None
         if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and "class_path" in cfg["model"]:
             return True
     return False
+
+
+class DeferredSaveConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` of a run, written once the run has started, not in
+    ``setup``: a run refused in setup (e.g. another ``fit`` still holds the folder, see
+    :class:`adamerge.io.run_checkpoint.RunLock`) leaves nothing and overwrites nothing."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._stage = stage
+
+    def _save_once(self, trainer, pl_module) -> None:
+        if not getattr(self, "_saved", False):
+            self._saved = True
+            super().setup(trainer, pl_module, getattr(self, "_stage", "fit"))
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._save_once(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._save_once(trainer, pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._save_once(trainer, pl_module)
 
 
 def lightning_main(args: Sequence[str]) -> None:
     """Run a LightningCLI subcommand (fit / validate / test)."""
     from ..data.datamodule import MultiTaskDataModule
     from ..methods.adamerging import AdaMerging
-    AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=list(args),
+    AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=list(args), save_config_callback=DeferredSaveConfig,
                 subclass_mode_model=names_model_class(args),
                 save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False},
                 trainer_defaults={"max_steps": 500, "check_val_every_n_epoch": None,

@@ -71,6 +71,10 @@ class AdaMerging(L.LightningModule):
         trim: AdaMerging++: keep this fraction of each task vector's largest magnitudes, elect
             signs and drop disagreeing entries (TIES) before learning; ``None`` is plain
             AdaMerging, the paper's ++ uses 0.2.
+        preprocess: learn the coefficients on transformed task vectors: ``ties``, ``dare``,
+            ``breadcrumbs``, ``consensus`` or ``tsv_m`` (:mod:`adamerge.methods.preprocess`);
+            ``trim: X`` is ``preprocess: ties`` with ``keep: X``. Part of the pool fingerprint.
+        preprocess_options: the transform's options, e.g. ``{p: 0.5, seed: 0}`` for ``dare``.
         task_vector_dtype: storage dtype of the task vectors (float32, bfloat16, float16);
             ``None`` keeps the pool's.
         offload: keep task vectors in (pinned) CPU memory and stream them to the device per merge.
@@ -97,6 +101,7 @@ class AdaMerging(L.LightningModule):
     def __init__(self, pool: ModelPool, granularity: Granularity = "layerwise", prior: float = 0.3,
                  clamp: bool = True, lr: float = 1e-3, per_task_backward: bool = False,
                  trim: float | None = None,
+                 preprocess: str | None = None, preprocess_options: dict[str, Any] | None = None,
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
                  offload: bool = False, learn_coefficients: bool = True,
                  init_from: str | None = None,
@@ -119,12 +124,19 @@ class AdaMerging(L.LightningModule):
         self.loaded = loaded
         tv = loaded.task_vectors
         lowrank = not isinstance(tv, TaskVectors)  # LoRA experts: LowRankTaskVectors
+        if trim is not None and preprocess is not None:
+            raise ValueError(f"trim={trim} and preprocess={preprocess!r}: give one (trim is preprocess: ties)")
+        if preprocess_options and preprocess is None:
+            raise ValueError(f"preprocess_options {preprocess_options} without preprocess")
         if trim is not None:
+            preprocess, preprocess_options = "ties", {"keep": trim}
+        if preprocess is not None:
             if lowrank:
-                raise ValueError("trim (AdaMerging++) needs dense task vectors; this pool's are "
-                                 "low-rank (LoRA): drop model.trim")
-            from .static import ties_task_vectors
-            tv = ties_task_vectors(tv, keep=trim)
+                what = "trim (AdaMerging++)" if trim is not None else f"preprocess {preprocess!r}"
+                raise ValueError(f"{what} needs dense task vectors; this pool's are low-rank (LoRA): "
+                                 f"drop model.{'trim' if trim is not None else 'preprocess'}")
+            from .preprocess import preprocess as transform
+            tv = transform(tv, preprocess, preprocess_options)
         if task_vector_dtype is not None:
             tv = tv.to(dtype=DTYPES[task_vector_dtype])
         if offload:
@@ -276,7 +288,8 @@ class AdaMerging(L.LightningModule):
         if not self.needs_experts:
             return
         tv = self.loaded.task_vectors  # the experts as fine-tuned, even when trim is set
-        if self.hparams.get("trim") is None and self.hparams.get("task_vector_dtype") is None:
+        if (self.hparams.get("trim") is None and self.hparams.get("preprocess") is None
+                and self.hparams.get("task_vector_dtype") is None):
             tv = self.merged.task_vectors  # the same tensors, already on the module's device
         load = lambda task, idx: torch.stack([image_of(datasets[task][i]) for i in idx])
         sizes = {t: len(datasets[t]) for t in self.task_names}
@@ -552,7 +565,8 @@ class AdaMerging(L.LightningModule):
                                   "granularity": self.merged.granularity}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check(checkpoint, "checkpoint")
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        self._check(checkpoint, str(path) if path else "checkpoint")
         self._fixed_params = self._merged_cache = None
 
 

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm import tqdm
 
+from ..engine import svd as svd_step
 from ..engine.merged_model import Granularity, MergedModel, _Merge
 from ..engine.task_vectors import TaskVectors
 from ..io.cache import default_cache_dir
@@ -149,7 +150,8 @@ def _read_svd_cache(path: Path, task_vectors: TaskVectors, names: list[str]) -> 
 
 def svd_subspaces(task_vectors: TaskVectors, names: list[str],
                   cache_dir: str | Path | None = None) -> dict[str, Subspace]:
-    """The thin SVD (``torch.linalg.svd``, float32) of each named parameter's K task vectors.
+    """The thin SVD (``torch.linalg.svd``, float32; float64 when float32 does not converge, see
+    :func:`adamerge.engine.svd.svd`) of each named parameter's K task vectors.
 
     Read from the cache file of :func:`svd_cache_path` when it holds them (and they match the
     task vectors); otherwise computed, one batched SVD per parameter, and written there
@@ -166,7 +168,7 @@ def svd_subspaces(task_vectors: TaskVectors, names: list[str],
     stored, out = {}, {}
     for n in tqdm(names, desc="AdaRank: SVD of the task vectors", disable=None, leave=False):
         tau = tensors[n]
-        u, s, vh = torch.linalg.svd(tau.float(), full_matrices=False)  # batched over the K tasks
+        u, s, vh = svd_step.svd(tau.float(), n)  # batched over the K tasks
         basis = vh if tau.shape[1] >= tau.shape[2] else u
         stored[f"{n}.s"], stored[f"{n}.basis"] = s.cpu(), basis.cpu()
         sub = _subspace(tau, s, basis)  # the same tensors as a later read of the cache

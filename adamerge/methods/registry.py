@@ -34,8 +34,10 @@ from .adarank import AdaRank
 from .references import individual, pretrained
 from .sparsify import breadcrumbs, consensus, dare, emr, tall_masks
 from .static import task_arithmetic, ties, weight_averaging
+from .svd_merges import SCALING_GRID, iso_c, iso_cts, tsv_m
 from .surgery import Surgery
 from .tinting import Tinting
+from .twin import TwinMerging
 from .wemoe import WEMoE
 
 Kind = Literal["static", "per_task", "learned"]
@@ -189,6 +191,19 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            "EMR-Merging: elected unified task vector, per-task sign masks and rescalers (no hyper-parameter)",
            emr, storage="one unified task vector + K binary masks + K scalars", demo=False,
            source="Huang et al., NeurIPS 2024 (EMR-Merging); harveyhuang18/EMR_Merging merge_vit/src/main_emr_merging.py"),
+    Method("tsv_m", "static",
+           "TSV-M: per matrix each task's top r/K singular triplets, singular vectors orthogonalised "
+           "(polar), summed; other tensors averaged", tsv_m, tune={"scaling": SCALING_GRID}, demo=False,
+           source="Gargiulo et al., CVPR 2025 (Task Singular Vectors); AntoAndGar/task_singular_vectors "
+                  "src/utils/TSVM_utils.py"),
+    Method("iso_c", "static",
+           "Iso-C: per matrix the SVD of the summed task vectors with every singular value set to their "
+           "mean; other tensors averaged", iso_c, tune={"scaling": SCALING_GRID}, demo=False,
+           source="Marczak et al., ICML 2025 (Iso-C); danielm1405/iso-merging src/utils/iso.py"),
+    Method("iso_cts", "static",
+           "Iso-CTS: the sum's top 80% directions plus each task's top directions off them, "
+           "orthogonalised, flat spectrum; other tensors averaged", iso_cts, tune={"scaling": SCALING_GRID},
+           demo=False, source="Marczak et al., ICML 2025 (Iso-CTS); danielm1405/iso-merging src/utils/iso.py"),
     Method("adamerging_taskwise", "learned",
            "AdaMerging, task-wise: one coefficient per task (entropy on unlabeled test batches)",
            AdaMerging, {"granularity": "taskwise"}, source="Yang et al., ICLR 2024 (AdaMerging)",
@@ -200,6 +215,14 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            "AdaMerging++: layer-wise on TIES-trimmed task vectors (top 20%)", AdaMerging,
            {"granularity": "layerwise", "trim": 0.2}, paper={"trim": OFFICIAL_TRIM},
            source="Yang et al., ICLR 2024 (AdaMerging++)"),
+    Method("adamerging_layerwise_dare", "learned",
+           "AdaMerging layer-wise on DARE task vectors (p 0.5, rescaled by 2)", AdaMerging,
+           {"granularity": "layerwise", "preprocess": "dare"}, demo=False,
+           source="AdaMerging (Yang et al., ICLR 2024) on DARE (Yu et al., ICML 2024) vectors: our row"),
+    Method("adamerging_layerwise_tsv_m", "learned",
+           "AdaMerging layer-wise on TSV-M's per-task components (orthogonalised task singular vectors)",
+           AdaMerging, {"granularity": "layerwise", "preprocess": "tsv_m"}, demo=False,
+           source="AdaMerging (Yang et al., ICLR 2024) on TSV-M (Gargiulo et al., CVPR 2025) components: our row"),
     Method("adamerging_layerwise_pseudolabel", "learned",
            "layer-wise coefficients learned by cross-entropy to each expert's predicted class "
            "(no labels)", AdaMerging, {"granularity": "layerwise", "objective": "pseudo_label"},
@@ -216,6 +239,19 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            "sample by a trained router (entropy)", WEMoE, bench=True, models="per input",
            storage="K MLP task vectors per block + routers",
            source="Tang et al., ICML 2024 (WEMoE); tanganke/weight-ensembling_MoE src/module/dict_moe.py"),
+    Method("twin_merging", "learned",
+           "Twin-Merging: task arithmetic (0.29) as shared expert + each expert's exclusive part (10%-rank "
+           "SVD) in the linear layers, mixed per input by a router trained on task identity", TwinMerging,
+           data={"shots": 16, "shots_split": "train"}, demo=False, models="per input",
+           storage="K rank-10% exclusive parts per linear layer + a router MLP",
+           uses="task identity of 16 train images per class (no class labels)",
+           source="Lu et al., NeurIPS 2024 (Twin-Merging); LZY-the-boys/Twin-Merging discriminative/"
+                  "twin_merge.py, router.py, sparsify.py"),
+    Method("twin_merging_entropy", "learned",
+           "Twin-Merging with its router trained by the heads' entropy on unlabeled test batches", TwinMerging,
+           {"objective": "entropy"}, demo=False, models="per input",
+           storage="K rank-10% exclusive parts per linear layer + a router MLP",
+           source="Twin-Merging (Lu et al., NeurIPS 2024) with AdaMerging's entropy objective: our row"),
     Method("task_arithmetic_surgery", "learned",
            "Representation Surgery on task arithmetic (scaling 0.3): per-task feature adapters, L1 "
            "to the experts' features", Surgery, {"granularity": "taskwise", "prior": 0.3},

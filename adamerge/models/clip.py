@@ -24,7 +24,8 @@ from torch import nn
 from ..data.tasks import TaskSpec, get_task, load_registry
 from ..data.transforms import is_file
 from ..engine.task_vectors import DTYPES, TaskVectors
-from ..io.checkpoints import CheckpointError, StateDict, check_compatible, load_state_dict, save_state_dict
+from ..io.checkpoints import (CheckpointError, StateDict, check_compatible, check_finite, load_state_dict,
+                              save_state_dict)
 from .convert import load_visual
 from .pool import LoadedPool, ModelPool, check_unseen, merged_parameter_names
 
@@ -220,6 +221,8 @@ class OpenCLIPPool(ModelPool):
         base = {k: v.detach().clone() for k, v in visual.state_dict().items()}
         names = merged_parameter_names(visual, self.include, self.exclude)
         experts = {t: self._expert(t, base) for t in self.experts}
+        for t, state in experts.items():  # NaN/inf named at load, not as a non-finite loss at step 0
+            check_finite(state, str(self.experts[t]), names)
         dtype = DTYPES[self.task_vector_dtype] if self.task_vector_dtype else None
         tv = TaskVectors.from_state_dicts(base, experts, names=names, dtype=dtype)
         tv.meta.update({"model": self.model, "pretrained": str(self.pretrained)})

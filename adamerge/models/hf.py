@@ -38,7 +38,7 @@ from torch import nn
 from ..engine.lowrank import LowRankTaskVectors
 from ..engine.task_vectors import DTYPES, TaskVectors
 from ..data.text import load_tasks_file
-from ..io.checkpoints import CheckpointError, StateDict, load_state_dict
+from ..io.checkpoints import CheckpointError, StateDict, check_finite, load_state_dict
 from .pool import LoadedPool, ModelPool, check_unseen
 
 PREFIX = "lm."  # parameter names of LastTokenLM: "lm." + the transformers model's own names
@@ -227,6 +227,7 @@ def read_lora(folder: str | Path, base_state: Mapping[str, torch.Tensor], heads:
                          "head) are supported")
     wfile = _adapter_file(folder)
     weights = load_state_dict(wfile)
+    check_finite(weights, str(wfile))
     head_keys = {k for k in weights for h in heads if k.startswith(f"base_model.model.{h}.")}
     r_default, alpha_default = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -384,6 +385,7 @@ class HFLanguageModelPool(ModelPool):
         and its head tensors."""
         model = auto.from_pretrained(path, dtype=torch.float32)
         state = {PREFIX + k: v for k, v in model.state_dict().items()}
+        check_finite(state, str(path), [PREFIX + n for n, _ in model.named_parameters()])
         head = {k[len(PREFIX) + len(h) + 1:]: v for k, v in state.items() for h in heads_of
                 if k.startswith(f"{PREFIX}{h}.")}
         for name, value in state.items():

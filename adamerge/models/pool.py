@@ -18,7 +18,7 @@ import torch
 from jsonargparse.typing import Path_fr
 from torch import nn
 
-from ..io.checkpoints import CheckpointError, StateDict, load_state_dict
+from ..io.checkpoints import CheckpointError, StateDict, check_finite, check_fits, load_state_dict
 from ..engine.task_vectors import DTYPES, TaskVectors, select_names
 
 @dataclass
@@ -115,6 +115,7 @@ def linear_heads_from_state(state: Mapping[str, torch.Tensor], tasks: Sequence[s
             raise CheckpointError(f"{source}: '{task}.weight' has shape {tuple(w.shape)}, expected "
                                   "[num_classes, feature_dim]")
         b = state.get(f"{task}.bias")
+        check_finite(state, source, [f"{task}.weight", f"{task}.bias"])
         head = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
         with torch.no_grad():
             head.weight.copy_(w)
@@ -160,14 +161,22 @@ class CheckpointPool(ModelPool):
         self.unseen_tasks = check_unseen(unseen_tasks, list(self.experts))
 
     def load(self) -> LoadedPool:
-        base = load_state_dict(self.base, self.allow_pickle)
         module = self.model
-        result = module.load_state_dict(base, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(f"{self.base}: does not fit {type(module).__name__}: missing "
-                                  f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
+        target = type(module).__name__
+        base = load_state_dict(self.base, self.allow_pickle)
+        check_fits(module.state_dict(), base, str(self.base), target)
+        params = [n for n, _ in module.named_parameters()]  # buffers (masks) may hold -inf on purpose
+        check_finite(base, str(self.base), params)
+        try:
+            module.load_state_dict(base)
+        except RuntimeError as exc:  # what check_fits does not see (e.g. a dtype that cannot be copied)
+            raise CheckpointError(f"{self.base} does not fit {target}: "
+                                  + " ".join(str(exc).split())) from exc
         names = merged_parameter_names(module, self.include, self.exclude)
-        experts = {t: load_state_dict(p, self.allow_pickle) for t, p in self.experts.items()}
+        experts = {}
+        for t, p in self.experts.items():
+            experts[t] = load_state_dict(p, self.allow_pickle)
+            check_finite(experts[t], str(p), [n for n in params if n in experts[t]])
         dtype = DTYPES[self.task_vector_dtype] if self.task_vector_dtype else None
         tv = TaskVectors.from_state_dicts(base, experts, names=names, dtype=dtype)
         del experts
