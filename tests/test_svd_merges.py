@@ -7,6 +7,7 @@ direction per task; the on-disk cache and the in-process memo are reused and inv
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -271,3 +272,14 @@ def test_cached_components_and_a_corrupt_cache_file(tmp_path, monkeypatch):
     redone = sm.tsv_m_task_vectors(tv, cache_dir=tmp_path)  # unreadable: recomputed and rewritten
     torch.testing.assert_close(redone.tensors[0], comps.tensors[0])
     assert path.stat().st_size > 100
+
+
+def test_bench_svd_reports_both_methods_against_the_straightforward_code(capsys):
+    """``adamerge bench --svd`` (narrow shapes): exact variants match the straightforward SVDs."""
+    from adamerge.commands.main import main
+    assert main(["bench", "--svd", "--blocks", "1", "--tasks", "3", "--width", "48", "--solvers", "full"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["config"]["width"] == 48 and set(res) >= {"tsv_m", "iso_cts"}
+    for method in ("tsv_m", "iso_cts"):
+        assert res[method]["straightforward"]["seconds"] >= 0
+        assert res[method]["full"]["rel_dev"] < 1e-4 and "ratio" in res[method]["full"]

@@ -18,6 +18,10 @@ The variants run on the same encoder, the same K x B images and the same frozen 
   ``adarank`` (masks over the task vectors' singular components; its SVD is computed once when
   the variant is built, not timed).
 
+``adamerge bench --svd [--blocks 12] [-h]`` times instead the SVD step of the static merges TSV-M
+and Iso-CTS on random task vectors of ViT-B/32's shapes, ours against the straightforward code
+(:mod:`adamerge.commands.bench_svd`).
+
 Timings are interleaved (limit, adamerge, naive, limit, ...) after warm-up, and the median of
 ``--steps`` is reported. Peak memory is measured per variant: on CPU in a child process that
 builds only what that variant needs and runs two steps (first, before anything is built for the
@@ -379,8 +383,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def bench_main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``adamerge bench`` and ``scripts/benchmark.py``."""
-    ns = parser().parse_args(None if argv is None else list(argv))
+    """Entry point of ``adamerge bench`` and ``scripts/benchmark.py``; ``--svd`` times the SVD
+    step of TSV-M and Iso-CTS instead (:mod:`adamerge.commands.bench_svd`)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--svd" in args:
+        from .bench_svd import main as svd_main
+        svd_main([a for a in args if a != "--svd"])
+        return
+    ns = parser().parse_args(args)
     if ns.tasks < 1 or ns.batch < 1 or ns.steps < 1 or ns.warmup < 0:
         parser().error(f"--tasks, --batch and --steps must be >= 1 and --warmup >= 0; got "
                        f"K={ns.tasks} B={ns.batch} steps={ns.steps} warmup={ns.warmup}")

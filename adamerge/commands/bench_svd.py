@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Time the SVD work of TSV-M and Iso-CTS: the straightforward code vs adamerge's.
 
-    python scripts/bench_svd.py [--blocks 12] [--tasks 8] [--alpha 1.0] [--methods tsv_m,iso_cts]
-                                [--solvers full,lowrank] [--out FILE]
+    adamerge bench --svd [--blocks 12] [--tasks 8] [--alpha 1.0] [--methods tsv_m,iso_cts]
+                         [--solvers full,lowrank] [--out FILE]
 
 Random task vectors with the shapes of CLIP ViT-B/32's visual tower (``--blocks`` residual blocks
 of ``attn.in_proj_weight`` 2304x768, ``attn.out_proj.weight`` 768x768, ``mlp.c_fc.weight``
@@ -39,14 +38,14 @@ from pathlib import Path
 
 import torch
 
-from adamerge.engine import svd as svd_step
-from adamerge.engine.task_vectors import TaskVectors
-from adamerge.methods import svd_merges
-
-WIDTH, MLP, QKV = 768, 3072, 2304
+from ..engine import svd as svd_step
+from ..engine.task_vectors import TaskVectors
+from ..methods import svd_merges
 
 
-def vit_b32_shapes(blocks: int) -> dict[str, tuple[int, ...]]:
+def vit_b32_shapes(blocks: int, width: int = 768) -> dict[str, tuple[int, ...]]:
+    """The visual tower's tensor shapes (``width`` 768 is ViT-B/32's; smaller ones for tests)."""
+    WIDTH, QKV, MLP = width, 3 * width, 4 * width  # noqa: N806  (the shapes' usual names)
     shapes: dict[str, tuple[int, ...]] = {"conv1.weight": (WIDTH, 3, 32, 32), "class_embedding": (WIDTH,),
                                           "ln_pre.weight": (WIDTH,), "ln_pre.bias": (WIDTH,)}
     for i in range(blocks):
@@ -61,10 +60,10 @@ def vit_b32_shapes(blocks: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_task_vectors(blocks: int, tasks: int, alpha: float, seed: int = 0) -> TaskVectors:
+def random_task_vectors(blocks: int, tasks: int, alpha: float, seed: int = 0, width: int = 768) -> TaskVectors:
     g = torch.Generator().manual_seed(seed)
     names, tensors = [], []
-    for name, shape in vit_b32_shapes(blocks).items():
+    for name, shape in vit_b32_shapes(blocks, width).items():
         if len(shape) != 2:
             tensors.append(1e-3 * torch.randn(tasks, *shape, generator=g))
         else:
@@ -155,16 +154,17 @@ def deviation(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="adamerge bench --svd", description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", type=int, default=12, help="residual blocks (ViT-B/32 has 12)")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=1.0, help="spectrum decay s_i = i^-alpha")
     ap.add_argument("--methods", default="tsv_m,iso_cts")
     ap.add_argument("--solvers", default="full,lowrank", help="TSV-M's (Iso-CTS: full only)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--width", type=int, default=768, help="transformer width (ViT-B/32: 768; smaller for a quick check)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    tv = random_task_vectors(args.blocks, args.tasks, args.alpha, args.seed)
+    tv = random_task_vectors(args.blocks, args.tasks, args.alpha, args.seed, args.width)
     matrices = svd_step.matrix_names(tv, svd_merges.DEFAULT_EXCLUDE)
     counter = _Count()
     logging.getLogger("adamerge.engine.svd").addHandler(counter)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     plain = {"tsv_m": straightforward_tsv_m, "iso_cts": straightforward_iso_cts}
     ours = {"tsv_m": lambda solver: svd_merges.tsv_m_deltas(tv, solver=solver),
             "iso_cts": lambda solver: svd_merges.iso_cts_deltas(tv)}
-    result: dict = {"config": {"blocks": args.blocks, "tasks": args.tasks, "alpha": args.alpha,
+    result: dict = {"config": {"blocks": args.blocks, "tasks": args.tasks, "alpha": args.alpha, "width": args.width,
                                "matrices": len(matrices), "threads": torch.get_num_threads(),
                                "torch": torch.__version__}}
     for method in args.methods.split(","):
