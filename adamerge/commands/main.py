@@ -29,7 +29,8 @@ commands:
   test      same, on the evaluation split: adamerge test --config FILE [--ckpt_path CKPT]
   demo      offline miniature benchmark: adamerge demo [--out DIR] [--methods all]
   compare   merging methods on the pool and data of a fit config:
-            adamerge compare --config FILE --out DIR
+            adamerge compare --config FILE --out DIR [--protocol paper]
+            (--protocol paper: the official AdaMerging code's recipe; docs/fidelity.md)
             methods ({count}; `adamerge compare --methods` lists them with their defaults):
 {methods}
   export    write the merged model as safetensors:
@@ -45,6 +46,7 @@ commands:
             adamerge finetune --task mnist --out experts/ViT-B-32/mnist.safetensors
   bench     step time and peak memory vs a plain forward+backward and a naive merge:
             adamerge bench [--model ViT-B-32] [-K 8] [-B 2] [--device cuda]
+            the SVD step of TSV-M / Iso-CTS: adamerge bench --svd [--blocks 12]
 
 Run `adamerge COMMAND --help` for the options of a command. Any command takes --verbose (or
 ADAMERGE_VERBOSE=1): Lightning's warnings and tips that adamerge hides, and for validate/test
