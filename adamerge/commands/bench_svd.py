@@ -169,9 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     counter = _Count()
     logging.getLogger("adamerge.engine.svd").addHandler(counter)
     logging.getLogger("adamerge.engine.svd").setLevel(logging.INFO)
-    plain = {"tsv_m": straightforward_tsv_m, "iso_cts": straightforward_iso_cts}
-    ours = {"tsv_m": lambda solver: svd_merges.tsv_m_deltas(tv, solver=solver),
-            "iso_cts": lambda solver: svd_merges.iso_cts_deltas(tv)}
+    # (the straightforward code, ours) per method, named after the first (``straightforward_<method>``)
+    pairs = ((straightforward_tsv_m, lambda solver: svd_merges.tsv_m_deltas(tv, solver=solver)),
+             (straightforward_iso_cts, lambda solver: svd_merges.iso_cts_deltas(tv)))
+    plain = {f.__name__.removeprefix("straightforward_"): f for f, _ in pairs}
+    ours = {f.__name__.removeprefix("straightforward_"): g for f, g in pairs}
     result: dict = {"config": {"blocks": args.blocks, "tasks": args.tasks, "alpha": args.alpha, "width": args.width,
                                "matrices": len(matrices), "threads": torch.get_num_threads(),
                                "torch": torch.__version__}}
