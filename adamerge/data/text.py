@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -181,9 +182,9 @@ class _TextSourceBase(DatasetSource):
     def task_spec(self, task: str) -> dict:
         return self.specs.get(task, {})
 
+    @abstractmethod
     def rows(self, task: str, split: str) -> list[tuple[str, int | None]]:
         """The ``(prompt, label)`` rows of one task's split."""
-        raise NotImplementedError
 
     def longest_prompt(self, splits: Sequence[str] = ("train", "val", "test")) -> int:
         """Tokens in the longest prompt of every task's splits (those that exist)."""
