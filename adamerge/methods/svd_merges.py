@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -89,6 +89,15 @@ SCALING_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 31))
 
 def _progress(names: Sequence[str], what: str):
     return tqdm(names, desc=f"{what}: SVD of the task vectors", disable=None, leave=False)
+
+
+def _per_matrix(task_vectors: TaskVectors, exclude: Sequence[str], what: str,
+                merge: Callable[[torch.Tensor, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``merge(tau [K, m, n], name)`` for every matrix of ``task_vectors`` (2-D tensors not
+    excluded), the mean over tasks for every other tensor: the shape all three methods share."""
+    matrices = set(matrix_names(task_vectors, exclude))
+    return {name: merge(tau, name) if name in matrices else tau.float().mean(0)
+            for name, tau in zip(_progress(task_vectors.names, what), task_vectors.tensors)}
 
 
 def _scaled(task_vectors: TaskVectors, base: Mapping[str, torch.Tensor],
@@ -143,14 +152,12 @@ def tsv_m_deltas(task_vectors: TaskVectors, solver: Solver = "full",
     params = _params(solver, exclude)
 
     def compute() -> dict[str, torch.Tensor]:
-        matrices = set(matrix_names(task_vectors, params["exclude"]))
-        out, thin = {}, []
-        for name, tau in zip(_progress(task_vectors.names, "TSV-M"), task_vectors.tensors):
-            if name not in matrices:
-                out[name] = tau.float().mean(0)
-                continue
+        thin: list[str] = []
+
+        def merge(tau: torch.Tensor, name: str) -> torch.Tensor:
             u, s, v, _ = _tsv_blocks(tau, name, solver, thin)
-            out[name] = (u * s.reshape(-1)) @ v.mT
+            return (u * s.reshape(-1)) @ v.mT
+        out = _per_matrix(task_vectors, params["exclude"], "TSV-M", merge)
         _log_thin(thin, task_vectors.num_tasks)
         return out
 
@@ -219,15 +226,10 @@ def iso_c_deltas(task_vectors: TaskVectors, exclude: Sequence[str] = DEFAULT_EXC
     params = _params("full", exclude)
 
     def compute() -> dict[str, torch.Tensor]:
-        matrices = set(matrix_names(task_vectors, params["exclude"]))
-        out = {}
-        for name, tau in zip(_progress(task_vectors.names, "Iso-C"), task_vectors.tensors):
-            if name not in matrices:
-                out[name] = tau.float().mean(0)
-                continue
+        def merge(tau: torch.Tensor, name: str) -> torch.Tensor:
             u, s, vh = svd_step.svd(tau.float().sum(0), name)
-            out[name] = s.mean() * (u @ vh)
-        return out
+            return s.mean() * (u @ vh)
+        return _per_matrix(task_vectors, params["exclude"], "Iso-C", merge)
 
     return cached(task_vectors, "iso_c", params, compute, cache_dir)
 
@@ -287,14 +289,8 @@ def iso_cts_deltas(task_vectors: TaskVectors, common_fraction: float = 0.8,
     params = _params("full", exclude, common_fraction=float(common_fraction))
 
     def compute() -> dict[str, torch.Tensor]:
-        matrices = set(matrix_names(task_vectors, params["exclude"]))
-        out = {}
-        for name, tau in zip(_progress(task_vectors.names, "Iso-CTS"), task_vectors.tensors):
-            if name not in matrices:
-                out[name] = tau.float().mean(0)
-                continue
-            out[name] = _iso_cts_matrix(tau, name, common_fraction)
-        return out
+        return _per_matrix(task_vectors, params["exclude"], "Iso-CTS",
+                           lambda tau, name: _iso_cts_matrix(tau, name, common_fraction))
 
     return cached(task_vectors, "iso_cts", params, compute, cache_dir)
 
