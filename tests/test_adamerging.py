@@ -122,3 +122,37 @@ def test_missing_task_in_data_is_an_error(tmp_path):
     model = AdaMerging(RandomPool())
     with pytest.raises(ValueError, match=r"no data for tasks \['c'\]"):
         trainer(tmp_path, 1).fit(model, MultiTaskDataModule(random_data(tasks=("a", "b")), batch_size=2))
+
+
+class StepMetrics(L.Callback):
+    """The step metrics a logger would receive (what Lightning flushes after each step)."""
+
+    def __init__(self):
+        self.written = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer._logger_connector.should_update_logs:
+            self.written.append((trainer.global_step, set(trainer.logged_metrics)))
+
+
+def test_detailed_metrics_are_logged_only_on_logging_steps(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger
+    model = AdaMerging(RandomPool(), granularity="layerwise")
+    calls = []
+    log = type(model).log
+    monkeypatch.setattr(type(model), "log", lambda self, name, *a, **k: (calls.append(name), log(self, name, *a, **k)))
+    seen = StepMetrics()
+    t = L.Trainer(default_root_dir=tmp_path, max_steps=6, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path),
+                  log_every_n_steps=3, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                  callbacks=[seen])
+    t.fit(model, MultiTaskDataModule(random_data(), batch_size=4))
+    # the loss every step (progress bar); per-task losses and coefficients only on steps 3 and 6
+    assert calls.count("train/entropy") == 6
+    assert calls.count("coef/mean") == 2 and calls.count("train/entropy/a") == 2 and calls.count("coef/b") == 2
+    # and nothing the logger writes is lost: each written step has every metric
+    assert [s for s, _ in seen.written] == [3, 6]
+    assert all({"train/entropy", "train/entropy/a", "coef/mean", "coef/c"} <= m for _, m in seen.written)
+    rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"coef/mean", "coef/a", "train/entropy/b"} <= set(header)
+    assert len(rows) == 3  # the header and the two written steps

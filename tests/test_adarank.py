@@ -166,7 +166,7 @@ def test_training_lowers_entropy_checkpoints_masks_resumes_and_refuses_other_met
             seen.append(float(trainer.callback_metrics["train/entropy"]))
             kept.append(float(trainer.callback_metrics["mask/kept"]))
     model = AdaRank(pool, lr=1e-2, cache_dir=tmp_path / "svd")
-    tr = trainer(tmp_path / "run", 20, [Rec()])
+    tr = trainer(tmp_path / "run", 20, [Rec()], log_every_n_steps=1)  # mask/kept: logging steps only
     tr.fit(model, MultiTaskDataModule(SuiteSource("tiny"), batch_size=16))
     assert sum(seen[-5:]) / 5 < sum(seen[:5]) / 5, seen
     assert kept[0] == 1.0 and kept[-1] < 1.0  # some components were pruned

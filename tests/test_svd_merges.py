@@ -172,6 +172,33 @@ def test_iso_cts_sizes_follow_the_official_rounding():
 
 
 # ------------------------------------------------------------------- the SVD step
+def test_gram_solver_equals_the_full_svd_and_falls_back_where_it_cannot(caplog):
+    g = torch.Generator().manual_seed(3)
+    for shape in ((3, 40, 24), (3, 24, 40)):  # tall and wide: the Gram matrix of the smaller side
+        x = torch.randn(*shape, generator=g)
+        u, s, v = svd_step.top_svd(x, 5, "gram")
+        fu, fs, fv = svd_step.top_svd(x, 5, "full")
+        close(s, fs, rtol=1e-5)
+        close(u @ torch.diag_embed(s) @ v.mT, fu @ torch.diag_embed(fs) @ fv.mT, rtol=1e-5)
+        close((u.mT @ fu).abs(), torch.eye(5).expand(3, 5, 5), rtol=1e-4)  # the same vectors, up to sign
+        assert u.dtype == torch.float32 and u.shape == fu.shape and v.shape == fv.shape
+    # the TSV-M merge through it equals the official float32 SVD's, and is closer to float64
+    tv, base = pool({"w": (30, 18), "v": (18, 30)}, k=3)
+    tv64 = TaskVectors(tv.task_names, tv.names, [t.double() for t in tv.tensors])
+    for name in ("w", "v"):
+        gram, full = sm.tsv_m(tv, base, solver="gram")[name], sm.tsv_m(tv, base, solver="full")[name]
+        exact = official_tsv_m(tv64.tensors[tv.names.index(name)]) + base[name].double()
+        close(gram, full, rtol=1e-5)
+        assert float((gram.double() - exact).norm()) <= 2 * float((full.double() - exact).norm()) + 1e-9
+    # rank-deficient task matrices (rank 2 < k = 6): the Gram route would divide by zero
+    low = torch.randn(3, 20, 2, generator=g) @ torch.randn(3, 2, 18, generator=g)
+    with caplog.at_level(logging.INFO, logger="adamerge.engine.svd"):
+        u, s, v = svd_step.top_svd(low, 6, "gram", "w")
+    assert "using the full SVD" in caplog.text and "'w'" in caplog.text
+    assert bool(torch.isfinite(u).all()) and bool(torch.isfinite(v).all())
+    close(u @ torch.diag_embed(s) @ v.mT, low, rtol=1e-4)
+
+
 def test_lowrank_merge_matches_the_full_one_on_low_rank_plus_noise(monkeypatch):
     # floor(72 / 4) = 18 kept of a rank-24 signal + 1% noise. The kept directions must be signal:
     # the polar factors mix every kept direction into the others whatever its singular value, so
@@ -196,7 +223,7 @@ def test_lowrank_merge_matches_the_full_one_on_low_rank_plus_noise(monkeypatch):
 
 def test_float32_failure_falls_back_to_float64(monkeypatch, caplog):
     tv, base = pool({"w": (12, 9)}, k=3)
-    expected = sm.tsv_m(tv, base)["w"]
+    expected = sm.tsv_m(tv, base, solver="full")["w"]
     svd_step.clear_memo()
     real, failed = torch.linalg.svd, []
 
@@ -208,7 +235,7 @@ def test_float32_failure_falls_back_to_float64(monkeypatch, caplog):
 
     monkeypatch.setattr(torch.linalg, "svd", flaky)
     with caplog.at_level(logging.INFO, logger="adamerge.engine.svd"):
-        got = sm.tsv_m(tv, base)["w"]
+        got = sm.tsv_m(tv, base, solver="full")["w"]
     assert failed == [(3, 12, 9)]  # the batched per-task SVD
     assert "recomputing in float64" in caplog.text and "'w'" in caplog.text
     close(got, expected, rtol=1e-5)
@@ -217,6 +244,37 @@ def test_float32_failure_falls_back_to_float64(monkeypatch, caplog):
     failed.clear()
     with pytest.raises(ValueError, match="non-finite"):
         svd_step.svd(bad, "w")
+
+
+def test_wide_matrices_are_decomposed_through_their_transpose(monkeypatch, caplog):
+    x = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0))  # K=3 wide 5x11
+    real, shapes = torch.linalg.svd, []
+
+    def record(a, *args, **kwargs):
+        shapes.append(tuple(a.shape))
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", record)
+    u, s, vh = svd_step.svd(x, "w")
+    assert shapes == [(3, 11, 5)]  # LAPACK sees the tall transpose
+    assert (u.shape, s.shape, vh.shape) == ((3, 5, 5), (3, 5), (3, 5, 11))
+    close(u @ torch.diag_embed(s) @ vh, x, rtol=1e-5)
+    torch.testing.assert_close(u.mT @ u, torch.eye(5).expand(3, 5, 5), rtol=0, atol=1e-5)
+    torch.testing.assert_close(vh @ vh.mT, torch.eye(5).expand(3, 5, 5), rtol=0, atol=1e-5)
+    assert bool((s[:, :-1] >= s[:, 1:]).all())
+    shapes.clear()
+
+    def fails_in_float32(a, *args, **kwargs):
+        shapes.append(a.dtype)
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", fails_in_float32)
+    with caplog.at_level(logging.INFO, logger="adamerge.engine.svd"):
+        u, s, vh = svd_step.svd(x, "w")
+    assert shapes == [torch.float32, torch.float64] and "(3, 5, 11)" in caplog.text  # the caller's shape
+    close(u @ torch.diag_embed(s) @ vh, x, rtol=1e-5)
 
 
 def test_cache_is_read_back_and_keyed_by_the_task_vectors(tmp_path, monkeypatch):
@@ -250,11 +308,11 @@ def test_repeated_calls_reuse_the_merge_until_the_task_vectors_change(monkeypatc
     tv, base = pool({"w": (12, 10)}, k=3)
     real, calls = torch.linalg.svd, []
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    sweep = [sm.tsv_m(tv, base, scaling=s)["w"] for s in (0.5, 1.0, 1.5)]  # a scaling search
+    sweep = [sm.tsv_m(tv, base, scaling=s, solver="full")["w"] for s in (0.5, 1.0, 1.5)]  # a scaling search
     assert len(calls) == 3  # one batched per-task SVD and two polar factors, once
     close(sweep[2] - base["w"], 3 * (sweep[0] - base["w"]), rtol=1e-5)
     tv.tensors[0].mul_(2)  # in place: the memo must not serve the old merge
-    sm.tsv_m(tv, base)
+    sm.tsv_m(tv, base, solver="full")
     assert len(calls) == 6
 
 
@@ -263,11 +321,14 @@ def test_cached_components_and_a_corrupt_cache_file(tmp_path, monkeypatch):
     comps = sm.tsv_m_task_vectors(tv, cache_dir=tmp_path)
     (path,) = (tmp_path / "svd").glob("*.safetensors")
     real = torch.linalg.svd
+    real_eigh = torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **kw: pytest.fail("the SVD ran on a cache hit"))
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **kw: pytest.fail("the SVD ran on a cache hit"))
     again = sm.tsv_m_task_vectors(tv, cache_dir=tmp_path)  # [K, *shape] tensors read back
     for a, b in zip(again.tensors, comps.tensors):
         torch.testing.assert_close(a, b)
     monkeypatch.setattr(torch.linalg, "svd", real)
+    monkeypatch.setattr(torch.linalg, "eigh", real_eigh)
     path.write_bytes(b"not a safetensors file")
     redone = sm.tsv_m_task_vectors(tv, cache_dir=tmp_path)  # unreadable: recomputed and rewritten
     torch.testing.assert_close(redone.tensors[0], comps.tensors[0])

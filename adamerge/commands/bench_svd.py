@@ -1,7 +1,7 @@
 """Time the SVD work of TSV-M and Iso-CTS: the straightforward code vs adamerge's.
 
     adamerge bench --svd [--blocks 12] [--tasks 8] [--alpha 1.0] [--methods tsv_m,iso_cts]
-                         [--solvers full,lowrank] [--out FILE]
+                         [--solvers gram,full,lowrank] [--out FILE]
 
 Random task vectors with the shapes of CLIP ViT-B/32's visual tower (``--blocks`` residual blocks
 of ``attn.in_proj_weight`` 2304x768, ``attn.out_proj.weight`` 768x768, ``mlp.c_fc.weight``
@@ -17,6 +17,8 @@ Variants, each timed once, wall clock (the cost scales linearly with ``--blocks`
   per task per matrix into zero-padded buffers, then one SVD per polar factor (TSV-M:
   ``TSVM_utils.py`` L320-375; Iso-CTS: ``iso.py`` L50-102), float32 with a float64 retry where
   float32 does not converge (the official code would stop there);
+* ``gram`` (TSV-M's default): ``tsv_m_deltas(solver="gram")``, the top triplets from float64
+  eigendecompositions of the Gram matrices (exact up to round-off);
 * ``full``: :func:`adamerge.methods.svd_merges.tsv_m_deltas` with ``solver="full"`` (exact,
   batched per-task SVDs) / ``iso_cts_deltas`` (exact, with its structural shortcuts);
 * ``lowrank`` (TSV-M only): ``tsv_m_deltas(solver="lowrank")`` (randomized top triplets).
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=1.0, help="spectrum decay s_i = i^-alpha")
     ap.add_argument("--methods", default="tsv_m,iso_cts")
-    ap.add_argument("--solvers", default="full,lowrank", help="TSV-M's (Iso-CTS: full only)")
+    ap.add_argument("--solvers", default="gram,full,lowrank", help="TSV-M's (Iso-CTS: full only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--width", type=int, default=768, help="transformer width (ViT-B/32: 768; smaller for a quick check)")
     ap.add_argument("--out", type=Path)

@@ -42,8 +42,9 @@ from .task_vectors import TaskVectors
 
 log = logging.getLogger(__name__)
 
-Solver = Literal["full", "lowrank"]
-SOLVERS: tuple[str, ...] = ("full", "lowrank")
+Solver = Literal["gram", "full", "lowrank"]
+SOLVERS: tuple[str, ...] = ("gram", "full", "lowrank")
+GRAM_SPAN = 1e4   # gram solver: the largest s_1 / s_k it trusts (float64 error ~ 1e-16 * span^2)
 OVERSAMPLE = 16   # least extra random columns of the lowrank range finder (see lowrank_columns)
 NITER = 3         # power iterations of the lowrank range finder
 SEED = 0          # seed of the lowrank range finder
@@ -58,27 +59,32 @@ def _where(name: str) -> str:
 def svd(x: torch.Tensor, name: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``x = U diag(S) Vh`` of ``[..., m, n]`` in float32 on ``x``'s device.
 
-    Batched over the leading dimensions (one call for the K tasks of a parameter). When float32
+    Batched over the leading dimensions (one call for the K tasks of a parameter); a wide matrix
+    (``m < n``) is decomposed through its transpose (faster, same factors). When float32
     does not converge (``torch.linalg.LinAlgError``, or non-finite singular values) the SVD is
     recomputed in float64 (logged at INFO) and returned in float32. ``name`` labels messages.
     """
-    work = x if x.dtype == torch.float64 else x.float()
+    # LAPACK's divide and conquer is much slower on wide matrices (768x3072: 4.1 s vs 2.3 s for
+    # K=8 on 2 cores); the SVD of the transpose is the same decomposition with U and V swapped.
+    wide = x.shape[-2] < x.shape[-1]
+    tall = x.mT if wide else x
+    work = tall if tall.dtype == torch.float64 else tall.float()
     try:
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
-        if bool(torch.isfinite(s).all()):
-            return u.float(), s.float(), vh.float()
-        reason = "non-finite singular values"
+        if not bool(torch.isfinite(s).all()):
+            raise torch.linalg.LinAlgError("non-finite singular values")
     except torch.linalg.LinAlgError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"the task vectors{_where(name)} {tuple(x.shape)} have non-finite entries; "
-                         "cannot take their SVD")
-    if work.dtype == torch.float64:
-        raise torch.linalg.LinAlgError(f"float64 SVD{_where(name)} {tuple(x.shape)} failed: {reason}")
-    log.info("adamerge: float32 SVD%s %s did not converge (%s); recomputing in float64",
-             _where(name), tuple(x.shape), reason)
-    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    return u.float(), s.float(), vh.float()
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"the task vectors{_where(name)} {tuple(x.shape)} have non-finite entries; "
+                             "cannot take their SVD") from exc
+        if work.dtype == torch.float64:
+            raise torch.linalg.LinAlgError(f"float64 SVD{_where(name)} {tuple(x.shape)} failed: {reason}") from exc
+        log.info("adamerge: float32 SVD%s %s did not converge (%s); recomputing in float64",
+                 _where(name), tuple(x.shape), reason)
+        u, s, vh = torch.linalg.svd(tall.double(), full_matrices=False)
+    u, s, vh = u.float(), s.float(), vh.float()
+    return (vh.mT, s, u.mT) if wide else (u, s, vh)
 
 
 def lowrank_columns(k: int, r: int, oversample: int | None = None) -> int:
@@ -107,13 +113,36 @@ def _lowrank(x: torch.Tensor, q: int, niter: int, seed: int) -> tuple[torch.Tens
         return torch.svd_lowrank(x, q=q, niter=niter)
 
 
+def _gram_top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Top ``k`` triplets from the float64 eigendecomposition of the Gram matrix of ``x``'s
+    smaller side (``V``, ``S^2`` from ``X^T X``; ``U = X V / S``), or ``None`` when the kept
+    singular values span more than :data:`GRAM_SPAN` (or reach zero), where squaring loses digits."""
+    wide = x.shape[-2] < x.shape[-1]
+    t = (x.mT if wide else x).double()                         # [..., M, r], M >= r
+    try:
+        w, v = torch.linalg.eigh(t.mT @ t)                     # ascending eigenvalues
+    except torch.linalg.LinAlgError:
+        return None
+    s = w[..., -k:].flip(-1).clamp_min(0).sqrt()
+    if not bool(torch.isfinite(s).all()) or bool((s[..., -1] * GRAM_SPAN <= s[..., 0]).any()):
+        return None
+    v = v[..., -k:].flip(-1)
+    u = (t @ v) / s.unsqueeze(-2)
+    u, s, v = u.float(), s.float(), v.float()
+    return (v, s, u) if wide else (u, s, v)
+
+
 def top_svd(x: torch.Tensor, k: int, solver: Solver = "full", name: str = "",
             oversample: int | None = None, niter: int | None = None,
             seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top ``k`` singular triplets of ``[..., m, n]``: ``U [..., m, k]``, ``S [..., k]``
     (descending), ``V [..., n, k]`` (note: ``V``, not ``V^T``), float32.
 
-    ``solver``: ``full`` slices :func:`svd`; ``lowrank`` uses ``torch.svd_lowrank`` with
+    ``solver``: ``full`` slices :func:`svd`; ``gram`` takes them from the float64 eigenvectors of
+    the Gram matrix of the smaller side (``X^T X`` or ``X X^T``): more accurate than a float32 SVD
+    and about half its time on CPU for ``k`` around ``r / 8``, falling back to :func:`svd` (logged)
+    for a stack whose top ``k`` singular values span more than :data:`GRAM_SPAN` or reach zero
+    (rank-deficient), where squaring would lose their digits; ``lowrank`` uses ``torch.svd_lowrank`` with
     :func:`lowrank_columns` columns and ``niter`` power iterations, seeded by ``seed`` (float64 when
     float32 fails), or :func:`svd` when those columns would be the whole rank. ``None``: the
     module's :data:`OVERSAMPLE`, :data:`NITER`, :data:`SEED`.
@@ -124,8 +153,16 @@ def top_svd(x: torch.Tensor, k: int, solver: Solver = "full", name: str = "",
     r = min(m, n)
     if not 0 < k <= r:
         raise ValueError(f"top_svd{_where(name)}: k must be in [1, {r}], got {k}")
+    if check_solver(solver) == "gram":
+        top = _gram_top(x, k)
+        if top is not None:
+            return top
+        # (non-finite task vectors end here too: the full SVD names them)
+        log.info("adamerge: the top %d singular values%s %s span more than %g or reach zero; "
+                 "using the full SVD", k, _where(name), tuple(x.shape), GRAM_SPAN)
+        solver = "full"
     q = lowrank_columns(k, r, oversample)
-    if check_solver(solver) == "full" or q >= r:
+    if solver == "full" or q >= r:
         u, s, vh = svd(x, name)
         return u[..., :k], s[..., :k], vh[..., :k, :].mT
     work = x.float()

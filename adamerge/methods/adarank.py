@@ -373,4 +373,5 @@ class AdaRank(AdaMerging):
 
     def _log_train(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
         super()._log_train(loss, losses)
-        self.log("mask/kept", self.merged.kept_fraction())
+        if self.logs_this_step():
+            self.log("mask/kept", self.merged.kept_fraction())

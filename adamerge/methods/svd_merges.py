@@ -47,7 +47,14 @@ Facts taken from the official code (read, not copied):
 
 Differences from the official code (results equal up to SVD round-off unless stated):
 
-* The per-task SVDs of one parameter are one batched call. TSV-M's ``solver="lowrank"`` (opt-in)
+* TSV-M's per-task top triplets come, by default (``solver="gram"``), from one batched float64
+  ``eigh`` of the K Gram matrices of a parameter's smaller side (``V`` and ``S^2``; ``U = X V / S``),
+  not from K float32 SVDs: equal up to round-off and closer to a float64 SVD (relative error of the
+  merge 3-5e-6 vs 7-34e-6 for the official float32 code on ViT-B/32 shapes), in about half the
+  time. A stack whose top ``r / K`` singular values span more than 1e4 or reach zero (rank-deficient
+  task vectors) takes the float32 SVD instead (logged). ``solver="full"`` is the official float32
+  SVD (batched; a wide matrix through its transpose, which LAPACK decomposes faster).
+  TSV-M's ``solver="lowrank"`` (opt-in)
   computes only the top triplets with a seeded randomized SVD (``torch.svd_lowrank``): 0.4x the
   time of the official code on CPU, equal to the exact merge to a tolerance when the task
   vectors' spectra have decayed well before ``2 r / K`` (0.2% off for ``s_i ~ 1 / i``), several
@@ -144,7 +151,7 @@ def _log_thin(thin: list[str], n_tasks: int) -> None:
                  ", ".join(thin[:3]), ", ..." if len(thin) > 3 else "", "it" if len(thin) == 1 else "them")
 
 
-def tsv_m_deltas(task_vectors: TaskVectors, solver: Solver = "full",
+def tsv_m_deltas(task_vectors: TaskVectors, solver: Solver = "gram",
                  exclude: Sequence[str] = DEFAULT_EXCLUDE,
                  cache_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
     """TSV-M's merged task vector (before scaling), float32: per matrix
@@ -165,7 +172,7 @@ def tsv_m_deltas(task_vectors: TaskVectors, solver: Solver = "full",
 
 
 def tsv_m(task_vectors: TaskVectors, base: Mapping[str, torch.Tensor], scaling: float = 1.0,
-          solver: Solver = "full", exclude: Sequence[str] = DEFAULT_EXCLUDE,
+          solver: Solver = "gram", exclude: Sequence[str] = DEFAULT_EXCLUDE,
           cache_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
     """TSV-M (Task Singular Vectors: Merge): ``base + scaling * delta``.
 
@@ -175,8 +182,10 @@ def tsv_m(task_vectors: TaskVectors, base: Mapping[str, torch.Tensor], scaling: 
     on validation; 1.0 without a search.
 
     Args:
-        solver: per-task SVD, ``full`` (exact) or ``lowrank`` (randomized top triplets, ~2x
-            faster, approximate; see the module doc and :mod:`adamerge.engine.svd`).
+        solver: how each task's top triplets are computed: ``gram`` (default; float64
+            eigendecomposition of the Gram matrix, more accurate than a float32 SVD and ~0.5x the
+            official code's time on CPU), ``full`` (float32 SVD, as the official code) or
+            ``lowrank`` (randomized, approximate; see the module doc and :mod:`adamerge.engine.svd`).
         exclude: globs of 2-D task vectors to average instead (default: ``*text_projection*``).
         cache_dir: cache the merge under ``<cache_dir>/svd/`` (``"default"``: the adamerge cache);
             off when None. Repeated calls in one process reuse the merge anyway (scaling search).
@@ -184,7 +193,7 @@ def tsv_m(task_vectors: TaskVectors, base: Mapping[str, torch.Tensor], scaling: 
     return _scaled(task_vectors, base, tsv_m_deltas(task_vectors, solver, exclude, cache_dir), scaling)
 
 
-def tsv_m_task_vectors(task_vectors: TaskVectors, solver: Solver = "full",
+def tsv_m_task_vectors(task_vectors: TaskVectors, solver: Solver = "gram",
                        exclude: Sequence[str] = DEFAULT_EXCLUDE,
                        cache_dir: str | Path | None = None) -> TaskVectors:
     """TSV-M's K per-task components, a transform like :func:`~adamerge.methods.static.ties_task_vectors`.

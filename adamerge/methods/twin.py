@@ -408,7 +408,7 @@ class TwinMerging(AdaMerging):
             target = torch.full((z.shape[0],), self.task_names.index(t), dtype=torch.long, device=z.device)
             losses[t] = F.cross_entropy(z.float(), target)
             hits, count = hits + int((z.argmax(-1) == target).sum()), count + z.shape[0]
-        if self._trainer is not None and count:
+        if self._trainer is not None and count and self.logs_this_step():
             self.log("router/acc", hits / count)
         return losses
 
