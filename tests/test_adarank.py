@@ -227,7 +227,7 @@ def test_export_writes_the_masked_merge(loaded, tmp_path):
 
 def test_registry_row_and_the_command_line(tmp_path):
     m = registry.get("adarank")
-    assert m.kind == "learned" and m.build is AdaRank and m.demo
+    assert m.kind == "learned" and m.build is AdaRank and m.bench and not m.demo  # --methods adarank
     assert m.defaults()["prior"] == 0.3 and m.defaults()["clamp"] is False
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     fit = [sys.executable, "-m", "adamerge", "fit", "--config", str(ROOT / "configs/tiny.yaml"),

@@ -18,9 +18,9 @@ def test_compare_writes_every_row(tmp_path):
     settings = CompareSettings(steps=3, grids={"task_arithmetic": {"scaling": (0.1, 0.3)},
                                                "ties": {"scaling": (0.5, 1.0)}})
     lines = []
-    compare(loaded, dm, tmp_path, settings, suite="tiny", say=lines.append)
+    compare(loaded, dm, tmp_path, settings, registry.names(), suite="tiny", say=lines.append)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["suite"] == "tiny" and list(saved["methods"]) == registry.demo_methods()
+    assert saved["suite"] == "tiny" and list(saved["methods"]) == registry.names()  # --methods all
     for name, row in saved["methods"].items():
         assert set(row["per_task"]) == {"digits", "shapes", "gratings"}, name
         assert 0 <= row["avg"] <= 100

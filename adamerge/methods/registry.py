@@ -64,10 +64,10 @@ class Method:
         tune: hyper-parameter -> grid, picked on a labeled split unless fixed (static methods: one
             value for the merged model; per_task methods: one value per task, each task's model
             picking its own on that task's split).
-        demo: whether the default ``adamerge demo`` / ``compare`` run includes it (the default
-            demo's first run had a 6-minute target on 2 CPU cores; with the eleven rows of
-            2026-11-29 it took 9 min 13 s there, 4.5 min of it building the suite, and the four
-            rows added since take 3.3 min more, measured row by row).
+        demo: whether the default ``adamerge demo`` / ``compare`` run includes it: the paper's
+            table (the references, weight averaging, task arithmetic, TIES, task-wise and
+            layer-wise AdaMerging), so that the demo's first run, suite build included, stays
+            under 6 minutes on 2 CPU cores (README "The demo"); ``--methods all`` runs the rest.
         source: where the method and its defaults come from.
         starts_from: learned methods: another learned method whose final coefficients this one
             starts from (its ``init_from``). ``adamerge compare`` runs that one first and passes
@@ -213,7 +213,7 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            {"granularity": "layerwise"}, source="Yang et al., ICLR 2024 (AdaMerging)", text=True),
     Method("adamerging_layerwise_pp", "learned",
            "AdaMerging++: layer-wise on TIES-trimmed task vectors (top 20%)", AdaMerging,
-           {"granularity": "layerwise", "trim": 0.2}, paper={"trim": OFFICIAL_TRIM},
+           {"granularity": "layerwise", "trim": 0.2}, paper={"trim": OFFICIAL_TRIM}, demo=False,
            source="Yang et al., ICLR 2024 (AdaMerging++)"),
     Method("adamerging_layerwise_dare", "learned",
            "AdaMerging layer-wise on DARE task vectors (p 0.5, rescaled by 2)", AdaMerging,
@@ -226,23 +226,23 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("adamerging_layerwise_pseudolabel", "learned",
            "layer-wise coefficients learned by cross-entropy to each expert's predicted class "
            "(no labels)", AdaMerging, {"granularity": "layerwise", "objective": "pseudo_label"},
-           uses="unlabeled test images + the experts",
+           uses="unlabeled test images + the experts", demo=False,
            source="objective: the crosspseudo loss of AIM-SKKU/SyMerge src/main_symerge.py L339-347"),
     Method("adamerging_layerwise_fewshot", "learned",
            "layer-wise coefficients learned by cross-entropy on 4 labeled training images per class "
            "(aTLAS-style few-shot; uses labels)", AdaMerging,
            {"granularity": "layerwise", "objective": "cross_entropy"},
-           data={"shots": 4, "shots_split": "train"}, uses="4 labeled train images per class",
+           data={"shots": 4, "shots_split": "train"}, uses="4 labeled train images per class", demo=False,
            source="objective: aTLAS few-shot (Zhang et al., NeurIPS 2024); coefficients as AdaMerging"),
     Method("wemoe", "learned",
            "WEMoE: task arithmetic (0.3) outside the MLPs; each MLP mixes its task vectors per "
-           "sample by a trained router (entropy)", WEMoE, bench=True, models="per input",
+           "sample by a trained router (entropy)", WEMoE, bench=True, demo=False, models="per input",
            storage="K MLP task vectors per block + routers",
            source="Tang et al., ICML 2024 (WEMoE); tanganke/weight-ensembling_MoE src/module/dict_moe.py"),
     Method("twin_merging", "learned",
            "Twin-Merging: task arithmetic (0.29) as shared expert + each expert's exclusive part (10%-rank "
            "SVD) in the linear layers, mixed per input by a router trained on task identity", TwinMerging,
-           data={"shots": 16, "shots_split": "train"}, demo=False, models="per input",
+           data={"shots": 16, "shots_split": "train"}, demo=False, bench=True, models="per input",
            storage="K rank-10% exclusive parts per linear layer + a router MLP",
            uses="task identity of 16 train images per class (no class labels)",
            source="Lu et al., NeurIPS 2024 (Twin-Merging); LZY-the-boys/Twin-Merging discriminative/"
@@ -254,22 +254,22 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            source="Twin-Merging (Lu et al., NeurIPS 2024) with AdaMerging's entropy objective: our row"),
     Method("task_arithmetic_surgery", "learned",
            "Representation Surgery on task arithmetic (scaling 0.3): per-task feature adapters, L1 "
-           "to the experts' features", Surgery, {"granularity": "taskwise", "prior": 0.3},
+           "to the experts' features", Surgery, {"granularity": "taskwise", "prior": 0.3}, demo=False,
            storage="K feature adapters (rank 16)", uses="unlabeled test images + the experts",
            source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery"),
     Method("adamerging_layerwise_surgery", "learned",
            "Representation Surgery on the coefficients of a finished layer-wise AdaMerging run",
-           Surgery, {"granularity": "layerwise"}, starts_from="adamerging_layerwise",
+           Surgery, {"granularity": "layerwise"}, starts_from="adamerging_layerwise", demo=False,
            storage="K feature adapters (rank 16)", uses="unlabeled test images + the experts",
            source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery"),
     Method("tinting", "learned",
            "Model Tinting: layer-wise coefficients + a trainable head per task, CE to confident "
-           "expert pseudo-labels", Tinting, bench=True, storage="K tinted heads",
+           "expert pseudo-labels", Tinting, bench=True, demo=False, storage="K tinted heads",
            uses="unlabeled test images + the experts",
            source="Model Tinting / SyMerge; AIM-SKKU/SyMerge src/main_symerge.py"),
     Method("adarank", "learned",
            "AdaRank: layer-wise coefficients + learned masks over the singular components of each "
-           "task vector's attention/MLP matrices (entropy, straight-through)", AdaRank, bench=True,
+           "task vector's attention/MLP matrices (entropy, straight-through)", AdaRank, bench=True, demo=False,
            source="Lee et al., 2025 (AdaRank, arXiv 2503.22178); david3684/AdaRank "
                   "vision/src/models/merge_vit/adaptive.py"),
 )})
