@@ -40,3 +40,13 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "--tasks" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown model"):
         bench_main(["--model", "ViT-Nope", "--no-memory"])
+
+
+def test_twin_merging_step_is_benched_and_refuses_per_task_backward(capsys):
+    bench_main(["--model", "tiny", "-K", "2", "-B", "1", "--steps", "1", "--warmup", "0", "--no-memory",
+                "--variants", "adamerge", "twin_merging"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["twin_merging_s"] > 0 and "twin_merging_over_adamerging" in res
+    with pytest.raises(ValueError, match="twin_merging.*per_task_backward"):
+        bench_main(["--model", "tiny", "-K", "2", "-B", "1", "--steps", "1", "--warmup", "0", "--no-memory",
+                    "--variants", "twin_merging", "--per-task-backward"])

@@ -146,9 +146,17 @@ def adamerge_step(loaded: LoadedPool, device: torch.device, method: str, hparams
 
 
 def add_on_hparams(ns: argparse.Namespace, variant: str) -> dict:
-    """Hyper-parameters of an add-on variant's method (registry defaults, this command's options)."""
-    return registry.get(ADD_ONS[variant][0]).resolve(
-        {"per_task_backward": ns.per_task_backward, "task_vector_dtype": ns.task_vector_dtype})
+    """Hyper-parameters of an add-on variant's method (registry defaults, this command's options;
+    an option the method does not have is an error only when it is set, e.g.
+    ``--per-task-backward`` for Twin-Merging, whose router step has no per-task mode)."""
+    method = registry.get(ADD_ONS[variant][0])
+    options = {"per_task_backward": ns.per_task_backward, "task_vector_dtype": ns.task_vector_dtype}
+    known = method.defaults()
+    unsupported = [k for k, v in options.items() if k not in known and v not in (None, False)]
+    if unsupported:
+        raise ValueError(f"variant {variant!r} ({method.name}) has no {', '.join(unsupported)}; "
+                         "drop the option or the variant")
+    return method.resolve({k: v for k, v in options.items() if k in known})
 
 
 def naive_step(loaded: LoadedPool, device: torch.device, granularity: str) -> Callable[[dict], None]:
