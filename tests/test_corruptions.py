@@ -59,6 +59,27 @@ def test_corrupted_dataset_keeps_labels_and_undoes_normalisation():
     assert torch.allclose(img * std + mean, corrupt(x[2], "contrast", 5, seed=2), atol=1e-5)
 
 
+def test_corrupted_images_are_computed_once_per_index_within_the_cache(monkeypatch):
+    import adamerge.data.corruptions as corruptions
+    calls = []
+    real = corruptions.corrupt
+    monkeypatch.setattr(corruptions, "corrupt", lambda x, *a, **kw: (calls.append(kw.get("seed")), real(x, *a, **kw))[1])
+    ds = TensorDataset(images(5), torch.arange(5))
+    one_image = ds[0][0].numel() * 4 / 2 ** 20  # MiB of one corrupted float32 image
+    cached = corruptions.CorruptedDataset(ds, "gaussian_noise", 3, cache_mb=2 * one_image)
+    calls.clear()  # (the constructor checks the name and severity on a blank image)
+    first = [cached[i][0] for i in (0, 1, 2, 0, 1, 2)]
+    assert calls == [0, 1, 2, 2]  # 0 and 1 kept (the cache holds two images), 2 recomputed
+    assert torch.equal(first[0], first[3]) and torch.equal(first[2], first[5])  # the same image either way
+    assert torch.equal(first[2], real(ds[2][0], "gaussian_noise", 3, seed=2))
+    uncached = corruptions.CorruptedDataset(ds, "gaussian_noise", 3, cache_mb=0)
+    calls.clear()
+    assert torch.equal(uncached[1][0], first[1]) and torch.equal(uncached[1][0], first[1])
+    assert calls == [1, 1]
+    with pytest.raises(ValueError, match="cache_mb"):
+        corruptions.CorruptedDataset(ds, "gaussian_noise", 3, cache_mb=-1)
+
+
 def test_data_module_corrupts_adaptation_and_evaluation_separately():
     dm = MultiTaskDataModule(SuiteSource("tiny"), corruption="gaussian_noise", severity=4,
                              eval_corruption=None)

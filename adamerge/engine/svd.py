@@ -5,8 +5,11 @@
   (``torch.linalg.LinAlgError``, or non-finite singular values on devices that do not raise) it is
   recomputed in float64 and the fallback is logged (float32 SVDs of Iso-CTS's rank-deficient
   projected task matrices were reported not to converge on ViT-B/32 shapes).
-* :func:`top_svd`: only the top ``k`` singular triplets, either sliced from :func:`svd`
-  (``solver="full"``, exact) or from ``torch.svd_lowrank`` (``"lowrank"``: randomized range finder
+* :func:`top_svd`: only the top ``k`` singular triplets, from the float64 eigendecomposition of
+  the Gram matrix of the smaller side (``solver="gram"``, exact up to round-off, about half a
+  float32 SVD's time on CPU, with :func:`svd` where the kept singular values span more than
+  :data:`GRAM_SPAN` or reach zero), sliced from :func:`svd` (``"full"``, exact) or from
+  ``torch.svd_lowrank`` (``"lowrank"``: randomized range finder
   with ``max(oversample, k)`` extra columns and ``niter`` power iterations, seeded inside
   ``fork_rng`` so that it is deterministic and leaves the global RNG alone). ``lowrank`` is about
   twice as cheap as a full SVD for ``k <= min(m, n) / 8``, and accurate when the spectrum has
