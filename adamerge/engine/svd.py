@@ -6,8 +6,8 @@
   recomputed in float64 and the fallback is logged (float32 SVDs of Iso-CTS's rank-deficient
   projected task matrices were reported not to converge on ViT-B/32 shapes).
 * :func:`top_svd`: only the top ``k`` singular triplets, from the float64 eigendecomposition of
-  the Gram matrix of the smaller side (``solver="gram"``, exact up to round-off, about half a
-  float32 SVD's time on CPU, with :func:`svd` where the kept singular values span more than
+  the Gram matrix of the smaller side (``solver="gram"``, exact up to round-off, 0.6-0.75x a
+  float32 SVD's time on CPU for ViT-B/32 shapes, with :func:`svd` where the kept singular values span more than
   :data:`GRAM_SPAN` or reach zero), sliced from :func:`svd` (``"full"``, exact) or from
   ``torch.svd_lowrank`` (``"lowrank"``: randomized range finder
   with ``max(oversample, k)`` extra columns and ``niter`` power iterations, seeded inside
@@ -143,7 +143,7 @@ def top_svd(x: torch.Tensor, k: int, solver: Solver = "full", name: str = "",
 
     ``solver``: ``full`` slices :func:`svd`; ``gram`` takes them from the float64 eigenvectors of
     the Gram matrix of the smaller side (``X^T X`` or ``X X^T``): more accurate than a float32 SVD
-    and about half its time on CPU for ``k`` around ``r / 8``, falling back to :func:`svd` (logged)
+    and 0.6-0.75x its time on CPU for ViT-B/32 shapes, falling back to :func:`svd` (logged)
     for a stack whose top ``k`` singular values span more than :data:`GRAM_SPAN` or reach zero
     (rank-deficient), where squaring would lose their digits; ``lowrank`` uses ``torch.svd_lowrank`` with
     :func:`lowrank_columns` columns and ``niter`` power iterations, seeded by ``seed`` (float64 when

@@ -50,8 +50,8 @@ Differences from the official code (results equal up to SVD round-off unless sta
 * TSV-M's per-task top triplets come, by default (``solver="gram"``), from one batched float64
   ``eigh`` of the K Gram matrices of a parameter's smaller side (``V`` and ``S^2``; ``U = X V / S``),
   not from K float32 SVDs: equal up to round-off and closer to a float64 SVD (relative error of the
-  merge 3-5e-6 vs 7-34e-6 for the official float32 code on ViT-B/32 shapes), in about half the
-  time. A stack whose top ``r / K`` singular values span more than 1e4 or reach zero (rank-deficient
+  merge 3-5e-6 vs 7-34e-6 for the official float32 code on ViT-B/32 shapes), in 0.59x the
+  official code's time (``adamerge bench --svd``). A stack whose top ``r / K`` singular values span more than 1e4 or reach zero (rank-deficient
   task vectors) takes the float32 SVD instead (logged). ``solver="full"`` is the official float32
   SVD (batched; a wide matrix through its transpose, which LAPACK decomposes faster).
   TSV-M's ``solver="lowrank"`` (opt-in)
@@ -183,7 +183,7 @@ def tsv_m(task_vectors: TaskVectors, base: Mapping[str, torch.Tensor], scaling: 
 
     Args:
         solver: how each task's top triplets are computed: ``gram`` (default; float64
-            eigendecomposition of the Gram matrix, more accurate than a float32 SVD and ~0.5x the
+            eigendecomposition of the Gram matrix, more accurate than a float32 SVD and 0.59x the
             official code's time on CPU), ``full`` (float32 SVD, as the official code) or
             ``lowrank`` (randomized, approximate; see the module doc and :mod:`adamerge.engine.svd`).
         exclude: globs of 2-D task vectors to average instead (default: ``*text_projection*``).
