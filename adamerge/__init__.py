@@ -7,16 +7,12 @@ Lightning modules) -> ``compare`` / ``report`` (tables) -> ``commands`` (the CLI
 the offline synthetic benchmark.
 """
 
-from . import _aliases
-
-_aliases.install()  # old module paths (adamerge.suite, ...) keep working for one release
-
 from .compare import CompareSettings, compare
 from .data import DatasetSource, FolderSource, HFSource, InMemorySource, MultiTaskDataModule
 from .engine import MergedModel, TaskVectors, entropy
 from .exported import ExportedModel
 from .io import CheckpointError, load_state_dict, save_state_dict
-from .methods import WEMoE, AdaMerging, AdaRank, Method, Surgery, Tinting, registry
+from .methods import WEMoE, AdaMerging, AdaRank, Method, Surgery, Tinting, TwinMerging, registry
 from .models import CheckpointPool, LoadedPool, ModelPool, OpenCLIPPool, PreloadedPool
 from .report import evaluate
 from .suites import SuitePool, SuiteSource
@@ -24,6 +20,6 @@ from .suites import SuitePool, SuiteSource
 __all__ = ["AdaMerging", "AdaRank", "CheckpointError", "CheckpointPool", "CompareSettings", "DatasetSource",
            "ExportedModel", "FolderSource", "HFSource", "InMemorySource", "LoadedPool", "MergedModel", "Method",
            "ModelPool", "MultiTaskDataModule", "OpenCLIPPool", "PreloadedPool", "SuitePool",
-           "SuiteSource", "Surgery", "TaskVectors", "Tinting", "WEMoE", "compare", "entropy", "evaluate", "load_state_dict",
+           "SuiteSource", "Surgery", "TaskVectors", "Tinting", "TwinMerging", "WEMoE", "compare", "entropy", "evaluate", "load_state_dict",
            "registry", "save_state_dict"]
 __version__ = "0.1.0"

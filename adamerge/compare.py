@@ -65,6 +65,135 @@ def _git_commit() -> str | None:
         return None
 
 
+@dataclass
+class Bench:
+    """What every kind's runner sees: the pool, the data, the evaluation sets and settings."""
+
+    loaded: LoadedPool
+    datamodule: MultiTaskDataModule
+    settings: CompareSettings
+    out: Path
+    eval_sets: dict[str, Any]
+    val_sets: dict[str, Any] | None
+    say: Callable[[str], None]
+    final_checkpoints: dict[str, Path] = field(default_factory=dict)  # learned row -> its checkpoint
+
+    def __post_init__(self) -> None:
+        encoder, tv = self.loaded.encoder, self.loaded.task_vectors
+        self.task_vectors = tv.to_dense() if hasattr(tv, "to_dense") else tv  # LoRA: static merges take dense
+        self.heads = {**self.loaded.heads, **self.loaded.unseen_heads}
+        self.base = {n: p.detach() for n, p in encoder.named_parameters()}
+
+    def evaluate(self, params: Mapping[str, Any], sets: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Per-task accuracy of the base encoder with ``params`` (each task's head)."""
+        return evaluate(self.loaded.encoder, params, self.heads, self.eval_sets if sets is None else sets,
+                        self.datamodule.eval_batch_size)
+
+    def adaptation_data(self) -> dict[str, Any]:
+        """Each merged task's adaptation split (what fitted methods take their statistics from)."""
+        return {t: self.datamodule.adaptation_dataset(t) for t in self.loaded.task_vectors.task_names}
+
+    def grids(self, method: registry.Method, fixed: Mapping[str, Any]) -> dict[str, tuple]:
+        """The hyper-parameters of ``method`` to pick on the labeled split (none without one)."""
+        if not self.val_sets:
+            return {}
+        return {k: g for k, g in {**method.tune, **self.settings.grids.get(method.name, {})}.items()
+                if k not in fixed}
+
+
+def one_model(method: registry.Method, loaded: LoadedPool, datamodule: MultiTaskDataModule,
+              hp: Mapping[str, Any]) -> dict[str, Any]:
+    """The one model of a static or fitted row with hyper-parameters ``hp``, as the encoder
+    parameters it sets (``compare`` and ``adamerge export --method``)."""
+    if method.kind == "static":
+        tv = loaded.task_vectors
+        tv = tv.to_dense() if hasattr(tv, "to_dense") else tv
+        return method.build(tv, {n: p.detach() for n, p in loaded.encoder.named_parameters()}, **hp)
+    if method.kind == "fitted":
+        return method.build(loaded, {t: datamodule.adaptation_dataset(t) for t in loaded.task_vectors.task_names}, **hp)
+    raise ValueError(f"{method.name} is a {method.kind} method: it has no single merged model")
+
+
+def merged_state(bench: Bench, method: registry.Method, hp: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`one_model` on the bench's pool (the dense task vectors are made once)."""
+    if method.kind == "static":
+        return method.build(bench.task_vectors, bench.base, **hp)
+    return one_model(method, bench.loaded, bench.datamodule, hp)
+
+
+def run_one_model(bench: Bench, method: registry.Method, hp: dict[str, Any],
+                  fixed: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Static and fitted rows: one model; ``tune`` grids picked on the labeled split."""
+    grids, tuned = bench.grids(method, fixed), {}
+    if grids:
+        best, best_acc = None, -1.0
+        for point in itertools.product(*grids.values()):
+            accs = bench.evaluate(merged_state(bench, method, {**hp, **dict(zip(grids, point))}), bench.val_sets)
+            avg = sum(accs.values()) / len(accs)
+            if avg > best_acc:
+                best, best_acc = dict(zip(grids, point)), avg
+        tuned = best
+        bench.say(f"  {method.name}: {', '.join(f'{k} {v}' for k, v in best.items())} picked on the "
+                  f"'{bench.settings.val_split}' split (val avg {best_acc:.1f})")
+        hp.update(tuned)
+    return bench.evaluate(merged_state(bench, method, hp)), tuned
+
+
+def run_per_task(bench: Bench, method: registry.Method, hp: dict[str, Any],
+                 fixed: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-task rows: each task evaluated with its own model; a tuned value is picked per task
+    on that task's labeled split (``{hparam: {task: value}}``)."""
+    grids, tuned = bench.grids(method, fixed), {}
+    if grids:
+        best: dict[str, tuple[float, tuple]] = {}
+        for point in itertools.product(*grids.values()):
+            for t, params in method.build(bench.loaded, **{**hp, **dict(zip(grids, point))}).items():
+                acc = bench.evaluate(params(), {t: bench.val_sets[t]})[t]
+                if t not in best or acc > best[t][0]:
+                    best[t] = (acc, point)
+        tuned = {k: {t: best[t][1][i] for t in best} for i, k in enumerate(grids)}
+        bench.say(f"  {method.name}: " + "; ".join(f"{k} " + ", ".join(f"{t} {v}" for t, v in vals.items())
+                                                   for k, vals in tuned.items())
+                  + f" picked per task on the '{bench.settings.val_split}' split")
+        hp.update(tuned)
+    accs: dict[str, float] = {}
+    for t, params in method.build(bench.loaded, **hp).items():
+        accs.update(bench.evaluate(params(), {t: bench.eval_sets[t]}))
+    return accs, tuned
+
+
+def run_learned(bench: Bench, method: registry.Method, hp: dict[str, Any],
+                fixed: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Learned rows: a Lightning ``Trainer`` on the unlabeled adaptation stream, then the final
+    checkpoint (``runs/<row>/final.ckpt``) and the per-task accuracy of the module."""
+    s, out, name = bench.settings, bench.out, method.name
+    if method.starts_from and "init_from" not in fixed:
+        hp["init_from"] = str(bench.final_checkpoints[method.starts_from])
+    L.seed_everything(s.seed, verbose=False)
+    model = method.build(PreloadedPool(bench.loaded), **hp)
+    data = bench.datamodule.with_options(**method.data) if method.data else bench.datamodule
+    with quiet_lightning():  # hides Lightning's tips and the frozen base's eval-mode warning
+        trainer = L.Trainer(default_root_dir=out / "runs" / name, max_steps=s.steps,
+                            accelerator=s.accelerator, devices=1, limit_val_batches=0,
+                            check_val_every_n_epoch=None, val_check_interval=s.steps + 1,
+                            log_every_n_steps=10, enable_model_summary=False,
+                            enable_checkpointing=False,
+                            callbacks=[registry.RecordRow(),
+                                       CoefficientHeatmap(str(out / f"coefficients_{name}.png"))],
+                            logger=L.pytorch.loggers.TensorBoardLogger(out / "runs", name=name))
+        trainer.fit(model, data)
+        bench.final_checkpoints[name] = out / "runs" / name / "final.ckpt"
+        # what Lightning's default saves (naming it drops Lightning's 'not set' notice); the
+        # module's on_save_checkpoint keeps only its learned tensors of the state dict
+        trainer.save_checkpoint(bench.final_checkpoints[name], weights_only=False)
+    return model.accuracies(bench.eval_sets, bench.datamodule.eval_batch_size), {}
+
+
+# kind -> runner: ``(bench, method, hparams, fixed) -> (per-task accuracy, tuned values)``
+RUNNERS: dict[str, Callable[..., tuple[dict[str, float], dict[str, Any]]]] = {
+    "static": run_one_model, "fitted": run_one_model, "per_task": run_per_task, "learned": run_learned}
+
+
 def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
             settings: CompareSettings | None = None, methods: Sequence[str] | None = None,
             suite: str = "custom", say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -87,45 +216,11 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
     eval_sets = {t: datamodule.eval_dataset(t) for t in loaded.eval_tasks}
     # hyper-parameters are picked on the merged tasks only: unseen tasks stay unseen
     val_sets = {t: datamodule.dataset(t, s.val_split) for t in tasks} if s.val_split else None
-    encoder, tv = loaded.encoder, loaded.task_vectors
-    if hasattr(tv, "to_dense"):  # LoRA experts: static merges (TA, TIES, ...) take dense vectors
-        tv = tv.to_dense()
-    heads = {**loaded.heads, **loaded.unseen_heads}
-    base = {n: p.detach() for n, p in encoder.named_parameters()}
-    ev = lambda params, sets=eval_sets: evaluate(encoder, params, heads, sets, datamodule.eval_batch_size)
+    bench = Bench(loaded, datamodule, s, out, eval_sets, val_sets, say)
     rows: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     tuned: dict[str, dict[str, Any]] = {}
     used: dict[str, dict[str, Any]] = {}
-    final_checkpoints: dict[str, Path] = {}  # learned method -> its checkpoint after training
-
-    def pick(method: registry.Method, hp: dict[str, Any], grids: Mapping[str, tuple]) -> dict[str, Any]:
-        """The grid point with the best average accuracy on the validation split."""
-        best, best_acc = None, -1.0
-        for point in itertools.product(*grids.values()):
-            trial = {**hp, **dict(zip(grids, point))}
-            accs = ev(method.build(tv, base, **trial), val_sets)
-            avg = sum(accs.values()) / len(accs)
-            if avg > best_acc:
-                best, best_acc = dict(zip(grids, point)), avg
-        picked = ", ".join(f"{k} {v}" for k, v in best.items())
-        say(f"  {method.name}: {picked} picked on the '{s.val_split}' split (val avg {best_acc:.1f})")
-        return best
-
-    def pick_per_task(method: registry.Method, hp: dict[str, Any], grids: Mapping[str, tuple]) -> dict[str, Any]:
-        """Per task, the grid point whose model of that task is best on that task's validation
-        split: ``{hparam: {task: value}}`` (a per-task method takes a value or a task mapping)."""
-        best: dict[str, tuple[float, tuple]] = {}
-        for point in itertools.product(*grids.values()):
-            for t, params in method.build(loaded, **{**hp, **dict(zip(grids, point))}).items():
-                acc = evaluate(encoder, params(), heads, {t: val_sets[t]}, datamodule.eval_batch_size)[t]
-                if t not in best or acc > best[t][0]:
-                    best[t] = (acc, point)
-        picked = {k: {t: best[t][1][i] for t in best} for i, k in enumerate(grids)}
-        say(f"  {method.name}: " + "; ".join(f"{k} " + ", ".join(f"{t} {v}" for t, v in vals.items())
-                                              for k, vals in picked.items())
-            + f" picked per task on the '{s.val_split}' split")
-        return picked
 
     for i, name in enumerate(methods, 1):
         t0 = time.perf_counter()
@@ -133,41 +228,9 @@ def compare(loaded: LoadedPool, datamodule: MultiTaskDataModule, out: Path,
         method = registry.get(name)
         fixed = s.hparams.get(name, {})
         hp = method.resolve(fixed)
-        if method.kind == "static":
-            grids = {k: g for k, g in {**method.tune, **s.grids.get(name, {})}.items() if k not in fixed}
-            if grids and val_sets:
-                tuned[name] = pick(method, hp, grids)
-                hp.update(tuned[name])
-            rows[name] = ev(method.build(tv, base, **hp))
-        elif method.kind == "per_task":
-            grids = {k: g for k, g in {**method.tune, **s.grids.get(name, {})}.items() if k not in fixed}
-            if grids and val_sets:
-                tuned[name] = pick_per_task(method, hp, grids)
-                hp.update(tuned[name])
-            rows[name] = {}
-            for t, params in method.build(loaded, **hp).items():
-                rows[name].update(evaluate(encoder, params(), heads, {t: eval_sets[t]},
-                                           datamodule.eval_batch_size))
-        else:
-            if method.starts_from and "init_from" not in fixed:
-                hp["init_from"] = str(final_checkpoints[method.starts_from])
-            L.seed_everything(s.seed, verbose=False)
-            model = method.build(PreloadedPool(loaded), **hp)
-            data = datamodule.with_options(**method.data) if method.data else datamodule
-            with quiet_lightning():  # hides Lightning's tips and the frozen base's eval-mode warning
-                trainer = L.Trainer(default_root_dir=out / "runs" / name, max_steps=s.steps,
-                                    accelerator=s.accelerator, devices=1, limit_val_batches=0,
-                                    check_val_every_n_epoch=None, val_check_interval=s.steps + 1,
-                                    log_every_n_steps=10, enable_model_summary=False,
-                                    enable_checkpointing=False,
-                                    callbacks=[CoefficientHeatmap(str(out / f"coefficients_{name}.png"))],
-                                    logger=L.pytorch.loggers.TensorBoardLogger(out / "runs", name=name))
-                trainer.fit(model, data)
-                final_checkpoints[name] = out / "runs" / name / "final.ckpt"
-                # what Lightning's default saves (naming it drops Lightning's 'not set' notice); the
-                # module's on_save_checkpoint keeps only its learned tensors of the state dict
-                trainer.save_checkpoint(final_checkpoints[name], weights_only=False)
-            rows[name] = model.accuracies(eval_sets, datamodule.eval_batch_size)
+        rows[name], picked = RUNNERS[method.kind](bench, method, hp, fixed)
+        if picked:
+            tuned[name] = picked
         used[name] = {**hp, **({"data": dict(method.data)} if method.data else {})}
         timings[name] = time.perf_counter() - t0
         row = summarize(rows[name], None, unseen)

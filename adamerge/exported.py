@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io.checkpoints import CheckpointError, load_state_dict
+from .io.checkpoints import load_state_dict
 
 MANIFEST = "export.json"
 
@@ -38,8 +38,14 @@ def build_encoder(recipe: Mapping[str, Any]) -> nn.Module:
 
 
 class ExportedModel(nn.Module):
-    """The merged encoder of an export folder with each task's head (and Surgery adapters /
-    WEMoE routing when the export has them); ``model(images, task)`` gives that task's logits.
+    """The merged encoder of an export folder with each task's head (and the per-task modules or
+    the routing of methods that have them); ``model(images, task)`` gives that task's logits.
+
+    Which files a method wrote and how they are read back is the method's own business: the
+    method recorded in ``export.json`` names, through the registry
+    (:func:`adamerge.methods.registry.export_reader`), the class whose ``load_export`` rebuilds the
+    encoder (WEMoE's and Twin-Merging's routing included) and whose ``load_export_task_modules``
+    rebuilds the per-task modules (Surgery's adapters).
 
     Attributes:
         tasks: every task with a head (merged ones first, then unseen ones).
@@ -48,7 +54,7 @@ class ExportedModel(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, heads: Mapping[str, torch.Tensor], normalize: bool,
-                 task_modules: Mapping[str, torch.Tensor] | None = None,
+                 task_modules: Mapping[str, nn.Module] | None = None,
                  manifest: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
@@ -58,20 +64,20 @@ class ExportedModel(nn.Module):
         listed = [t for t in self.manifest.get("tasks", []) + self.manifest.get("unseen_tasks", []) if t in found]
         self.tasks = listed + [t for t in found if t not in listed]
         self.unseen_tasks = list(self.manifest.get("unseen_tasks", []))
-        for name, tensors in (("heads", heads), ("adapters", task_modules or {})):
-            holder = nn.Module()
-            for k, v in tensors.items():
-                holder.register_buffer(k.replace(".", "__"), v)
-            setattr(self, name, holder)
+        self.heads = nn.Module()
+        for k, v in heads.items():
+            self.heads.register_buffer(k.replace(".", "__"), v)
+        self.task_modules = nn.ModuleDict(dict(task_modules or {})).eval().requires_grad_(False)
 
-    def _get(self, holder: nn.Module, key: str) -> torch.Tensor | None:
-        return getattr(holder, key.replace(".", "__"), None)
+    def _head(self, key: str) -> torch.Tensor | None:
+        return getattr(self.heads, key.replace(".", "__"), None)
 
     @classmethod
     def from_folder(cls, folder: str | Path, encoder: nn.Module | None = None) -> "ExportedModel":
-        """Load ``folder`` (``merged.safetensors``, ``heads.safetensors``, optional
-        ``task_modules.safetensors`` / ``wemoe.safetensors``, ``export.json``); ``encoder`` is
-        the architecture when the export has no recipe for it."""
+        """Load ``folder`` (``merged.safetensors``, ``heads.safetensors``, ``export.json`` and
+        the method's own files); ``encoder`` is the architecture when the export has no recipe
+        for it."""
+        from .methods.registry import export_reader
         folder = Path(folder)
         for f in ("merged.safetensors", "heads.safetensors"):
             if not (folder / f).is_file():
@@ -84,21 +90,13 @@ class ExportedModel(nn.Module):
                                  "custom module); pass the architecture: "
                                  "ExportedModel.from_folder(folder, encoder=MyEncoder(...))")
             encoder = build_encoder(recipe)
-        if (folder / "wemoe.safetensors").is_file():
-            from .methods.wemoe import load_wemoe
-            load_wemoe(encoder, folder)  # loads merged.safetensors too
-        else:
-            state = load_state_dict(folder / "merged.safetensors")
-            result = encoder.load_state_dict(state, strict=False)
-            if result.missing_keys or result.unexpected_keys:
-                raise CheckpointError(f"{folder / 'merged.safetensors'}: does not fit "
-                                      f"{type(encoder).__name__}: missing {result.missing_keys[:4]}, "
-                                      f"unexpected {result.unexpected_keys[:4]}")
+        reader = export_reader(manifest.get("method"))
+        encoder = reader.load_export(encoder, folder)
         from safetensors import safe_open
         with safe_open(str(folder / "heads.safetensors"), "pt") as f:
             normalize = (f.metadata() or {}).get("normalize_features") == "true"
         heads = load_state_dict(folder / "heads.safetensors")
-        mods = (load_state_dict(folder / "task_modules.safetensors")
+        mods = (reader.load_export_task_modules(load_state_dict(folder / "task_modules.safetensors"))
                 if (folder / "task_modules.safetensors").is_file() else None)
         return cls(encoder, heads, normalize, mods, manifest)
 
@@ -108,11 +106,10 @@ class ExportedModel(nn.Module):
             from .errors import unknown_name
             raise ValueError(unknown_name("task", task, self.tasks, where=" in this export"))
         f = self.encoder(images)
-        down, up = self._get(self.adapters, f"{task}.down"), self._get(self.adapters, f"{task}.up")
-        if down is not None:  # Surgery: remove the task's representation bias before the head
-            f = f - torch.relu(f @ down.T) @ up.T
+        if task in self.task_modules:  # e.g. Surgery: the task's representation bias removed
+            f = self.task_modules[task](f)
         if self.normalize:
             f = F.normalize(f, dim=-1)
-        w, b = self._get(self.heads, f"{task}.weight"), self._get(self.heads, f"{task}.bias")
+        w, b = self._head(f"{task}.weight"), self._head(f"{task}.bias")
         z = f.to(w.dtype) @ w.T
         return z + b if b is not None else z

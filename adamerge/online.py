@@ -71,9 +71,10 @@ def run_online(model, datasets: Mapping[str, Dataset], out: str | Path, batch_si
         raise ValueError(f"no stream data for the model's tasks {model.task_names}; got {list(datasets)}")
     order = stream_order({t: len(datasets[t]) for t in tasks}, seed)
     steps = max((len(v) + batch_size - 1) // batch_size for v in order.values())
-    optimizer = model.configure_optimizers()
-    if isinstance(optimizer, dict):
-        optimizer = optimizer["optimizer"]
+    reason = model.refusal("online") if hasattr(model, "refusal") else None
+    if reason:
+        raise ValueError(f"{type(model).__name__} cannot run online: {reason}")
+    optimizer, scheduler = _optimizers(model.optimizers_for(steps))
     pred_path, state_path = out / "predictions.csv", out / "state.pt"
     start, rows = 0, 0
     if state_path.exists():
@@ -88,6 +89,8 @@ def run_online(model, datasets: Mapping[str, Dataset], out: str | Path, batch_si
             for k, v in model.learned_state().items():
                 v.copy_(state["learned"][k])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         start, rows = state["step"], state["rows"]
         _truncate_csv(pred_path, rows)
         say(f"continuing at step {start} of {steps} ({rows} answers kept)")
@@ -109,11 +112,11 @@ def run_online(model, datasets: Mapping[str, Dataset], out: str | Path, batch_si
                     labels[t] = [label_of(it) for it in items]
             rows += _answer(model, batch, labels, step, writer)
             f.flush()
-            _adapt(model, optimizer, batch, step)
+            _adapt(model, optimizer, scheduler, batch, step)
             done = step + 1
             if done % checkpoint_every == 0 or done == steps or done == stop_after:
                 os.fsync(f.fileno())
-                _save(state_path, model, optimizer, tasks, seed, batch_size, done, rows)
+                _save(state_path, model, optimizer, scheduler, tasks, seed, batch_size, done, rows)
             if stop_after is not None and done >= stop_after:
                 break
     return summarize_online(pred_path, steps)
@@ -135,20 +138,35 @@ def _answer(model, batch, labels, step: int, writer) -> int:
     return n
 
 
-def _adapt(model, optimizer, batch, step: int) -> None:
-    """One optimizer step of the method's objective on the batch just answered (tasks whose part
-    of the stream is exhausted simply have no images in it)."""
+def _optimizers(configured) -> tuple[torch.optim.Optimizer, object | None]:
+    """The optimizer and the per-step scheduler (if any) of ``optimizers_for``'s answer."""
+    if isinstance(configured, dict):
+        sched = configured.get("lr_scheduler")
+        if isinstance(sched, dict):
+            sched = sched["scheduler"]
+        return configured["optimizer"], sched
+    return configured, None
+
+
+def _adapt(model, optimizer, scheduler, batch, step: int) -> None:
+    """One optimizer step on the batch just answered, through the method's own
+    ``adaptation_step`` (what ``fit``'s ``training_step`` runs: the same objective, per-step
+    state and NaN checks), then the gradient check and the scheduler step of ``fit``. Tasks whose
+    part of the stream is exhausted simply have no images in it."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    losses = model.task_losses({t: b[0] for t, b in batch.items()}, {t: b[1] for t, b in batch.items()},
-                               model._train_params())
-    torch.stack(list(losses.values())).sum().backward()
+    model.adaptation_step(batch, step, every_task=False).backward()
+    model.check_gradients()
     optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
 
 
-def _save(path: Path, model, optimizer, tasks, seed, batch_size, step, rows) -> None:
+def _save(path: Path, model, optimizer, scheduler, tasks, seed, batch_size, step, rows) -> None:
     state = {"learned": {k: v.detach().cpu().clone() for k, v in model.learned_state().items()},
-             "optimizer": optimizer.state_dict(), "step": step, "rows": rows, "tasks": list(tasks),
+             "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "step": step, "rows": rows, "tasks": list(tasks),
              "seed": seed, "batch_size": batch_size, "method": model.method, "fingerprint": model.fingerprint}
     with atomic_write(path) as tmp:
         torch.save(state, tmp)

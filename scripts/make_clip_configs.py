@@ -115,30 +115,12 @@ COMMENTS = {
 DATA_COMMENTS = {"shots": "labeled images per class per task (few-shot supervised objective)",
                  "shots_split": "where the shots come from (not the evaluated test split)"}
 
-# Per module class: the header note and (steps, note) of the trainer.
-NOTES = {
-    "AdaMerging": ("# Paper defaults (Yang et al., ICLR 2024): prior 0.3, Adam lr 1e-3, 500 steps, 16 unlabeled test\n"
-                   "# images per task per step, coefficients clamped to [0, 1].", 500, "paper: 500"),
-    "Surgery": ("# Representation Surgery (Yang et al., ICML 2024; EnnengYang/RepresentationSurgery): a rank-16\n"
-                "# adapter per task on the encoder output, L1 to the expert's features, Adam lr 1e-3; the\n"
-                "# coefficients stay fixed. Schedule differences from the official code: docs/fidelity.md.",
-                1000, "official: 500 x 8 tasks x 2 one-task steps; FusionBench: 1000"),
-    "WEMoE": ("# WEMoE (Tang et al., ICML 2024; tanganke/weight-ensembling_MoE): task arithmetic 0.3 outside the\n"
-              "# MLPs, a router per block mixing the MLP task vectors per sample, Adam lr 1e-3 + cosine,\n"
-              "# entropy. Differences from the official code: docs/fidelity.md.", 1000,
-              "official: 1000 (scripts/clip_dictmoe.py)"),
-    "AdaRank": ("# AdaRank (Lee et al., 2025; david3684/AdaRank): layer-wise coefficients + straight-through masks\n"
-                "# over the singular components of the blocks' attention/MLP task vectors, entropy, Adam lr\n"
-                "# 1e-3. Differences from the official code (CART variant, oracle step selection): docs/fidelity.md.",
-                10000, "official: 10000 (configs/hydra_default.yaml)"),
-    "TwinMerging": ("# Twin-Merging (Lu et al., NeurIPS 2024; LZY-the-boys/Twin-Merging): task arithmetic 0.29 as the shared\n"
-                    "# expert, each expert's exclusive part truncated to 10% of its rank, mixed per input by a router on the\n"
-                    "# shared model's features, trained on task identity (Adam lr 5e-4). Differences: adamerge/methods/twin.py.",
-                    500, "ours; official: 50 epochs of its router trainer"),
-    "Tinting": ("# Model Tinting (AIM-SKKU/SyMerge, src/main_symerge.py): layer-wise coefficients + one trainable\n"
-                "# head per task, CE to confident expert pseudo-labels, Adam lr 1e-2. Differences from the\n"
-                "# official schedule: docs/fidelity.md.", 500, "official: 500 epochs of one step per task"),
-}
+def header(name: str) -> tuple[str, int, str]:
+    """A learned row's config header, its steps and their source, from its registry entry."""
+    import textwrap
+    method = registry.get(name)
+    note = "\n".join(textwrap.wrap(method.note, 100, initial_indent="# ", subsequent_indent="# "))
+    return note, method.steps, method.steps_note
 
 
 def model_block(name: str, model: str, experts: str, n: int, big: bool, stem_of,
@@ -146,7 +128,8 @@ def model_block(name: str, model: str, experts: str, n: int, big: bool, stem_of,
     """The ``model:`` section of one method's config (``unseen``: tasks evaluated, not merged)."""
     method = registry.get(name)
     hp = method.defaults()
-    hp["per_task_backward"] = big
+    if "per_task_backward" in hp:  # only where the method's constructor takes it
+        hp["per_task_backward"] = big
     unseen_line = (f"\n    unseen_tasks: [{', '.join(unseen)}]"
                    "   # zero-shot heads only: evaluated, not merged, not adapted on" if unseen else "")
     pool = POOL.format(model=model, pretrained="openai", experts=experts, unseen=unseen_line)
@@ -199,13 +182,12 @@ def main() -> None:
             tasks = SUITES[suite]
             stem_of = lambda name: f"clip-{key}_{n}tasks_{suffix_of[name]}"
             for suffix, method in config_methods().items():
-                cls = registry.get(method).build.__name__
-                if cls != "AdaMerging" and n not in ADD_ON_COUNTS:
+                if registry.get(method).build is not AdaMerging and n not in ADD_ON_COUNTS:
                     continue
                 name = f"{stem_of(method)}.yaml"
                 experts = "\n".join(f"      {t}: experts/{model}/{t}.safetensors" for t in tasks)
                 big = key == "vit-l-14" or n > 8
-                note, steps, steps_note = NOTES[cls]
+                note, steps, steps_note = header(method)
                 text = TEMPLATE.format(
                     title=name, method_doc=registry.get(method).description, n=n, model=model,
                     pretrained="openai", name=name, stem=name.removesuffix(".yaml"),
@@ -246,7 +228,7 @@ def protocol_configs() -> None:
     for tag, spec in PROTOCOLS.items():
         name = f"clip-{key}_{tag}_layerwise.yaml"
         experts = "\n".join(f"      {t}: experts/{model}/{t}.safetensors" for t in spec["tasks"])
-        note, steps, steps_note = NOTES["AdaMerging"]
+        note, steps, steps_note = header(method)
         text = TEMPLATE.format(
             title=name, method_doc=registry.get(method).description, n=len(spec["tasks"]), model=model,
             pretrained="openai", name=name, stem=name.removesuffix(".yaml"),

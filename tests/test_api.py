@@ -1,15 +1,11 @@
-"""The public API: the README's Python snippet runs, and module paths of adamerge 0.1 still load
-(with a warning) from imports and from YAML configs."""
+"""The public API: the README's Python snippet runs and every public name imports."""
 
-import importlib
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 import adamerge
-from adamerge._aliases import MOVED, MovedModuleWarning
 from adamerge.commands.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,26 +32,8 @@ def test_public_names_are_importable():
         assert getattr(adamerge, name) is not None, name
 
 
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_old_module_paths_import_with_a_warning(old, monkeypatch):
-    monkeypatch.delitem(sys.modules, old, raising=False)
-    with pytest.warns(MovedModuleWarning, match=f"{re.escape(old)} is deprecated .* use {re.escape(MOVED[old])}"):
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(MOVED[old])
-
-
-def test_old_class_path_in_a_yaml_config_still_runs(tmp_path, monkeypatch):
-    """A user's YAML written for adamerge 0.1 (``adamerge.suite.SuitePool``) fits, with a warning."""
-    for old in ("adamerge.suite", "adamerge.pool"):
-        monkeypatch.delitem(sys.modules, old, raising=False)
-    config = (ROOT / "configs" / "tiny.yaml").read_text()
-    assert "adamerge.suites.SuitePool" in config and "adamerge.suites.SuiteSource" in config
-    old_config = tmp_path / "old.yaml"
-    old_config.write_text(config.replace("adamerge.suites.SuitePool", "adamerge.suite.SuitePool")
-                          .replace("adamerge.suites.SuiteSource", "adamerge.suite.SuiteSource"))
-    with pytest.warns(MovedModuleWarning, match="adamerge.suite is deprecated"):
-        code = main(["fit", "--config", str(old_config), "--trainer.default_root_dir", str(tmp_path / "run"),
-                     "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                     "--trainer.enable_progress_bar", "false"])
-    assert code == 0
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+def test_every_learned_class_of_the_registry_is_public():
+    from adamerge.methods import registry
+    for name in registry.names("learned"):
+        cls = registry.get(name).build
+        assert getattr(adamerge, cls.__name__) is cls, cls.__name__

@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from adamerge.commands.main import main
+from adamerge.methods.registry import names as registry_names
 from adamerge.data.hf import CachedImages, HFSource
 from adamerge.data.tasks import get_task, load_registry, suites
 from adamerge.data.transforms import clip_transform
@@ -507,9 +508,8 @@ def test_clip_configs_are_consistent():
             assert f"clip-{model}_8tasks_{g}.yaml" in names
         assert f"clip-{model}_14tasks_layerwise.yaml" in names
         assert f"clip-{model}_20tasks_layerwise.yaml" in names
-        for m in ("layerwise_surgery", "task_arithmetic_surgery", "tinting", "wemoe", "adarank",
-                  "layerwise_fewshot", "layerwise_pseudolabel"):
-            assert f"clip-{model}_8tasks_{m}.yaml" in names
+        for m in registry_names("learned"):  # every learned row has its 8-task config
+            assert f"clip-{model}_8tasks_{m.removeprefix('adamerging_')}.yaml" in names
     import open_clip
     from adamerge.methods import registry
     reg = load_registry()
@@ -532,13 +532,13 @@ def test_clip_configs_are_consistent():
         assert (pool["model"], pool["pretrained"]) == (src["model"], src["pretrained"])
         n = int(path.name.split("_")[1].removesuffix("tasks"))
         assert len(src["tasks"]) == n
-        twin = method.name.startswith("twin_merging")  # its official values: scaling 0.29, lr 5e-4
-        assert model_args.get("prior", model_args.get("scaling")) == (0.29 if twin else 0.3)
-        assert model_args["lr"] == (0.01 if method.name == "tinting" else 5e-4 if twin else 0.001)
+        defaults = method.defaults()  # the recipe's values come from the registry row
+        assert model_args.get("prior", model_args.get("scaling")) == defaults.get("prior", defaults.get("scaling"))
+        assert model_args["lr"] == defaults["lr"]
+        assert set(model_args) - {"pool"} <= set(defaults), path.name  # only the builder's arguments
         assert cfg["data"]["batch_size"] == 16
         assert {k: cfg["data"][k] for k in method.data} == dict(method.data), path.name
-        steps = {"wemoe": 1000, "adarank": 10000}.get(method.name, 1000 if "surgery" in method.name else 500)
-        assert cfg["trainer"]["max_steps"] == steps, path.name
+        assert cfg["trainer"]["max_steps"] == method.steps, path.name
         assert model_args.get("trim") == (0.2 if "layerwise_pp" in path.name else None)
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,8 @@ from adamerge.commands.main import main
 from adamerge.methods import AdaMerging, registry
 from adamerge.methods.registry import Method
 from adamerge.methods.static import task_arithmetic
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_entry_declares_kind_description_and_resolvable_defaults():
@@ -118,3 +121,36 @@ def test_readme_method_table_matches_the_registry():
             if line.startswith("| `")]
     assert [(r[0].strip(" `"), r[1].strip(), r[2].strip() == "yes") for r in rows] == \
         [(n, registry.get(n).kind, registry.get(n).demo) for n in registry.names()]
+
+
+def test_a_module_is_named_after_its_row_and_a_preprocess_without_a_row_is_named_as_such():
+    """Row names come from the identity hyper-parameters (on 00f7573 ``preprocess: breadcrumbs``
+    was reported as ``adamerging_layerwise``); the row is recorded in every checkpoint."""
+    from adamerge import AdaMerging, Surgery
+    from adamerge.models.pool import PreloadedPool
+    from adamerge.suites.synthetic import SuitePool
+    pool = PreloadedPool(SuitePool("tiny").load())
+    assert registry.row_of(AdaMerging(pool))[0] == "adamerging_layerwise"
+    assert registry.row_of(AdaMerging(pool, lr=0.01, prior=0.2))[0] == "adamerging_layerwise"
+    assert registry.row_of(AdaMerging(pool, trim=0.2))[0] == "adamerging_layerwise_pp"
+    assert registry.row_of(AdaMerging(pool, preprocess="dare"))[0] == "adamerging_layerwise_dare"
+    name, description = registry.row_of(AdaMerging(pool, preprocess="breadcrumbs"))
+    assert name == "adamerging_layerwise (preprocess='breadcrumbs')" and "breadcrumbs" in description
+    assert registry.row_of(AdaMerging(pool, granularity="taskwise", trim=0.2))[0] == \
+        "adamerging_taskwise (trim=0.2)"
+    assert registry.row_of(Surgery(pool))[0] == "task_arithmetic_surgery"
+
+
+def test_fit_then_test_of_a_preprocess_without_a_row_reports_it(tmp_path, capsys):
+    import yaml
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["model"]["preprocess"] = "breadcrumbs"
+    cfg["trainer"].update(max_steps=2, val_check_interval=2, logger=False)
+    path = tmp_path / "bc.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    assert main(["fit", "--config", str(path), "--trainer.default_root_dir", str(run)]) == 0
+    assert main(["test", "--config", str(path), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
+                 "--trainer.default_root_dir", str(tmp_path / "test")]) == 0
+    results = json.loads(next((tmp_path / "test").rglob("results.json")).read_text())
+    assert list(results["methods"]) == ["adamerging_layerwise (preprocess='breadcrumbs')"]

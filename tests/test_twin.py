@@ -230,6 +230,15 @@ def test_export_then_load_twin_rebuilds_the_routed_model(tmp_path):
     x = images(5)
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), model.merged(x), atol=1e-6)
+    # ExportedModel finds Twin-Merging's reader through the registry (on 00f7573 it loaded the
+    # shared expert alone and answered without the router)
+    from adamerge.exported import ExportedModel
+    exported = ExportedModel.from_folder(tmp_path / "out", encoder=RandomPool(seed=9).load().encoder)
+    params = {k: v.detach() for k, v in model.merged.merged_parameters().items()}
+    with torch.no_grad():
+        for task in model.task_names:
+            torch.testing.assert_close(exported(x, task), model.task_logits({task: x}, params)[task],
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_open_clip_linear_layers_outside_attention_are_routed():

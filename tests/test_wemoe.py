@@ -194,3 +194,31 @@ def test_sigkill_mid_run_then_resume_gives_identical_routers(tmp_path):
     assert any(k.startswith("routers.") for k in a["state_dict"])
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), (key, at_kill)
+
+
+@pytest.mark.parametrize("cls", ["WEMoE", "TwinMerging"])
+def test_pseudo_label_targets_are_the_experts_own_features(cls):
+    """The expert feature cache of a method that routes inside its encoder (WEMoE, Twin-Merging)
+    uses the pool's encoder: each expert is base + its own task vector, not the routed copy
+    (on 00f7573 WEMoE's "experts" were base + tau_k + sum_j r_j tau_j, 0.1-0.4 off)."""
+    from torch.func import functional_call
+    import adamerge.methods as methods
+    loaded = SuitePool("tiny").load()
+    kwargs = {"objective": "pseudo_label"} if cls == "WEMoE" else {"objective": "entropy"}
+    model = getattr(methods, cls)(PreloadedPool(loaded), **kwargs)
+    model.needs_experts = True  # Twin's entropy objective reads no experts; the cache is shared code
+    source = SuiteSource("tiny")
+    datasets = {t: source.dataset(t, "test") for t in model.task_names}
+    model.use_adaptation_data(datasets, chunk=8)
+    idx = torch.arange(5)
+    for t in model.task_names:
+        x = torch.stack([datasets[t][int(i)][0] for i in idx])
+        expert = {n: p.detach().clone() for n, p in loaded.encoder.named_parameters()}
+        tv = loaded.task_vectors
+        k = tv.task_names.index(t)
+        for n, tau in zip(tv.names, tv.tensors):
+            expert[n] = expert[n] + tau[k]
+        with torch.no_grad():
+            want = functional_call(loaded.encoder, expert, (x,), strict=False)
+        torch.testing.assert_close(model.expert_features(t, idx, torch.device("cpu")), want,
+                                   rtol=1e-5, atol=1e-6)

@@ -122,6 +122,26 @@ def paper_protocol(loaded: Any, hparams: dict[str, dict[str, Any]]) -> dict[str,
     return out
 
 
+def config_hparams(model: Any, hparams: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``hparams`` with the config's model settings carried to the registry rows of the config's
+    class (an AdaMerging config's lr, prior, per_task_backward ... to every AdaMerging row; a
+    WEMoE config's to the WEMoE row): every argument of the row's builder except the class's
+    ``identity`` (what makes a row that row: granularity, trim, objective, init_from, ...) and
+    what the row itself sets. Rows of other classes keep their registry defaults (Surgery's and
+    Tinting's official learning rates, say); ``--hparam`` overrides both."""
+    config = dict(model.hparams)
+    out = {k: dict(v) for k, v in hparams.items()}
+    for name in registry.names("learned"):
+        method = registry.get(name)
+        if method.build is not type(model):
+            continue
+        keep = set(getattr(type(model), "identity", ())) | set(method.hparams)
+        carried = {k: v for k, v in config.items()
+                   if k in method.builder_defaults() and k not in keep}
+        out[name] = {**carried, **out.get(name, {})}
+    return out
+
+
 def compare_main(args: Sequence[str]) -> None:
     """``adamerge compare``: methods of the registry on the pool and data of a fit config."""
     from ..methods.adamerging import AdaMerging
@@ -133,12 +153,7 @@ def compare_main(args: Sequence[str]) -> None:
                       save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False},
                       subclass_mode_model=names_model_class(rest))
     model, dm = cli.model, cli.datamodule
-    # The config's learning rate and prior apply to the learned methods of the config's class
-    # (AdaMerging's rows for an AdaMerging config); the others (Surgery, Tinting: their own
-    # official lr) keep their registry defaults unless --hparam says otherwise.
-    for name in registry.names("learned"):
-        if registry.get(name).build is type(model):
-            hparams[name] = {"lr": model.lr, "prior": float(model.hparams.prior), **hparams.get(name, {})}
+    hparams = config_hparams(model, hparams)
     if ns.protocol == "paper":
         hparams = paper_protocol(model.loaded, hparams)
         dm = dm.with_options(batch_size=PAPER_BATCH_SIZE)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..io.export import export
+from ..io.export import export, export_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "coefficients (coefficients.json).")
     p.add_argument("--config", required=True, action="append",
                    help="the run's config file(s), as given to `adamerge fit`")
-    p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True,
+    p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", default=None,
                    help="checkpoint of the run (e.g. RUN/checkpoints/last.ckpt); its method must be the config's")
+    p.add_argument("--method", default=None,
+                   help="instead of a checkpoint: a static or fitted registry row (e.g. ties, tsv_m), merged "
+                        "on the config's pool with its defaults and --hparam values (`adamerge compare "
+                        "--methods` lists them; a tuned value of compare's results.json is passed with --hparam)")
+    p.add_argument("--hparam", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="--method: hyper-parameters of the row (JSON values), e.g. scaling=0.4 keep=0.1")
     p.add_argument("--out", required=True, help="output folder")
     p.epilog = ("Other options are config overrides as for fit, e.g. "
                 "--model.pool.init_args.head_cache DIR.")
@@ -44,9 +50,46 @@ def build_model(configs: Sequence[str], overrides: Sequence[str] = ()):
     return build_from_config(configs, overrides)[0]
 
 
+def export_method(configs: Sequence[str], overrides: Sequence[str], name: str, hparams: dict,
+                  out: str) -> dict:
+    """``adamerge export --method NAME``: the one model of a static or fitted row, as weight files."""
+    from ..compare import one_model
+    from ..methods import registry
+    method = registry.get(name)
+    if method.kind == "learned":
+        raise ValueError(f"--method {name}: a learned row exports a finished run: fit its config, then "
+                         "give --ckpt_path (without --method)")
+    reason = method.refusal("export")
+    if reason:
+        raise ValueError(f"--method {name}: {reason}")
+    hp = method.resolve(hparams)
+    model, dm = build_from_config(configs, overrides)
+    loaded = model.loaded
+    dm.select_tasks(loaded.task_vectors.task_names, loaded.unseen_tasks)
+    params = one_model(method, loaded, dm, hp)
+    manifest = {"method": name, "row": name, "tasks": list(loaded.task_vectors.task_names),
+                "unseen_tasks": list(loaded.unseen_tasks), "hparams": hp,
+                "encoder": getattr(loaded, "encoder_recipe", None)}
+    return export_weights(loaded.encoder, params, {**loaded.heads, **loaded.unseen_heads}, out, manifest)
+
+
 def export_main(argv: Sequence[str]) -> None:
+    from ..options import parse_overrides
     args, overrides = build_parser().parse_known_args(list(argv))
-    model = build_model(args.config, overrides)
-    paths = export(model, args.ckpt_path, args.out)
+    if bool(args.ckpt_path) == bool(args.method):
+        raise ValueError("give --ckpt_path (a learned run's checkpoint) or --method (a static or fitted row)")
+    if args.hparam and not args.method:
+        raise ValueError("--hparam sets a --method row's hyper-parameters; a checkpoint's come from its config")
+    if args.method:
+        paths = export_method(args.config, overrides, args.method,
+                              parse_overrides(args.hparam, "--hparam", "KEY=VALUE"), args.out)
+    else:
+        from ..methods.registry import row_of
+        model = build_model(args.config, overrides)
+        row = row_of(model)[0]
+        reason = model.refusal("export")
+        if reason:
+            raise ValueError(f"{row} cannot be exported: {reason}")
+        paths = export(model, args.ckpt_path, args.out, row=row)
     for kind, path in paths.items():
         print(f"{kind}: {path}", file=sys.stderr)

@@ -85,6 +85,9 @@ class AdaMergeCLI(LightningCLI):
             at = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)),
                       len(trainer.callbacks))
             trainer.callbacks.insert(at, CoefficientHeatmap())
+        if self.subcommand == "fit":
+            from ..methods.registry import RecordRow
+            trainer.callbacks.insert(0, RecordRow())
         return trainer
 
     # ------------------------------------------------------- validate / test: the results table
@@ -120,34 +123,19 @@ class AdaMergeCLI(LightningCLI):
     after_validate = after_test = _after_eval
 
 
-def row_name(model: Any) -> tuple[str, str]:
-    """The registry method a module is (its row name and description): the one of the module's
-    class whose hyper-parameters all match the module's, the most specific if several do; else
-    the module's ``method`` and the first line of its class docstring."""
-    found = registry_method(type(model), dict(getattr(model, "hparams", {})))
-    if found is not None:
-        return found.name, found.description
-    doc = (type(model).__doc__ or "").strip().splitlines()
-    return str(getattr(model, "method", type(model).__name__)), doc[0] if doc else ""
-
-
-def registry_method(cls: type, hp: dict[str, Any]):
-    """The learned registry :class:`~adamerge.methods.registry.Method` built by ``cls`` whose
-    hyper-parameters ``hp`` has (and whose ``trim`` / ``objective`` / ``granularity`` it keeps),
-    the most specific one if several match; ``None`` if none does."""
+def row_name(model: Any, checkpoint: str | None = None) -> tuple[str, str]:
+    """The registry row of a run (name, description): the one recorded in ``checkpoint`` when it
+    records one (written by every adamerge checkpoint), else the module's
+    (:func:`adamerge.methods.registry.row_of`)."""
     from ..methods import registry
-    best = None
-    for name in registry.names("learned"):
-        m = registry.get(name)
-        if m.build is not cls or any(hp.get(k) != v for k, v in m.hparams.items()):
-            continue
-        # the identity keys must match too (an AdaMerging run with trim is not adamerging_layerwise)
-        defaults = m.defaults()
-        if any(k in hp and k in defaults and hp[k] != defaults[k] for k in ("trim", "objective", "granularity")):
-            continue
-        if best is None or len(m.hparams) > len(best.hparams):
-            best = m
-    return best
+    if checkpoint is not None:
+        from ..io.checkpoints import read_checkpoint
+        recorded = (read_checkpoint(checkpoint).get("adamerge") or {}).get("row")
+        if isinstance(recorded, str):
+            base = recorded.split(" (")[0]
+            described = registry.REGISTRY[base].description if base in registry.REGISTRY else ""
+            return recorded, described
+    return registry.row_of(model)
 
 
 def _plain(value: Any) -> Any:
@@ -163,11 +151,12 @@ def eval_results(cli: AdaMergeCLI, accs: dict[str, float], seconds: float) -> di
     """The ``results.json`` of a ``validate`` / ``test`` run: one row, the schema of ``adamerge demo``."""
     from ..compare import _git_commit
     model, dm, sub = cli.model, cli.datamodule, cli.subcommand
-    name, description = row_name(model)
-    unseen = [t for t in getattr(model, "unseen_tasks", []) if t in accs]
-    hparams = {k: _plain(v) for k, v in dict(model.hparams).items() if not k.startswith("_")}
     cfg = cli.config[sub]
     ckpt = cfg.get("ckpt_path")
+    recorded = str(ckpt) if isinstance(ckpt, str) and os.path.isfile(str(ckpt)) else None
+    name, description = row_name(model, recorded)
+    unseen = [t for t in getattr(model, "unseen_tasks", []) if t in accs]
+    hparams = {k: _plain(v) for k, v in dict(model.hparams).items() if not k.startswith("_")}
     configs = [str(getattr(c, "absolute", c)) for c in (cfg.get("config") or [])]
     settings = {"steps": cli._ckpt_step, "val_split": None, "seed": cfg.get("seed_everything"),
                 "batch_size": getattr(dm, "batch_size", None),

@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None,
                    help="start from the learned tensors of this checkpoint (same method and pool)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between state checkpoints (default: 10)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="stop after this many steps of the stream (state saved; the same command "
+                        "without it continues the stream)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.epilog = "Other options are config overrides as for fit (batch size: --data.batch_size, seed: --data.seed)."
     return p
@@ -34,7 +37,13 @@ def online_main(argv: Sequence[str]) -> None:
     args, overrides = build_parser().parse_known_args(list(argv))
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
     model, dm = build_from_config(args.config, overrides)
+    reason = model.refusal("online")
+    if reason:
+        from ..methods.registry import row_of
+        raise ValueError(f"{row_of(model)[0]} cannot run online: {reason}")
     if args.init_from:
         model.load_coefficients(args.init_from)
     dm.select_tasks(model.task_names)
@@ -44,7 +53,7 @@ def online_main(argv: Sequence[str]) -> None:
         model.use_adaptation_data(datasets)
     say = lambda s: print(s, file=sys.stderr, flush=True)
     res = run_online(model, datasets, args.out, dm.batch_size, dm.seed, args.checkpoint_every,
-                     say=say, progress=args.progress)
+                     stop_after=args.stop_after, say=say, progress=args.progress)
     summary = {"split": split, "steps": res.steps, "answered": res.answered,
                "online_accuracy": res.accuracy,
                "online_accuracy_avg": (sum(res.accuracy.values()) / len(res.accuracy)) if res.accuracy else None}

@@ -40,7 +40,31 @@ def head_tensors(heads: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export(model, ckpt_path: str | Path, out: str | Path) -> dict[str, Path]:
+def export_weights(encoder: nn.Module, params: dict[str, torch.Tensor], heads: dict[str, nn.Module],
+                   out: str | Path, manifest: dict) -> dict[str, Path]:
+    """Write one merged model that is plain weights (a static or fitted row): ``merged.safetensors``
+    (``encoder``'s full state dict with ``params`` in place of its parameters), ``heads.safetensors``
+    and ``export.json`` (``manifest``: method, row, tasks, hyper-parameters, encoder recipe).
+    :class:`adamerge.exported.ExportedModel` reads it as it reads a learned run's export."""
+    out = Path(out)
+    meta = {"method": str(manifest.get("method")), "tasks": ",".join(manifest.get("tasks", []))}
+    state = {k: v.detach() for k, v in encoder.state_dict().items()}
+    unknown = [k for k in params if k not in state]
+    if unknown:
+        raise ValueError(f"merged parameters {unknown[:3]} are not in {type(encoder).__name__}")
+    state.update({k: v.detach().to(state[k].dtype) for k, v in params.items()})
+    paths = {"merged": out / "merged.safetensors", "heads": out / "heads.safetensors",
+             "manifest": out / "export.json"}
+    save_state_dict({k: v.contiguous() for k, v in state.items()}, paths["merged"], metadata=meta)
+    normalized = all(getattr(h, "normalizes_features", False) for h in heads.values())
+    save_state_dict(head_tensors(heads), paths["heads"], metadata={**meta, "normalize_features": str(normalized).lower()})
+    manifest = {**manifest, "files": ["export.json", "heads.safetensors", "merged.safetensors"]}
+    with atomic_write(paths["manifest"]) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    return paths
+
+
+def export(model, ckpt_path: str | Path, out: str | Path, row: str | None = None) -> dict[str, Path]:
     """Load the coefficients of ``ckpt_path`` into ``model`` and write the merged files to ``out``.
 
     Args:
@@ -53,6 +77,7 @@ def export(model, ckpt_path: str | Path, out: str | Path) -> dict[str, Path]:
             (zero-shot heads) say so with a ``normalizes_features = True`` attribute.
         ckpt_path: the coefficient checkpoint.
         out: output folder.
+        row: the registry row the model is (recorded in ``export.json``).
     """
     ckpt_path, out = Path(ckpt_path), Path(out)
     checkpoint = model.load_coefficients(ckpt_path)
@@ -83,7 +108,8 @@ def export(model, ckpt_path: str | Path, out: str | Path) -> dict[str, Path]:
         save_state_dict({k: v.detach().contiguous() for k, v in tensors.items()}, out / filename,
                         metadata={**meta, **more})
     loaded = getattr(model, "loaded", None)
-    manifest = {"method": meta["method"], "tasks": list(merged.task_names),
+    manifest = {"method": meta["method"], "row": row,
+                "tasks": list(merged.task_names),
                 "unseen_tasks": list(getattr(model, "unseen_tasks", [])),
                 "checkpoint": ckpt_path.name, "global_step": checkpoint.get("global_step"),
                 "encoder": getattr(loaded, "encoder_recipe", None),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import lightning as L
@@ -94,9 +96,14 @@ class AdaMerging(L.LightningModule):
             once (see :class:`adamerge.engine.expert_features.FeatureCache`).
     """
 
-    method = "adamerging"       # the method identity written into checkpoints
+    method = "adamerging"       # the method identity written into checkpoints and exports
     loss_name = "entropy"       # the objective's name in logs: train/<loss_name>[/<task>]
     needs_experts = False       # whether task_losses reads the experts' features
+    # Hyper-parameters that make a registry row what it is (``adamerging_layerwise`` vs
+    # ``adamerging_layerwise_pp``): a module is a row only if it keeps the row's value of each,
+    # and ``compare --config`` never carries them from a config to another row.
+    identity: tuple[str, ...] = ("granularity", "trim", "preprocess", "preprocess_options", "objective",
+                                 "learn_coefficients", "init_from")
 
     def __init__(self, pool: ModelPool, granularity: Granularity = "layerwise", prior: float = 0.3,
                  clamp: bool = True, lr: float = 1e-3, per_task_backward: bool = False,
@@ -227,6 +234,31 @@ class AdaMerging(L.LightningModule):
         """Per-task tensors ``adamerge export`` writes to ``task_modules.safetensors`` (none here)."""
         return {}
 
+    def export_extra(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        """Method files ``adamerge export`` writes besides the merged weights, heads and per-task
+        modules: ``{file name: (tensors, metadata)}``; read back by :meth:`load_export` (none here)."""
+        return {}
+
+    # The readers of an export (adamerge.exported.ExportedModel finds them through the registry,
+    # by the method recorded in export.json): each writer above has its reader here.
+    @classmethod
+    def load_export(cls, encoder: nn.Module, folder: Path) -> nn.Module:
+        """Rebuild the exported encoder on ``encoder`` (the architecture, any weights), in place,
+        from ``folder``: here ``merged.safetensors``, every key of ``encoder`` (strict)."""
+        from ..io.checkpoints import CheckpointError, load_state_dict
+        path = Path(folder) / "merged.safetensors"
+        result = encoder.load_state_dict(load_state_dict(path), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f"{path}: does not fit {type(encoder).__name__}: missing "
+                                  f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
+        return encoder
+
+    @classmethod
+    def load_export_task_modules(cls, tensors: Mapping[str, torch.Tensor]) -> dict[str, nn.Module]:
+        """Per task, the module between the encoder and the head rebuilt from the tensors of
+        ``task_modules.safetensors`` (what :meth:`export_task_modules` wrote); none here."""
+        return {}
+
     # ----------------------------------------------------------------------------- helpers
     @property
     def task_names(self) -> list[str]:
@@ -294,7 +326,9 @@ class AdaMerging(L.LightningModule):
         load = lambda task, idx: torch.stack([image_of(datasets[task][i]) for i in idx])
         sizes = {t: len(datasets[t]) for t in self.task_names}
         chunk = chunk or self.expert_chunk
-        self.experts = FeatureCache.experts(self.merged.module, tv, load, sizes, chunk, cache)
+        # the pool's encoder, not ``self.merged.module``: methods that route inside the encoder
+        # (WEMoE, Twin-Merging) change their copy of it, and an expert is base + its own vector only
+        self.experts = FeatureCache.experts(self.loaded.encoder, tv, load, sizes, chunk, cache)
         self._adapt = (load, sizes, chunk) if cache else None
         self._merged_cache = None
 
@@ -310,14 +344,14 @@ class AdaMerging(L.LightningModule):
         device = next(iter(images.values())).device
         return {t: self._merged_cache(t, indices[t], device) for t in images}
 
-    def _batch(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None],
-                                                      dict[str, torch.Tensor | None]]:
+    def _batch(self, batch: dict[str, Any], every_task: bool = True
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None], dict[str, torch.Tensor | None]]:
         missing = [t for t in self.task_names if t not in batch]
-        if missing:
+        if missing and every_task:
             raise ValueError(f"training batch has no data for tasks {missing}; got {list(batch)}")
-        return ({t: images_of(batch[t]) for t in self.task_names},
-                {t: indices_of(batch[t]) for t in self.task_names},
-                {t: labels_of_batch(batch[t]) for t in self.task_names})
+        tasks = [t for t in self.task_names if t in batch]
+        return ({t: images_of(batch[t]) for t in tasks}, {t: indices_of(batch[t]) for t in tasks},
+                {t: labels_of_batch(batch[t]) for t in tasks})
 
     def _train_params(self) -> dict[str, torch.Tensor]:
         if self.trains_merge:
@@ -338,7 +372,15 @@ class AdaMerging(L.LightningModule):
 
     # ------------------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        images, indices, labels = self._batch(batch)
+        return self.adaptation_step(batch, int(self.global_step))
+
+    def adaptation_step(self, batch: dict[str, Any], step: int, every_task: bool = True) -> torch.Tensor:
+        """The loss of one optimizer step on ``batch`` (``{task: (images, indices[, labels])}``),
+        to back-propagate: what ``fit`` (:meth:`training_step`) and ``adamerge online``
+        (:func:`adamerge.online.run_online`) both run, with the same checks. ``step``: the index
+        of the step (methods with per-step randomness, e.g. Twin-Merging's dropout, key on it).
+        ``every_task=False`` (online) accepts a batch without some tasks (their stream ended)."""
+        images, indices, labels = self._batch(batch, every_task)
         params = self._train_params()
         if not self.per_task_backward:
             losses = self.task_losses(images, indices, params, labels)
@@ -357,7 +399,7 @@ class AdaMerging(L.LightningModule):
         wrt = (list(leaves.values()) if self.trains_merge else []) + direct
         grads = [torch.zeros_like(p) for p in wrt]
         losses = {}
-        for t in self.task_names:
+        for t in images:
             e = self.task_losses({t: images[t]}, {t: indices[t]}, leaves, {t: labels[t]})[t]
             if e.requires_grad:
                 for acc, g in zip(grads, torch.autograd.grad(e, wrt, allow_unused=True)):
@@ -379,6 +421,8 @@ class AdaMerging(L.LightningModule):
             raise FloatingPointError(f"non-finite {self.loss_name} {loss.item()} at step {self.global_step} "
                                      f"(per task: { {t: float(e) for t, e in losses.items()} }); the last "
                                      "good checkpoint is kept")
+        if trainer is None:  # adamerge online: no logger
+            return
         self.log(f"train/{self.loss_name}", loss, prog_bar=True)
         if not self.logs_this_step():
             return
@@ -401,8 +445,11 @@ class AdaMerging(L.LightningModule):
         return connector is None or bool(connector.should_update_logs)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # After the (all-reduced) backward, before the step: a non-finite gradient would make
-        # the learned tensors NaN and every later checkpoint useless.
+        self.check_gradients()
+
+    def check_gradients(self) -> None:
+        """After the (all-reduced) backward, before the step: a non-finite gradient would make
+        the learned tensors NaN and every later checkpoint useless (``fit`` and ``online``)."""
         for name, p in self.named_parameters():
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 what = "coefficient gradient" if name == COEFFICIENTS_KEY else f"gradient of {name}"
@@ -410,12 +457,28 @@ class AdaMerging(L.LightningModule):
                                          f"({int((~torch.isfinite(p.grad)).sum())} of {p.grad.numel()} "
                                          "entries); the last good checkpoint is kept")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
+        steps = getattr(self._trainer, "max_steps", None) if self._trainer is not None else None
+        return self.optimizers_for(steps if isinstance(steps, int) and steps > 0 else None)
+
+    def optimizers_for(self, total_steps: int | None) -> Any:
+        """The optimizer (and a per-step LR scheduler where the method has one), as
+        ``configure_optimizers`` returns them, for a run of ``total_steps`` steps (``None``:
+        unknown, no schedule): ``fit`` passes ``trainer.max_steps``, ``online`` its stream length."""
         params = self.trainable_parameters()
         if not params:
             raise ValueError(f"{type(self).__name__}: nothing to train (learn_coefficients=False and "
                              "no per-task modules)")
         return torch.optim.Adam(params, lr=self.lr)
+
+    def refusal(self, path: str) -> str | None:
+        """Why this module cannot take ``path`` (``fit``, ``resume``, ``test``, ``export``,
+        ``predict``, ``online``, ``compare``), or ``None`` when it can: the CLI refuses such a
+        run in one line, and the contract matrix (tests/test_contract.py) checks both."""
+        if path == "online" and self.objective == "cross_entropy":
+            return ("objective 'cross_entropy' learns from labeled shots (data.shots); online "
+                    "adapts on the unlabeled stream: use objective entropy or pseudo_label")
+        return None
 
     def on_train_start(self) -> None:
         self._fixed_params = None  # coefficients may have been restored from a checkpoint
@@ -559,6 +622,9 @@ class AdaMerging(L.LightningModule):
 
     def init_coefficients(self, path: str) -> None:
         """Start from the coefficients of a checkpoint of any method on this pool (``init_from``)."""
+        if "init_from" not in inspect.signature(type(self).__init__).parameters:
+            raise ValueError(f"{type(self).__name__} takes no init_from: its merge is fixed by its own "
+                             "hyper-parameters")
         checkpoint = read_checkpoint(path)
         self._check(checkpoint, str(path), coefficients_only=True)
         with torch.no_grad():
@@ -574,8 +640,9 @@ class AdaMerging(L.LightningModule):
                 raise FloatingPointError(f"refusing to save non-finite {what} at step {self.global_step}; "
                                          "the last good checkpoint is kept")
         checkpoint["state_dict"] = kept
-        checkpoint["adamerge"] = {"method": self.method, "fingerprint": self.fingerprint,
-                                  "granularity": self.merged.granularity}
+        # keeps what callbacks recorded first (the registry row: adamerge.methods.registry.RecordRow)
+        checkpoint["adamerge"] = {**(checkpoint.get("adamerge") or {}), "method": self.method,
+                                  "fingerprint": self.fingerprint, "granularity": self.merged.granularity}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         path = self._trainer.ckpt_path if self._trainer is not None else None

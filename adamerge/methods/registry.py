@@ -12,6 +12,10 @@ Kinds:
   Hyper-parameters named in ``tune`` are picked from a grid on a labeled split when not fixed.
 * ``per_task``: one model per task, ``build(loaded_pool) -> {task: () -> state dict}``; each
   task is evaluated with its own model.
+* ``fitted``: statistics of a few batches of the adaptation data, then one model,
+  ``build(loaded_pool, data, **hparams) -> {parameter name: tensor}`` (``data``: task -> the
+  task's adaptation dataset; e.g. RegMean's Gram matrices, Fisher's diagonal). Used by
+  ``compare``, ``demo``, ``export`` and ``predict`` as a static row is.
 * ``learned``: a LightningModule class, ``build(pool, **hparams)``, trained by a Lightning
   ``Trainer`` on unlabeled adaptation batches; after training ``module.accuracies(datasets,
   batch_size)`` gives its per-task accuracy.
@@ -28,6 +32,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
+import lightning as L
+
 from ..errors import unknown_name
 from .adamerging import AdaMerging
 from .adarank import AdaRank
@@ -40,14 +46,15 @@ from .tinting import Tinting
 from .twin import TwinMerging
 from .wemoe import WEMoE
 
-Kind = Literal["static", "per_task", "learned"]
-KINDS: tuple[str, ...] = ("static", "per_task", "learned")
+Kind = Literal["static", "per_task", "fitted", "learned"]
+KINDS: tuple[str, ...] = ("static", "per_task", "fitted", "learned")
 ALL = "all"  # the --methods value that selects every registered method
 # Method.paper value: the trim fraction the official AdaMerging++ keeps of this pool's task vectors
 OFFICIAL_TRIM = "official"
 
 # Arguments of a builder that are inputs, not hyper-parameters.
-_INPUTS = {"static": ("task_vectors", "base"), "per_task": ("loaded",), "learned": ("pool",)}
+_INPUTS = {"static": ("task_vectors", "base"), "per_task": ("loaded",), "fitted": ("loaded", "data"),
+           "learned": ("pool",)}
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class Method:
 
     Attributes:
         name: the name users type (``--methods NAME``) and the report's row label.
-        kind: ``static``, ``per_task`` or ``learned`` (see the module docstring).
+        kind: ``static``, ``per_task``, ``fitted`` or ``learned`` (see the module docstring).
         description: one line for listings and the report.
         build: the merge function (static), the per-task builder (per_task) or the
             LightningModule class (learned).
@@ -83,6 +90,10 @@ class Method:
         storage: what it stores besides one merged model (``-``: nothing).
         uses: the data it needs (default from the kind: ``-``; static rows with a ``tune`` grid:
             a labeled val split; learned rows: unlabeled test images).
+        note: learned methods: the header of their generated configs (``scripts/make_clip_configs.py``):
+            the recipe the defaults follow, with its source.
+        steps: learned methods: optimizer steps of the published recipe (``trainer.max_steps``
+            of the generated configs); ``steps_note`` says where the number comes from.
         paper: the hyper-parameters of the official code's recipe behind the published numbers,
             where they differ from ours (``--protocol paper``; fixed, never tuned). The value
             :data:`OFFICIAL_TRIM` is resolved per pool (:func:`adamerge.commands.compare.paper_protocol`).
@@ -104,6 +115,9 @@ class Method:
     storage: str = "-"
     uses: str = ""
     paper: Mapping[str, Any] = field(default_factory=dict)
+    note: str = ""
+    steps: int = 500
+    steps_note: str = "paper: 500"
 
     def __post_init__(self) -> None:
         if self.name == ALL:
@@ -127,8 +141,17 @@ class Method:
         """``{"models", "storage", "data"}``: the report's columns of what a method keeps and uses."""
         models = self.models or ("K" if self.kind == "per_task" else "1")
         uses = self.uses or ("unlabeled test images" if self.kind == "learned"
+                             else "unlabeled adaptation images (statistics)" if self.kind == "fitted"
                              else "labeled val (tuning)" if self.tune else "-")
         return {"models": models, "storage": self.storage, "data": uses}
+
+    def refusal(self, path: str) -> str | None:
+        """Why this row cannot take ``path`` (``export``, ``predict``, ...), from its kind; ``None``
+        when it can. A learned row's module answers for itself (``AdaMerging.refusal``)."""
+        if self.kind == "per_task" and path in ("export", "predict"):
+            return (f"one model per task ({self.profile()['storage']}), no single merged model to "
+                    f"{path}; `adamerge compare --methods {self.name}` evaluates it")
+        return None
 
     def builder_defaults(self) -> dict[str, Any]:
         """Keyword arguments of ``build`` (inputs excluded) with their default values."""
@@ -152,6 +175,18 @@ class Method:
             values[key] = value
         return values
 
+
+# Config headers of the learned rows (Method.note), one per recipe.
+_ADAMERGING_NOTE = ("Paper defaults (Yang et al., ICLR 2024): prior 0.3, Adam lr 1e-3, 500 steps, 16 unlabeled "
+                    "test images per task per step, coefficients clamped to [0, 1].")
+_SURGERY_NOTE = ("Representation Surgery (Yang et al., ICML 2024; EnnengYang/RepresentationSurgery): a rank-16 "
+                 "adapter per task on the encoder output, L1 to the expert's features, Adam lr 1e-3; the "
+                 "coefficients stay fixed. Schedule differences from the official code: docs/fidelity.md.")
+_SURGERY_STEPS = (1000, "official: 500 x 8 tasks x 2 one-task steps; FusionBench: 1000")
+_TWIN_NOTE = ("Twin-Merging (Lu et al., NeurIPS 2024; LZY-the-boys/Twin-Merging): task arithmetic 0.29 as the "
+              "shared expert, each expert's exclusive part truncated to 10% of its rank, mixed per input by a "
+              "router on the shared model's features, trained on task identity (Adam lr 5e-4). Differences: "
+              "adamerge/methods/twin.py.")
 
 _TA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))   # 0.05 ... 1.0
 _TIES_GRID = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 ... 2.0
@@ -207,38 +242,49 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("adamerging_taskwise", "learned",
            "AdaMerging, task-wise: one coefficient per task (entropy on unlabeled test batches)",
            AdaMerging, {"granularity": "taskwise"}, source="Yang et al., ICLR 2024 (AdaMerging)",
-           text=True),
+           text=True,
+           note=_ADAMERGING_NOTE),
     Method("adamerging_layerwise", "learned",
            "AdaMerging, layer-wise: one coefficient per task per parameter tensor (entropy)", AdaMerging,
-           {"granularity": "layerwise"}, source="Yang et al., ICLR 2024 (AdaMerging)", text=True),
+           {"granularity": "layerwise"}, source="Yang et al., ICLR 2024 (AdaMerging)", text=True,
+           note=_ADAMERGING_NOTE),
     Method("adamerging_layerwise_pp", "learned",
            "AdaMerging++: layer-wise on TIES-trimmed task vectors (top 20%)", AdaMerging,
            {"granularity": "layerwise", "trim": 0.2}, paper={"trim": OFFICIAL_TRIM}, demo=False,
-           source="Yang et al., ICLR 2024 (AdaMerging++)"),
+           source="Yang et al., ICLR 2024 (AdaMerging++)",
+           note=_ADAMERGING_NOTE),
     Method("adamerging_layerwise_dare", "learned",
            "AdaMerging layer-wise on DARE task vectors (p 0.5, rescaled by 2)", AdaMerging,
            {"granularity": "layerwise", "preprocess": "dare"}, demo=False,
-           source="AdaMerging (Yang et al., ICLR 2024) on DARE (Yu et al., ICML 2024) vectors: our row"),
+           source="AdaMerging (Yang et al., ICLR 2024) on DARE (Yu et al., ICML 2024) vectors: our row",
+           note=_ADAMERGING_NOTE),
     Method("adamerging_layerwise_tsv_m", "learned",
            "AdaMerging layer-wise on TSV-M's per-task components (orthogonalised task singular vectors)",
            AdaMerging, {"granularity": "layerwise", "preprocess": "tsv_m"}, demo=False,
-           source="AdaMerging (Yang et al., ICLR 2024) on TSV-M (Gargiulo et al., CVPR 2025) components: our row"),
+           source="AdaMerging (Yang et al., ICLR 2024) on TSV-M (Gargiulo et al., CVPR 2025) components: our row",
+           note=_ADAMERGING_NOTE),
     Method("adamerging_layerwise_pseudolabel", "learned",
            "layer-wise coefficients learned by cross-entropy to each expert's predicted class "
            "(no labels)", AdaMerging, {"granularity": "layerwise", "objective": "pseudo_label"},
            uses="unlabeled test images + the experts", demo=False,
-           source="objective: the crosspseudo loss of AIM-SKKU/SyMerge src/main_symerge.py L339-347"),
+           source="objective: the crosspseudo loss of AIM-SKKU/SyMerge src/main_symerge.py L339-347",
+           note=_ADAMERGING_NOTE),
     Method("adamerging_layerwise_fewshot", "learned",
            "layer-wise coefficients learned by cross-entropy on 4 labeled training images per class "
            "(aTLAS-style few-shot; uses labels)", AdaMerging,
            {"granularity": "layerwise", "objective": "cross_entropy"},
            data={"shots": 4, "shots_split": "train"}, uses="4 labeled train images per class", demo=False,
-           source="objective: aTLAS few-shot (Zhang et al., NeurIPS 2024); coefficients as AdaMerging"),
+           source="objective: aTLAS few-shot (Zhang et al., NeurIPS 2024); coefficients as AdaMerging",
+           note=_ADAMERGING_NOTE),
     Method("wemoe", "learned",
            "WEMoE: task arithmetic (0.3) outside the MLPs; each MLP mixes its task vectors per "
            "sample by a trained router (entropy)", WEMoE, bench=True, demo=False, models="per input",
            storage="K MLP task vectors per block + routers",
-           source="Tang et al., ICML 2024 (WEMoE); tanganke/weight-ensembling_MoE src/module/dict_moe.py"),
+           source="Tang et al., ICML 2024 (WEMoE); tanganke/weight-ensembling_MoE src/module/dict_moe.py",
+           note=("WEMoE (Tang et al., ICML 2024; tanganke/weight-ensembling_MoE): task arithmetic 0.3 outside the "
+                 "MLPs, a router per block mixing the MLP task vectors per sample, Adam lr 1e-3 + cosine, entropy. "
+                 "Differences from the official code: docs/fidelity.md."),
+           steps=1000, steps_note="official: 1000 (scripts/clip_dictmoe.py)"),
     Method("twin_merging", "learned",
            "Twin-Merging: task arithmetic (0.29) as shared expert + each expert's exclusive part (10%-rank "
            "SVD) in the linear layers, mixed per input by a router trained on task identity", TwinMerging,
@@ -246,32 +292,43 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            storage="K rank-10% exclusive parts per linear layer + a router MLP",
            uses="task identity of 16 train images per class (no class labels)",
            source="Lu et al., NeurIPS 2024 (Twin-Merging); LZY-the-boys/Twin-Merging discriminative/"
-                  "twin_merge.py, router.py, sparsify.py"),
+                  "twin_merge.py, router.py, sparsify.py",
+           note=_TWIN_NOTE, steps_note="ours; official: 50 epochs of its router trainer"),
     Method("twin_merging_entropy", "learned",
            "Twin-Merging with its router trained by the heads' entropy on unlabeled test batches", TwinMerging,
            {"objective": "entropy"}, demo=False, models="per input",
            storage="K rank-10% exclusive parts per linear layer + a router MLP",
-           source="Twin-Merging (Lu et al., NeurIPS 2024) with AdaMerging's entropy objective: our row"),
+           source="Twin-Merging (Lu et al., NeurIPS 2024) with AdaMerging's entropy objective: our row",
+           note=_TWIN_NOTE, steps_note="ours; official: 50 epochs of its router trainer"),
     Method("task_arithmetic_surgery", "learned",
            "Representation Surgery on task arithmetic (scaling 0.3): per-task feature adapters, L1 "
            "to the experts' features", Surgery, {"granularity": "taskwise", "prior": 0.3}, demo=False,
            storage="K feature adapters (rank 16)", uses="unlabeled test images + the experts",
-           source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery"),
+           source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery",
+           note=_SURGERY_NOTE, steps=_SURGERY_STEPS[0], steps_note=_SURGERY_STEPS[1]),
     Method("adamerging_layerwise_surgery", "learned",
            "Representation Surgery on the coefficients of a finished layer-wise AdaMerging run",
            Surgery, {"granularity": "layerwise"}, starts_from="adamerging_layerwise", demo=False,
            storage="K feature adapters (rank 16)", uses="unlabeled test images + the experts",
-           source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery"),
+           source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery",
+           note=_SURGERY_NOTE, steps=_SURGERY_STEPS[0], steps_note=_SURGERY_STEPS[1]),
     Method("tinting", "learned",
            "Model Tinting: layer-wise coefficients + a trainable head per task, CE to confident "
            "expert pseudo-labels", Tinting, bench=True, demo=False, storage="K tinted heads",
            uses="unlabeled test images + the experts",
-           source="Model Tinting / SyMerge; AIM-SKKU/SyMerge src/main_symerge.py"),
+           source="Model Tinting / SyMerge; AIM-SKKU/SyMerge src/main_symerge.py",
+           note=("Model Tinting (AIM-SKKU/SyMerge, src/main_symerge.py): layer-wise coefficients + one trainable "
+                 "head per task, CE to confident expert pseudo-labels, Adam lr 1e-2. Differences from the official "
+                 "schedule: docs/fidelity.md."), steps_note="official: 500 epochs of one step per task"),
     Method("adarank", "learned",
            "AdaRank: layer-wise coefficients + learned masks over the singular components of each "
            "task vector's attention/MLP matrices (entropy, straight-through)", AdaRank, bench=True, demo=False,
            source="Lee et al., 2025 (AdaRank, arXiv 2503.22178); david3684/AdaRank "
-                  "vision/src/models/merge_vit/adaptive.py"),
+                  "vision/src/models/merge_vit/adaptive.py",
+           note=("AdaRank (Lee et al., 2025; david3684/AdaRank): layer-wise coefficients + straight-through masks "
+                 "over the singular components of the blocks' attention/MLP task vectors, entropy, Adam lr 1e-3. "
+                 "Differences from the official code (CART variant, oracle step selection): docs/fidelity.md."),
+           steps=10000, steps_note="official: 10000 (configs/hydra_default.yaml)"),
 )})
 
 
@@ -288,6 +345,67 @@ def with_prerequisites(chosen: Sequence[str]) -> list[str]:
     for name in chosen:
         add(name)
     return out
+
+
+def _identity_mismatch(method: Method, cls: type, hp: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity hyper-parameters (``cls.identity`` and the row's own ``hparams``) on which
+    ``hp`` differs from learned row ``method``: ``{key: hp's value}``."""
+    defaults = method.defaults()
+    out = {}
+    for key in dict.fromkeys([*getattr(cls, "identity", ()), *method.hparams]):
+        if key not in defaults:
+            continue
+        value = hp.get(key, defaults[key])
+        if key == "init_from":  # a row that starts from another takes any checkpoint path
+            if (value is not None) != (method.starts_from is not None):
+                out[key] = value
+        elif value != defaults[key]:
+            out[key] = value
+    return out
+
+
+def row_of(module: Any) -> tuple[str, str]:
+    """The registry row a learned module is, as ``(name, description)``.
+
+    The row built by the module's class whose identity hyper-parameters (the class's
+    ``identity`` and the row's own ``hparams``) the module keeps; other settings (learning rate,
+    batch size, ...) do not change a row. A module that is no row (e.g. AdaMerging on
+    Breadcrumbs-transformed vectors, which has no row of its own) is named after the nearest row
+    of its class with its differences: ``adamerging_layerwise (preprocess='breadcrumbs')``. A
+    class with no row: the module's ``method``."""
+    cls, hp = type(module), dict(getattr(module, "hparams", {}) or {})
+    rows = [m for m in REGISTRY.values() if m.kind == "learned" and m.build is cls]
+    if not rows:
+        doc = (cls.__doc__ or "").strip().splitlines()
+        return str(getattr(module, "method", cls.__name__)), doc[0] if doc else ""
+    scored = sorted(rows, key=lambda m: len(_identity_mismatch(m, cls, hp)))
+    best = scored[0]
+    diff = _identity_mismatch(best, cls, hp)
+    if not diff:
+        return best.name, best.description
+    shown = ", ".join(f"{k}={v!r}" for k, v in diff.items())
+    return f"{best.name} ({shown})", f"{best.description}; with {shown}"
+
+
+class RecordRow(L.Callback):
+    """Writes the registry row of the module (:func:`row_of`) into every checkpoint, as
+    ``checkpoint["adamerge"]["row"]``: what ``adamerge test`` names its result row after.
+    ``adamerge fit`` and ``compare`` add it to their trainers."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault("adamerge", {})["row"] = row_of(pl_module)[0]
+
+
+def export_reader(method_id: str | None) -> type:
+    """The learned module class whose ``method`` (the identity written in ``export.json`` and
+    checkpoints) is ``method_id``: the reader of that method's export files
+    (``load_export`` / ``load_export_task_modules``). Static and per-task rows, and exports that
+    name no method, are plain merged weights: :class:`AdaMerging`'s reader."""
+    for m in REGISTRY.values():
+        if m.kind == "learned" and getattr(m.build, "method", None) == method_id:
+            return m.build
+    return AdaMerging
 
 
 def get(name: str) -> Method:

@@ -60,6 +60,7 @@ class Surgery(AdaMerging):
                           "output, before the head (and before its L2 normalisation)")
     loss_name = "l1"
     needs_experts = True
+    identity = ("granularity", "trim", "learn_coefficients", "init_from")
 
     def __init__(self, pool: ModelPool, rank: int = 16, granularity: Granularity = "taskwise",
                  prior: float = 0.3, clamp: bool = True, lr: float = 1e-3,
@@ -94,3 +95,19 @@ class Surgery(AdaMerging):
         """``{task}.down`` ``[rank, dim]`` and ``{task}.up`` ``[dim, rank]`` per task."""
         return {f"{t}.{part}": getattr(m, part).weight.detach()
                 for t, m in self.task_modules.items() for part in ("down", "up")}
+
+    @classmethod
+    def load_export_task_modules(cls, tensors):
+        """Each task's :class:`SurgeryAdapter` from ``{task}.down`` / ``{task}.up``."""
+        out = {}
+        for key in tensors:
+            task, _, part = key.rpartition(".")
+            if part != "down":
+                continue
+            down, up = tensors[key], tensors.get(f"{task}.up")
+            if up is None:
+                raise ValueError(f"task_modules.safetensors: {key} without {task}.up")
+            adapter = SurgeryAdapter(down.shape[1], down.shape[0]).to(down.dtype)
+            adapter.load_state_dict({"down.weight": down, "up.weight": up})
+            out[task] = adapter
+        return out

@@ -57,6 +57,7 @@ class Tinting(AdaMerging):
 
     method = "tinting"
     needs_experts = True
+    identity = ("granularity", "trim", "loss", "learn_coefficients", "init_from")
 
     def __init__(self, pool: ModelPool, loss: Literal["pseudo_confidence", "entropy"] = "pseudo_confidence",
                  granularity: Granularity = "layerwise", prior: float = 0.3, clamp: bool = True,

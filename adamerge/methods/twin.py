@@ -276,6 +276,7 @@ class TwinMerging(AdaMerging):
     """
 
     method = "twin_merging"
+    identity = ("objective",)
 
     def __init__(self, pool: ModelPool, scaling: float = 0.29, rank_fraction: float = 0.1,
                  storage: Literal["auto", "lowrank", "dense"] = "auto",
@@ -412,9 +413,9 @@ class TwinMerging(AdaMerging):
             self.log("router/acc", hits / count)
         return losses
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        self.router.set_step(int(self.global_step))  # the dropout masks of this step
-        return super().training_step(batch, batch_idx)
+    def adaptation_step(self, batch: dict[str, Any], step: int, every_task: bool = True) -> torch.Tensor:
+        self.router.set_step(step)  # the dropout masks of this step (fit and online alike)
+        return super().adaptation_step(batch, step, every_task)
 
     @torch.no_grad()
     def router_accuracy(self, images: dict[str, torch.Tensor]) -> float:
@@ -433,10 +434,10 @@ class TwinMerging(AdaMerging):
     def extra_learned_state(self) -> dict[str, torch.Tensor]:
         return {f"router.{k}": v for k, v in self.router.state_dict().items()}
 
-    def configure_optimizers(self) -> Any:
-        optimizer = super().configure_optimizers()
-        steps = getattr(self._trainer, "max_steps", -1) if self._trainer is not None else -1
-        if self.lr_schedule == "constant" or steps is None or steps < 1:
+    def optimizers_for(self, total_steps: int | None) -> Any:
+        optimizer = super().optimizers_for(total_steps)
+        steps = total_steps or 0
+        if self.lr_schedule == "constant" or steps < 1:
             return optimizer
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -450,10 +451,6 @@ class TwinMerging(AdaMerging):
                         for buf in (m.running_mean, m.running_var):
                             buf.copy_(trainer.strategy.reduce(buf.clone(), reduce_op="mean"))
         super().on_train_end()
-
-    def init_coefficients(self, path: str) -> None:
-        raise ValueError("Twin-Merging does not take init_from: its shared expert is task arithmetic "
-                         "with `scaling`")
 
     @torch.no_grad()
     def accuracies(self, datasets: Mapping[str, Dataset], batch_size: int = 256) -> dict[str, float]:
@@ -483,6 +480,10 @@ class TwinMerging(AdaMerging):
                                     "router": {"dim": self.router.dim, "hidden": self.router.hidden,
                                                "norm": self.router.norm, "dropout": self.router.dropout}})}
         return {"twin.safetensors": (tensors, meta)}
+
+    @classmethod
+    def load_export(cls, encoder: nn.Module, folder: Path) -> nn.Module:
+        return load_twin(encoder, folder)
 
 
 def load_twin(module: nn.Module, folder: str | Path, routing_block_numel: int | None = None) -> nn.Module:

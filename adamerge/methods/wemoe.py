@@ -251,6 +251,7 @@ class WEMoE(AdaMerging):
     """
 
     method = "wemoe"
+    identity = ("objective",)
 
     def __init__(self, pool: ModelPool, scaling: float = 0.3, init_lambda: float = 0.3,
                  router_hidden_layers: int = 2, lr: float = 1e-3,
@@ -304,17 +305,13 @@ class WEMoE(AdaMerging):
     def extra_learned_state(self) -> dict[str, torch.Tensor]:
         return {f"routers.{k}": v for k, v in self.routers.state_dict().items()}
 
-    def configure_optimizers(self) -> Any:
-        optimizer = super().configure_optimizers()
-        steps = getattr(self._trainer, "max_steps", -1) if self._trainer is not None else -1
-        if self.lr_schedule == "constant" or steps is None or steps < 1:
+    def optimizers_for(self, total_steps: int | None) -> Any:
+        optimizer = super().optimizers_for(total_steps)
+        steps = total_steps or 0
+        if self.lr_schedule == "constant" or steps < 1:
             return optimizer
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def init_coefficients(self, path: str) -> None:
-        raise ValueError("WEMoE does not take init_from: its merge outside the MLPs is task "
-                         "arithmetic with `scaling`")
 
     def export_extra(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
         """``wemoe.safetensors``: the routers (``router.{i}.*``) and the routed layers' task
@@ -331,6 +328,10 @@ class WEMoE(AdaMerging):
                                      "router_hidden_layers": self.router_options["hidden_layers"],
                                      "batch_first": self.wemoe_options["batch_first"]})}
         return {"wemoe.safetensors": (tensors, meta)}
+
+    @classmethod
+    def load_export(cls, encoder: nn.Module, folder: Path) -> nn.Module:
+        return load_wemoe(encoder, folder)
 
 
 def load_wemoe(module: nn.Module, folder: str | Path, routing_block_numel: int | None = None) -> nn.Module:
