@@ -152,9 +152,9 @@ def model_block(name: str, model: str, experts: str, n: int, big: bool, stem_of,
         lines.append(f"{key}: {text:<{pad}}# {comment}" if comment else f"{key}: {text}")
     body = pool.splitlines() + lines
     if method.build is AdaMerging:  # the plain form: no class_path needed
-        return "\n".join("  " + l for l in body)
+        return "\n".join("  " + line for line in body)
     return "\n".join([f"  class_path: adamerge.methods.{method.build.__name__}", "  init_args:"]
-                     + ["    " + l for l in body])
+                     + ["    " + line for line in body])
 
 
 def data_extra(name: str) -> str:
@@ -181,7 +181,7 @@ def main() -> None:
         for n, suite in COUNTS.items():
             tasks = SUITES[suite]
             stem_of = lambda name: f"clip-{key}_{n}tasks_{suffix_of[name]}"
-            for suffix, method in config_methods().items():
+            for method in config_methods().values():
                 if registry.get(method).build is not AdaMerging and n not in ADD_ON_COUNTS:
                     continue
                 name = f"{stem_of(method)}.yaml"
@@ -275,7 +275,7 @@ def paper_configs() -> None:
                 tasks=", ".join(tasks), data_extra="")
             text = text.replace("  batch_size: 16               # unlabeled test images per task per step (paper: 16)",
                                 "  batch_size: 32               # two batches of 16 per task per step, their mean entropies summed (official)")
-            trim_lines = [l for l in text.splitlines() if l.lstrip().startswith("trim:")]
+            trim_lines = [line for line in text.splitlines() if line.lstrip().startswith("trim:")]
             assert len(trim_lines) == 1, name
             if pp:
                 value = f"trim: {PAPER_TRIM[key]}"

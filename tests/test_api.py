@@ -3,10 +3,8 @@
 import re
 from pathlib import Path
 
-import pytest
 
 import adamerge
-from adamerge.commands.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -158,7 +158,7 @@ def test_reuse_buffers_across_steps():
     opt = torch.optim.SGD(low.parameters(), lr=0.5)
     x = inputs()
     held = []
-    for step in range(2):
+    for _ in range(2):
         with torch.no_grad():
             fresh.coefficients.copy_(low.coefficients)
         merged = low.merged_parameters(reuse_buffers=True)

@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from adamerge import AdaMerging, MultiTaskDataModule, Surgery, Tinting
 from adamerge.compare import CompareSettings, compare
-from adamerge.engine.objectives import confident_pseudo_label, feature_l1
+from adamerge.engine.objectives import confident_pseudo_label
 from adamerge.io.checkpoints import load_state_dict, read_checkpoint
 from adamerge.io.export import export
 from adamerge.methods.adamerging import COEFFICIENTS_KEY
