@@ -21,7 +21,8 @@ from adamerge.engine.task_vectors import TaskVectors
 from adamerge.io.checkpoints import read_checkpoint
 from adamerge.io.export import export
 from adamerge.methods.adamerging import COEFFICIENTS_KEY
-from adamerge.methods.wemoe import RoutedLinearFunction, WEMoE, find_mlps, load_wemoe
+from adamerge.methods.wemoe import RoutedLinearFunction, WEMoE, load_wemoe
+from adamerge.models.layout import find_mlps
 from adamerge.models.pool import LoadedPool, PreloadedPool
 from adamerge.suites.synthetic import SuitePool, SuiteSource
 from test_adamerging import trainer

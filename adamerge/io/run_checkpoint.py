@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import socket
 import sys
 import time
@@ -232,6 +233,7 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     _run_lock: RunLock | None = None
+    _earlier = 0  # checkpoints in the folder when this fit set up
 
     def _use_root_dir(self, trainer: "L.Trainer") -> None:
         if self.dirpath is None:
@@ -241,9 +243,24 @@ class RunCheckpoint(ModelCheckpoint):
         self._use_root_dir(trainer)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        super().setup(trainer, pl_module, stage)  # first: it warns when the folder is not empty
-        if stage == "fit":
+        if stage == "fit":  # first: a second fit into a running folder is refused before anything else
             self.lock_run(trainer)
+        with warnings.catch_warnings():
+            # Lightning warns whenever the folder is not empty, resumes included (and the lock
+            # file is there now); adamerge resumes into the run's own folder by design, so only a
+            # new run beside an earlier run's checkpoints is worth a warning, given below.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+        self._earlier = len(list(Path(self.dirpath).glob("*.ckpt"))) if _is_local(self.dirpath) else 0
+
+    def on_fit_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        # after the checkpoint was restored (a refused resume has already failed): a new run
+        # beside an earlier one's checkpoints, the case Lightning's own warning was for
+        if trainer.ckpt_path is None and self._earlier and trainer.is_global_zero:
+            warnings.warn(f"{self.dirpath} holds {self._earlier} checkpoints of an earlier run; this fit "
+                          "starts a new run beside them (to continue that run: --ckpt_path last)",
+                          UserWarning, stacklevel=2)
+        super().on_fit_start(trainer, pl_module)
 
     def lock_run(self, trainer: "L.Trainer") -> None:
         """Take the checkpoint folder's :class:`RunLock` (idempotent); every rank raises the same

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
 import lightning as L
@@ -21,11 +22,12 @@ from ..engine.merged_model import Granularity, MergedModel
 from ..engine.objectives import entropy, expert_pseudo_label
 from ..engine.task_vectors import DTYPES, TaskVectors, fingerprint_difference
 from ..io.checkpoints import read_checkpoint
+from ..models.layout import Layout
 from ..models.pool import ModelPool
 from ..report import evaluate
+from .parts import MethodParts, Objective, pick_objective
 
 COEFFICIENTS_KEY = "merged.coefficients"
-OBJECTIVES = ("entropy", "pseudo_label", "cross_entropy")
 TASK_MODULES = "task_modules"  # state-dict prefix of the learned per-task modules
 
 
@@ -50,6 +52,73 @@ def indices_of(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
         return batch[1]
     return None
+
+
+def _entropy(m: "AdaMerging", images, indices, params, labels=None) -> dict[str, torch.Tensor]:
+    """Entropy of each head's predictions on the merged model (the AdaMerging paper)."""
+    return {t: entropy(z) for t, z in m.task_logits(images, params).items()}
+
+
+def _pseudo_label(m: "AdaMerging", images, indices, params, labels=None) -> dict[str, torch.Tensor]:
+    """Cross-entropy to the task expert's predicted class of the same image (images the expert
+    is less sure of than ``min_confidence`` dropped)."""
+    return {t: expert_pseudo_label(z, m.heads[t](m.expert_features(t, indices[t], z.device)), m.min_confidence)
+            for t, z in m.task_logits(images, params).items()}
+
+
+def _cross_entropy(m: "AdaMerging", images, indices, params, labels=None) -> dict[str, torch.Tensor]:
+    """Supervised cross-entropy to the batch's labels (few-shot batches, ``data.shots``)."""
+    missing = [t for t in images if labels is None or labels.get(t) is None]
+    if missing:
+        raise ValueError(f"objective 'cross_entropy' needs labeled batches, tasks {missing} have "
+                         "none: set data.shots (labeled images per class)")
+    return {t: F.cross_entropy(z.float(), labels[t].to(z.device)) for t, z in m.task_logits(images, params).items()}
+
+
+OBJECTIVES: Mapping[str, Objective] = MappingProxyType({o.name: o for o in (
+    Objective("entropy", "entropy", _entropy),
+    Objective("pseudo_label", "pseudo_ce", _pseudo_label, needs_experts=True),
+    Objective("cross_entropy", "ce", _cross_entropy, needs_labels=True),
+)})
+
+
+def plain_merge(encoder: nn.Module, task_vectors: TaskVectors | LowRankTaskVectors, layout: Layout | None = None,
+                **options: Any) -> MergedModel:
+    """The fused merge of :class:`MergedModel` (``options``: granularity, prior, clamp, offload),
+    low-rank (:class:`LowRankMergedModel`) for LoRA task vectors: every method's default (the
+    pool's ``layout`` is for builders that act on parts of the model)."""
+    if isinstance(task_vectors, LowRankTaskVectors):
+        return LowRankMergedModel(encoder, task_vectors, **options)
+    return MergedModel(encoder, task_vectors, **options)
+
+
+def prepared_task_vectors(tv: TaskVectors | LowRankTaskVectors, trim: float | None, preprocess: str | None,
+                          preprocess_options: dict[str, Any] | None, dtype: str | None,
+                          offload: bool) -> TaskVectors | LowRankTaskVectors:
+    """The task vectors a run merges: transformed (``trim`` is ``preprocess: ties``), stored in
+    ``dtype``, kept in (pinned) CPU memory when ``offload``. One-line errors for settings that
+    contradict each other or the pool (a transform of LoRA task vectors)."""
+    lowrank = not isinstance(tv, TaskVectors)  # LoRA experts: LowRankTaskVectors
+    if trim is not None and preprocess is not None:
+        raise ValueError(f"trim={trim} and preprocess={preprocess!r}: give one (trim is preprocess: ties)")
+    if preprocess_options and preprocess is None:
+        raise ValueError(f"preprocess_options {preprocess_options} without preprocess")
+    if trim is not None:
+        preprocess, preprocess_options = "ties", {"keep": trim}
+    if preprocess is not None:
+        if lowrank:
+            what = "trim (AdaMerging++)" if trim is not None else f"preprocess {preprocess!r}"
+            raise ValueError(f"{what} needs dense task vectors; this pool's are low-rank (LoRA): "
+                             f"drop model.{'trim' if trim is not None else 'preprocess'}")
+        from .preprocess import preprocess as transform
+        tv = transform(tv, preprocess, preprocess_options)
+    if dtype is not None:
+        tv = tv.to(dtype=DTYPES[dtype])
+    if offload:
+        tv = tv.to("cpu")
+        if torch.cuda.is_available() and not lowrank:
+            tv = TaskVectors(tv.task_names, tv.names, [t.pin_memory() for t in tv.tensors], tv.meta)
+    return tv
 
 
 class AdaMerging(L.LightningModule):
@@ -97,13 +166,12 @@ class AdaMerging(L.LightningModule):
     """
 
     method = "adamerging"       # the method identity written into checkpoints and exports
-    loss_name = "entropy"       # the objective's name in logs: train/<loss_name>[/<task>]
-    needs_experts = False       # whether task_losses reads the experts' features
     # Hyper-parameters that make a registry row what it is (``adamerging_layerwise`` vs
     # ``adamerging_layerwise_pp``): a module is a row only if it keeps the row's value of each,
     # and ``compare --config`` never carries them from a config to another row.
     identity: tuple[str, ...] = ("granularity", "trim", "preprocess", "preprocess_options", "objective",
                                  "learn_coefficients", "init_from")
+    objectives: Mapping[str, Objective] = OBJECTIVES  # what ``objective`` may name
 
     def __init__(self, pool: ModelPool, granularity: Granularity = "layerwise", prior: float = 0.3,
                  clamp: bool = True, lr: float = 1e-3, per_task_backward: bool = False,
@@ -113,51 +181,32 @@ class AdaMerging(L.LightningModule):
                  offload: bool = False, learn_coefficients: bool = True,
                  init_from: str | None = None,
                  objective: Literal["entropy", "pseudo_label", "cross_entropy"] = "entropy",
-                 min_confidence: float = 0.0, expert_chunk: int = 64) -> None:
+                 min_confidence: float = 0.0, expert_chunk: int = 64,
+                 _parts: MethodParts | None = None) -> None:
         super().__init__()
-        self.expert_chunk = expert_chunk
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        # ``_parts``: a method's own objective, merge and per-task modules (adamerge.methods.parts);
+        # hidden from the config schema (jsonargparse skips optional ``_`` arguments)
+        parts = _parts or MethodParts(pick_objective(type(self).objectives, objective))
         if not 0.0 <= min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
-        self.objective, self.min_confidence = objective, min_confidence
-        if objective == "pseudo_label":  # subclasses keep their own (they pass no objective)
-            self.needs_experts, self.loss_name = True, "pseudo_ce"
-        elif objective == "cross_entropy":
-            self.loss_name = "ce"
-        self.save_hyperparameters(ignore=["pool"])
+        self.objective_part = parts.objective
+        self.objective, self.loss_name = parts.objective.name, parts.objective.loss_name
+        self.needs_experts = parts.objective.needs_experts
+        self.min_confidence, self.expert_chunk = min_confidence, expert_chunk
+        self.save_hyperparameters(ignore=["pool", "_parts"])
         self.strict_loading = False  # frozen tensors are rebuilt from the pool, not the checkpoint
         loaded = pool.load()
         self.loaded = loaded
-        tv = loaded.task_vectors
-        lowrank = not isinstance(tv, TaskVectors)  # LoRA experts: LowRankTaskVectors
-        if trim is not None and preprocess is not None:
-            raise ValueError(f"trim={trim} and preprocess={preprocess!r}: give one (trim is preprocess: ties)")
-        if preprocess_options and preprocess is None:
-            raise ValueError(f"preprocess_options {preprocess_options} without preprocess")
-        if trim is not None:
-            preprocess, preprocess_options = "ties", {"keep": trim}
-        if preprocess is not None:
-            if lowrank:
-                what = "trim (AdaMerging++)" if trim is not None else f"preprocess {preprocess!r}"
-                raise ValueError(f"{what} needs dense task vectors; this pool's are low-rank (LoRA): "
-                                 f"drop model.{'trim' if trim is not None else 'preprocess'}")
-            from .preprocess import preprocess as transform
-            tv = transform(tv, preprocess, preprocess_options)
-        if task_vector_dtype is not None:
-            tv = tv.to(dtype=DTYPES[task_vector_dtype])
-        if offload:
-            tv = tv.to("cpu")
-            if torch.cuda.is_available() and not lowrank:
-                tv = TaskVectors(tv.task_names, tv.names, [t.pin_memory() for t in tv.tensors], tv.meta)
-        self.merged = self.build_merged(loaded.encoder, tv, granularity=granularity, prior=prior,
-                                        clamp=clamp, offload=offload)
+        tv = prepared_task_vectors(loaded.task_vectors, trim, preprocess, preprocess_options,
+                                   task_vector_dtype, offload)
+        self.merged = (parts.merge or plain_merge)(loaded.encoder, tv, layout=loaded.layout, granularity=granularity,
+                                                   prior=prior, clamp=clamp, offload=offload)
         self.merged.coefficients.requires_grad_(learn_coefficients)
         # heads of every evaluated task: the merged ones, then the unseen ones (no expert)
         self.heads = nn.ModuleDict({t: h.requires_grad_(False)
                                     for t, h in {**loaded.heads, **loaded.unseen_heads}.items()})
         self.unseen_tasks = list(loaded.unseen_heads)
-        self.task_modules = nn.ModuleDict(self.build_task_modules())
+        self.task_modules = nn.ModuleDict(parts.task_modules(self) if parts.task_modules else {})
         self.fingerprint = tv.fingerprint()
         self.lr, self.per_task_backward = lr, per_task_backward
         self.learn_coefficients = learn_coefficients
@@ -172,14 +221,6 @@ class AdaMerging(L.LightningModule):
             self.init_coefficients(init_from)
 
     # ------------------------------------------------------------------- method hooks
-    def build_merged(self, encoder: nn.Module, task_vectors: TaskVectors, **options: Any) -> MergedModel:
-        """The merged functional model (``options``: granularity, prior, clamp, offload);
-        subclasses that merge differently (e.g. AdaRank's masked subspaces) return their own.
-        Low-rank (LoRA) task vectors get the low-rank fused merge."""
-        if isinstance(task_vectors, LowRankTaskVectors):
-            return LowRankMergedModel(encoder, task_vectors, **options)
-        return MergedModel(encoder, task_vectors, **options)
-
     def extra_learned_state(self) -> dict[str, torch.Tensor]:
         """Learned tensors besides the coefficients and the per-task modules, by their state-dict
         name (e.g. WEMoE's routers, AdaRank's mask logits); none here."""
@@ -197,10 +238,6 @@ class AdaMerging(L.LightningModule):
         are trained); ``False`` lets fixed-merge methods cache the merged features."""
         return self.trains_merge
 
-    def build_task_modules(self) -> dict[str, nn.Module]:
-        """The trainable per-task modules (none for AdaMerging); subclasses add theirs."""
-        return {}
-
     def task_head(self, task: str) -> nn.Module:
         """What maps the merged encoder's output to ``task``'s logits (training, validate, test,
         :meth:`accuracies`): the frozen head here; subclasses put their per-task module in
@@ -210,21 +247,8 @@ class AdaMerging(L.LightningModule):
     def task_losses(self, images: dict[str, torch.Tensor], indices: dict[str, torch.Tensor | None],
                     params: dict[str, torch.Tensor],
                     labels: dict[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
-        """The objective per task on one batch: entropy of each head's predictions, cross-entropy
-        to the task expert's predictions (``objective="pseudo_label"``) or to the batch's labels
-        (``objective="cross_entropy"``, few-shot batches only)."""
-        logits = self.task_logits(images, params)
-        if self.objective == "entropy":
-            return {t: entropy(z) for t, z in logits.items()}
-        if self.objective == "cross_entropy":
-            missing = [t for t in logits if labels is None or labels.get(t) is None]
-            if missing:
-                raise ValueError(f"objective 'cross_entropy' needs labeled batches, tasks {missing} have "
-                                 "none: set data.shots (labeled images per class)")
-            return {t: F.cross_entropy(z.float(), labels[t].to(z.device)) for t, z in logits.items()}
-        return {t: expert_pseudo_label(z, self.heads[t](self.expert_features(t, indices[t], z.device)),
-                                       self.min_confidence)
-                for t, z in logits.items()}
+        """The method's :class:`~adamerge.methods.parts.Objective` per task on one batch."""
+        return self.objective_part.losses(self, images, indices, params, labels)
 
     def export_heads(self) -> dict[str, nn.Module]:
         """The heads written by ``adamerge export`` (the learned ones where a method learns heads)."""
@@ -441,6 +465,8 @@ class AdaMerging(L.LightningModule):
         step for the progress bar. Lightning's own monitors (LearningRateMonitor,
         DeviceStatsMonitor) ask the logger connector the same question."""
         trainer = self._trainer
+        if trainer is None:  # adamerge online: nothing is logged
+            return False
         connector = getattr(trainer, "_logger_connector", None)
         return connector is None or bool(connector.should_update_logs)
 
@@ -475,9 +501,9 @@ class AdaMerging(L.LightningModule):
         """Why this module cannot take ``path`` (``fit``, ``resume``, ``test``, ``export``,
         ``predict``, ``online``, ``compare``), or ``None`` when it can: the CLI refuses such a
         run in one line, and the contract matrix (tests/test_contract.py) checks both."""
-        if path == "online" and self.objective == "cross_entropy":
-            return ("objective 'cross_entropy' learns from labeled shots (data.shots); online "
-                    "adapts on the unlabeled stream: use objective entropy or pseudo_label")
+        if path == "online" and self.objective_part.needs_labels:
+            return (f"objective {self.objective!r} learns from labeled shots (data.shots); online "
+                    "adapts on the unlabeled stream: use an unlabeled objective")
         return None
 
     def on_train_start(self) -> None:

@@ -38,8 +38,10 @@ from ..engine.merged_model import Granularity, MergedModel, _Merge
 from ..engine.task_vectors import TaskVectors
 from ..io.cache import default_cache_dir
 from ..io.checkpoints import CheckpointError, load_state_dict, save_state_dict
+from ..models.layout import Layout
 from ..models.pool import ModelPool
-from .adamerging import AdaMerging
+from .adamerging import OBJECTIVES, AdaMerging
+from .parts import MethodParts
 
 MASK_LOGITS_KEY = "merged.mask_logits"
 MASKED = ("attn_mlp", "all_2d")
@@ -70,14 +72,16 @@ def _in_block(name: str) -> bool:
     return name.startswith("blocks.") or ".blocks." in name or "resblocks" in name
 
 
-def masked_names(task_vectors: TaskVectors, masked: str = "attn_mlp") -> list[str]:
+def masked_names(task_vectors: TaskVectors, masked: str = "attn_mlp", layout: Layout | None = None) -> list[str]:
     """The parameters whose task vectors get masks over their singular components, in order.
 
     ``attn_mlp`` (the official choice): 2-D task vectors whose name contains ``attn`` or ``mlp``
     (open_clip's ``attn.in_proj_weight``, ``attn.out_proj.weight``, ``mlp.c_fc.weight``,
     ``mlp.c_proj.weight``); when no name matches (encoders that name them otherwise, e.g. the
     suites' ``blocks.N.qkv`` / ``proj`` / ``fc1`` / ``fc2``), every 2-D task vector inside a
-    transformer block. ``all_2d``: every 2-D task vector.
+    transformer block. With the pool's ``layout`` (:class:`~adamerge.models.layout.Layout`),
+    ``attn_mlp`` is its attention and MLP matrices when it names any. ``all_2d``: every 2-D task
+    vector.
     """
     if masked not in MASKED:
         raise ValueError(f"masked must be one of {', '.join(MASKED)}, got {masked!r}")
@@ -85,7 +89,9 @@ def masked_names(task_vectors: TaskVectors, masked: str = "attn_mlp") -> list[st
     if masked == "all_2d":
         chosen = two_d
     else:
-        chosen = [n for n in two_d if "attn" in n or "mlp" in n] or [n for n in two_d if _in_block(n)]
+        declared = set(layout.matrices()) if layout is not None else set()
+        chosen = ([n for n in two_d if n in declared] or [n for n in two_d if "attn" in n or "mlp" in n]
+                  or [n for n in two_d if _in_block(n)])
     if not chosen:
         raise ValueError(f"masked={masked!r} selects no parameter: no 2-D task vector "
                          f"{'named *attn* / *mlp* or inside a block ' if masked == 'attn_mlp' else ''}"
@@ -351,18 +357,16 @@ class AdaRank(AdaMerging):
             raise ValueError(f"masked must be one of {', '.join(MASKED)}, got {masked!r}")
         # a str, not a Path: the hyper-parameters saved into checkpoints must stay plain data
         cache_dir = None if cache_dir is None else str(cache_dir)
-        self.initial_rank_ratio, self.mask_temp = initial_rank_ratio, mask_temp
-        self.masked, self.svd_cache_dir = masked, cache_dir
+
+        def merge(encoder: nn.Module, task_vectors: TaskVectors, layout: Layout | None = None,
+                  **options: Any) -> SubspaceMaskedModel:
+            subspaces = svd_subspaces(task_vectors, masked_names(task_vectors, masked, layout), cache_dir)
+            return SubspaceMaskedModel(encoder, task_vectors, subspaces, mask_temp=mask_temp,
+                                       initial_rank_ratio=initial_rank_ratio, **options)
         super().__init__(pool, granularity=granularity, prior=prior, clamp=clamp, lr=lr,
                          per_task_backward=per_task_backward, task_vector_dtype=task_vector_dtype,
-                         learn_coefficients=learn_coefficients, init_from=init_from)
-
-    def build_merged(self, encoder: nn.Module, task_vectors: TaskVectors,
-                     **options: Any) -> SubspaceMaskedModel:
-        names = masked_names(task_vectors, self.masked)
-        subspaces = svd_subspaces(task_vectors, names, self.svd_cache_dir)
-        return SubspaceMaskedModel(encoder, task_vectors, subspaces, mask_temp=self.mask_temp,
-                                   initial_rank_ratio=self.initial_rank_ratio, **options)
+                         learn_coefficients=learn_coefficients, init_from=init_from,
+                         _parts=MethodParts(OBJECTIVES["entropy"], merge=merge))
 
     def extra_learned_state(self) -> dict[str, torch.Tensor]:
         return {MASK_LOGITS_KEY: self.merged.mask_logits}
@@ -373,5 +377,5 @@ class AdaRank(AdaMerging):
 
     def _log_train(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
         super()._log_train(loss, losses)
-        if self.logs_this_step():
+        if self.logs_this_step():  # False without a trainer (online)
             self.log("mask/kept", self.merged.kept_fraction())

@@ -157,7 +157,8 @@ class Method:
         """Keyword arguments of ``build`` (inputs excluded) with their default values."""
         out = {}
         for name, p in inspect.signature(self.build).parameters.items():
-            if name in _INPUTS[self.kind] or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            # inputs, *args/**kwargs, and ``_`` arguments (a method's parts; not in configs either)
+            if name in _INPUTS[self.kind] or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name.startswith("_"):
                 continue
             out[name] = None if p.default is inspect.Parameter.empty else p.default
         return out

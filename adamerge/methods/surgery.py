@@ -14,6 +14,7 @@ loss also trains them. Differences from the official schedule: docs/fidelity.md.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -23,6 +24,7 @@ from ..engine.merged_model import Granularity
 from ..engine.objectives import feature_l1
 from ..models.pool import ModelPool
 from .adamerging import AdaMerging
+from .parts import MethodParts, Objective
 
 
 class SurgeryAdapter(nn.Module):
@@ -37,6 +39,16 @@ class SurgeryAdapter(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = features.to(self.down.weight.dtype)
         return x - self.up(torch.relu(self.down(x)))
+
+
+def _feature_l1(m: "Surgery", images, indices, params, labels=None) -> dict[str, torch.Tensor]:
+    """Mean L1 distance of each task's adapted features to its expert's features."""
+    feats = m.train_features(images, indices, params)
+    return {t: feature_l1(m.task_modules[t](f), m.expert_features(t, indices[t], f.device))
+            for t, f in feats.items()}
+
+
+FEATURE_L1 = Objective("feature_l1", "l1", _feature_l1, needs_experts=True)
 
 
 class Surgery(AdaMerging):
@@ -58,9 +70,8 @@ class Surgery(AdaMerging):
     method = "surgery"
     task_modules_apply = ("features = features - relu(features @ down.T) @ up.T, on the encoder's "
                           "output, before the head (and before its L2 normalisation)")
-    loss_name = "l1"
-    needs_experts = True
     identity = ("granularity", "trim", "learn_coefficients", "init_from")
+    objectives = MappingProxyType({FEATURE_L1.name: FEATURE_L1})
 
     def __init__(self, pool: ModelPool, rank: int = 16, granularity: Granularity = "taskwise",
                  prior: float = 0.3, clamp: bool = True, lr: float = 1e-3,
@@ -70,26 +81,17 @@ class Surgery(AdaMerging):
                  offload: bool = False, expert_chunk: int = 64) -> None:
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self.adapter_rank = rank
+        adapters = lambda m: {t: SurgeryAdapter(m.feature_dim(), rank) for t in m.task_names}
         super().__init__(pool, granularity=granularity, prior=prior, clamp=clamp, lr=lr,
                          per_task_backward=per_task_backward, trim=trim,
                          task_vector_dtype=task_vector_dtype, offload=offload,
                          learn_coefficients=learn_coefficients, init_from=init_from,
-                         expert_chunk=expert_chunk)
-
-    def build_task_modules(self) -> dict[str, nn.Module]:
-        dim = self.feature_dim()
-        return {t: SurgeryAdapter(dim, self.adapter_rank) for t in self.task_names}
+                         expert_chunk=expert_chunk, _parts=MethodParts(FEATURE_L1, task_modules=adapters))
 
     def task_head(self, task: str) -> nn.Module:
         if task not in self.task_modules:  # an unseen task: no expert, so no adapter
             return self.heads[task]
         return nn.Sequential(self.task_modules[task], self.heads[task])
-
-    def task_losses(self, images, indices, params, labels=None):
-        feats = self.train_features(images, indices, params)
-        return {t: feature_l1(self.task_modules[t](f), self.expert_features(t, indices[t], f.device))
-                for t, f in feats.items()}
 
     def export_task_modules(self) -> dict[str, torch.Tensor]:
         """``{task}.down`` ``[rank, dim]`` and ``{task}.up`` ``[dim, rank]`` per task."""

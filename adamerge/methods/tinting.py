@@ -12,6 +12,7 @@ plain AdaMerging objective on the tinted heads instead. Differences: docs/fideli
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -19,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.merged_model import Granularity
-from ..engine.objectives import confident_pseudo_label, entropy
+from ..engine.objectives import confident_pseudo_label
 from ..models.pool import ModelPool
-from .adamerging import AdaMerging
+from .adamerging import OBJECTIVES, AdaMerging
+from .parts import MethodParts, Objective, pick_objective
 
 
 class TintedHead(nn.Module):
@@ -43,6 +45,28 @@ class TintedHead(nn.Module):
         return self.linear(x.to(self.linear.weight.dtype))
 
 
+def tinted_heads(m: AdaMerging) -> dict[str, nn.Module]:
+    """A :class:`TintedHead` per merged task, initialised from its frozen head."""
+    out = {}
+    for t in m.task_names:
+        linears = [x for x in m.heads[t].modules() if isinstance(x, nn.Linear)]
+        if len(linears) != 1:
+            raise ValueError(f"tinting needs each head to be one linear layer; head {t!r} has {len(linears)}")
+        lin = linears[0]
+        out[t] = TintedHead(lin.weight.detach().float(), None if lin.bias is None else lin.bias.detach().float(),
+                            bool(getattr(m.heads[t], "normalizes_features", False)))
+    return out
+
+
+def _confident_pseudo_label(m: AdaMerging, images, indices, params, labels=None) -> dict[str, torch.Tensor]:
+    """The official ``crosspseudoconf``: CE to the expert's class where it is trusted."""
+    return {t: confident_pseudo_label(z, m.heads[t](m.expert_features(t, indices[t], z.device)))
+            for t, z in m.task_logits(images, params).items()}
+
+
+PSEUDO_CONFIDENCE = Objective("pseudo_confidence", "pseudo_ce", _confident_pseudo_label, needs_experts=True)
+
+
 class Tinting(AdaMerging):
     """Model Tinting: coefficients and one trainable head per task, learned together.
 
@@ -56,8 +80,8 @@ class Tinting(AdaMerging):
     """
 
     method = "tinting"
-    needs_experts = True
     identity = ("granularity", "trim", "loss", "learn_coefficients", "init_from")
+    objectives = MappingProxyType({o.name: o for o in (PSEUDO_CONFIDENCE, OBJECTIVES["entropy"])})
 
     def __init__(self, pool: ModelPool, loss: Literal["pseudo_confidence", "entropy"] = "pseudo_confidence",
                  granularity: Granularity = "layerwise", prior: float = 0.3, clamp: bool = True,
@@ -65,40 +89,16 @@ class Tinting(AdaMerging):
                  per_task_backward: bool = False, trim: float | None = None,
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
                  offload: bool = False, expert_chunk: int = 64) -> None:
-        if loss not in ("pseudo_confidence", "entropy"):
-            raise ValueError(f"loss must be 'pseudo_confidence' or 'entropy', got {loss!r}")
-        self.loss = loss
-        self.needs_experts = loss == "pseudo_confidence"
-        self.loss_name = "pseudo_ce" if self.needs_experts else "entropy"
+        parts = MethodParts(pick_objective(type(self).objectives, loss, "loss"), task_modules=tinted_heads)
         super().__init__(pool, granularity=granularity, prior=prior, clamp=clamp, lr=lr,
                          per_task_backward=per_task_backward, trim=trim,
                          task_vector_dtype=task_vector_dtype, offload=offload,
                          learn_coefficients=learn_coefficients, init_from=init_from,
-                         expert_chunk=expert_chunk)
-
-    def build_task_modules(self) -> dict[str, nn.Module]:
-        out = {}
-        for t in self.task_names:
-            linears = [m for m in self.heads[t].modules() if isinstance(m, nn.Linear)]
-            if len(linears) != 1:
-                raise ValueError(f"tinting needs each head to be one linear layer; head {t!r} has "
-                                 f"{len(linears)}")
-            lin = linears[0]
-            out[t] = TintedHead(lin.weight.detach().float(), None if lin.bias is None else lin.bias.detach().float(),
-                                bool(getattr(self.heads[t], "normalizes_features", False)))
-        return out
+                         expert_chunk=expert_chunk, _parts=parts)
 
     def task_head(self, task: str) -> nn.Module:
         # an unseen task has no expert to tint its head against: its frozen head
         return self.task_modules[task] if task in self.task_modules else self.heads[task]
-
-    def task_losses(self, images, indices, params, labels=None):
-        logits = self.task_logits(images, params)
-        if self.loss == "entropy":
-            return {t: entropy(z) for t, z in logits.items()}
-        return {t: confident_pseudo_label(
-                    z, self.heads[t](self.expert_features(t, indices[t], z.device)))
-                for t, z in logits.items()}
 
     def export_heads(self) -> dict[str, nn.Module]:
         return {**self.heads, **self.task_modules}

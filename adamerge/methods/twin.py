@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
@@ -81,11 +82,12 @@ from torch.utils.data import Dataset
 from ..engine.merged_model import MergedModel
 from ..engine.svd import svd
 from ..engine.task_vectors import TaskVectors
+from ..models.layout import Layout, infer_layout
 from ..models.pool import ModelPool
-from .adamerging import AdaMerging, images_of
-from .wemoe import RoutedLinear, _shallow_module_copy, find_mlps
+from .adamerging import OBJECTIVES, AdaMerging, images_of
+from .parts import MethodParts, Objective, pick_objective
+from .wemoe import RoutedLinear, _shallow_module_copy
 
-OBJECTIVES = ("task_id", "entropy")
 STORAGES = ("auto", "lowrank", "dense")
 ROUTER_NORMS = ("batch", "none")
 DROPOUT_SEED = 0x7717  # the router's dropout masks: seeded by (this, global step, call)
@@ -250,6 +252,89 @@ def twin_factors(delta: torch.Tensor, rank_fraction: float,
             "b": (u * s[:, None, :]).transpose(1, 2).reshape(k * r, h).contiguous()}
 
 
+class TwinLayers:
+    """Twin-Merging's merge builder (a :class:`~adamerge.methods.parts.MethodParts` ``merge``):
+    task arithmetic with scaling ``prior`` (the shared expert) on a copy of the encoder whose
+    chosen linear ``layers`` add each expert's exclusive part (:func:`twin_factors`), mixed per
+    input by ``router`` (set once the module has made it). After the build it holds the stored
+    twin ``vectors`` (non-persistent buffers), the routed ``layers``, their storage ``kinds`` and
+    the ``routing`` state."""
+
+    def __init__(self, rank_fraction: float, storage: str, layers: str | list[str], batch_first: bool,
+                 block_numel: int | None) -> None:
+        self.rank_fraction, self.storage, self.requested = rank_fraction, storage, layers
+        self.batch_first, self.block_numel = batch_first, block_numel
+        self.router: nn.Module | None = None
+        self.vectors = nn.Module()
+        self.layers: list[str] = []
+        self.kinds: dict[str, str] = {}
+        self.routing: TwinRouting | None = None
+
+    def __call__(self, encoder: nn.Module, task_vectors: TaskVectors, layout: Layout | None = None,
+                 **options: Any) -> MergedModel:
+        if not isinstance(task_vectors, TaskVectors):
+            raise ValueError("Twin-Merging needs dense task vectors; this pool's are low-rank (LoRA)")
+        module = _shallow_module_copy(encoder)
+        merged = MergedModel(module, task_vectors, **options)
+        names = list(task_vectors.names)
+        chosen = self.requested
+        if chosen == "linear":
+            layers = [n for n in find_linears(module) if f"{n}.weight" in names]
+        elif chosen == "mlp":
+            layers = [n for pair in (layout or infer_layout(encoder)).mlps for n in pair if f"{n}.weight" in names]
+        else:
+            layers = list(chosen)
+            missing = [n for n in layers if f"{n}.weight" not in names]
+            if missing:
+                raise ValueError(f"Twin-Merging: layers {missing[:3]} have no task vector (the pool's "
+                                 f"task vectors cover {len(names)} parameters, e.g. {names[:3]})")
+        if not layers:
+            raise ValueError(f"Twin-Merging: no routed layer in {type(encoder).__name__} (layers="
+                             f"{chosen!r}); give layers: [name, ...]")
+        scaling, dtype = float(options["prior"]), task_vectors.tensors[0].dtype
+        holder, kinds = self.vectors, self.kinds  # buffers: moved with the module, never checkpointed
+        for i, layer in enumerate(layers):
+            tau = task_vectors.tensors[names.index(f"{layer}.weight")].float()
+            stored = twin_factors(tau - scaling * tau.sum(0, keepdim=True), self.rank_fraction,
+                                  self.storage, name=f"{layer}.weight")
+            kinds[layer] = "dense" if "dense" in stored else "lowrank"
+            for part, t in stored.items():
+                holder.register_buffer(f"{part}{i}", t.to(dtype), persistent=False)
+            if f"{layer}.bias" in names:
+                tb = task_vectors.tensors[names.index(f"{layer}.bias")].float()
+                holder.register_buffer(f"bias{i}", (tb - scaling * tb.sum(0, keepdim=True)).to(dtype),
+                                       persistent=False)
+        self.layers = layers
+
+        def twin_of(layer: str) -> Callable[[], tuple]:
+            i = layers.index(layer)
+            if kinds[layer] == "dense":
+                return lambda: ("dense", getattr(holder, f"dense{i}"), None, getattr(holder, f"bias{i}", None))
+            return lambda: ("lowrank", getattr(holder, f"a{i}"), getattr(holder, f"b{i}"),
+                            getattr(holder, f"bias{i}", None))
+
+        self.routing = install_twin(module, layers, twin_of, lambda: self.router, self.batch_first,
+                                    self.block_numel)
+        return merged
+
+
+def _task_id(m: "TwinMerging", images, indices, params, labels=None) -> dict[str, torch.Tensor]:
+    """Cross-entropy of the router's logits to each image's task index (official; no class
+    labels are read)."""
+    logits = m.router_logits(m.shared_features(images, params))
+    losses, hits, count = {}, 0, 0
+    for t, z in logits.items():
+        target = torch.full((z.shape[0],), m.task_names.index(t), dtype=torch.long, device=z.device)
+        losses[t] = F.cross_entropy(z.float(), target)
+        hits, count = hits + int((z.argmax(-1) == target).sum()), count + z.shape[0]
+    if count and m.logs_this_step():
+        m.log("router/acc", hits / count)
+    return losses
+
+
+TASK_ID = Objective("task_id", "task_ce", _task_id)
+
+
 class TwinMerging(AdaMerging):
     """Twin-Merging: task arithmetic (``scaling``) as the shared expert, per-input routed
     low-rank exclusive parts of every expert in the linear layers.
@@ -261,7 +346,7 @@ class TwinMerging(AdaMerging):
         storage: ``auto`` (per layer, low-rank factors when smaller than the dense product),
             ``lowrank`` or ``dense``.
         layers: the routed linear layers: ``linear`` (every ``nn.Linear`` called as a module, see
-            :func:`find_linears`), ``mlp`` (the MLPs' two layers, :func:`~adamerge.methods.wemoe.find_mlps`)
+            :func:`find_linears`), ``mlp`` (the MLPs' two layers of the pool's layout, :attr:`adamerge.models.LoadedPool.layout`)
             or a list of qualified layer names.
         objective: ``task_id`` (official: cross-entropy of the router to the task of each
             image) or ``entropy`` (our variant: entropy of each head on the routed model).
@@ -277,6 +362,7 @@ class TwinMerging(AdaMerging):
 
     method = "twin_merging"
     identity = ("objective",)
+    objectives = MappingProxyType({o.name: o for o in (TASK_ID, OBJECTIVES["entropy"])})
 
     def __init__(self, pool: ModelPool, scaling: float = 0.29, rank_fraction: float = 0.1,
                  storage: Literal["auto", "lowrank", "dense"] = "auto",
@@ -286,8 +372,6 @@ class TwinMerging(AdaMerging):
                  router_norm: Literal["batch", "none"] = "batch", router_dropout: float = 0.5,
                  batch_first: bool = True, routing_block_numel: int | None = None,
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None) -> None:
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
         if lr_schedule not in ("linear", "constant"):
@@ -296,64 +380,15 @@ class TwinMerging(AdaMerging):
             raise ValueError(f"rank_fraction must be > 0, got {rank_fraction}")
         if isinstance(layers, str) and layers not in ("linear", "mlp"):
             raise ValueError(f"layers must be 'linear', 'mlp' or a list of layer names, got {layers!r}")
-        self.twin_options = {"rank_fraction": rank_fraction, "storage": storage, "layers": layers,
-                             "batch_first": batch_first, "block_numel": routing_block_numel}
-        self.router_options = {"hidden": router_hidden, "norm": router_norm, "dropout": router_dropout}
-        self.twin_objective, self.lr_schedule = objective, lr_schedule
+        twins = TwinLayers(rank_fraction, storage, layers, batch_first, routing_block_numel)
         super().__init__(pool, granularity="taskwise", prior=scaling, clamp=False, lr=lr,
-                         task_vector_dtype=task_vector_dtype, learn_coefficients=False, objective="entropy")
-        self.loss_name = "task_ce" if objective == "task_id" else "entropy"
-        self.router = TwinRouter(self.feature_dim(), len(self.task_names), **self.router_options)
-
-    # ------------------------------------------------------------------------- the model
-    def build_merged(self, encoder: nn.Module, task_vectors: TaskVectors, **options: Any) -> MergedModel:
-        if not isinstance(task_vectors, TaskVectors):
-            raise ValueError("Twin-Merging needs dense task vectors; this pool's are low-rank (LoRA)")
-        module = _shallow_module_copy(encoder)
-        merged = MergedModel(module, task_vectors, **options)
-        names = list(task_vectors.names)
-        chosen = self.twin_options["layers"]
-        if chosen == "linear":
-            layers = [n for n in find_linears(module) if f"{n}.weight" in names]
-        elif chosen == "mlp":
-            layers = [n for pair in find_mlps(module) for n in pair if f"{n}.weight" in names]
-        else:
-            layers = list(chosen)
-            missing = [n for n in layers if f"{n}.weight" not in names]
-            if missing:
-                raise ValueError(f"Twin-Merging: layers {missing[:3]} have no task vector (the pool's "
-                                 f"task vectors cover {len(names)} parameters, e.g. {names[:3]})")
-        if not layers:
-            raise ValueError(f"Twin-Merging: no routed layer in {type(encoder).__name__} (layers="
-                             f"{chosen!r}); give layers: [name, ...]")
-        scaling, dtype = float(options["prior"]), task_vectors.tensors[0].dtype
-        # the stored twin vectors: non-persistent buffers, moved with the module, never checkpointed
-        self.twin_vectors = nn.Module()
-        kinds: dict[str, str] = {}
-        for i, layer in enumerate(layers):
-            tau = task_vectors.tensors[names.index(f"{layer}.weight")].float()
-            stored = twin_factors(tau - scaling * tau.sum(0, keepdim=True), self.twin_options["rank_fraction"],
-                                  self.twin_options["storage"], name=f"{layer}.weight")
-            kinds[layer] = "dense" if "dense" in stored else "lowrank"
-            for part, t in stored.items():
-                self.twin_vectors.register_buffer(f"{part}{i}", t.to(dtype), persistent=False)
-            if f"{layer}.bias" in names:
-                tb = task_vectors.tensors[names.index(f"{layer}.bias")].float()
-                self.twin_vectors.register_buffer(f"bias{i}", (tb - scaling * tb.sum(0, keepdim=True)).to(dtype),
-                                                  persistent=False)
-        self.twin_layers, self.twin_kinds = layers, kinds
-        holder = self.twin_vectors
-
-        def twin_of(layer: str) -> Callable[[], tuple]:
-            i = layers.index(layer)
-            if kinds[layer] == "dense":
-                return lambda: ("dense", getattr(holder, f"dense{i}"), None, getattr(holder, f"bias{i}", None))
-            return lambda: ("lowrank", getattr(holder, f"a{i}"), getattr(holder, f"b{i}"),
-                            getattr(holder, f"bias{i}", None))
-
-        self.routing = install_twin(module, layers, twin_of, lambda: self.router,
-                                    self.twin_options["batch_first"], self.twin_options["block_numel"])
-        return merged
+                         task_vector_dtype=task_vector_dtype, learn_coefficients=False,
+                         _parts=MethodParts(pick_objective(type(self).objectives, objective), merge=twins))
+        self.twin_vectors, self.twin_layers, self.twin_kinds = twins.vectors, twins.layers, twins.kinds
+        self.routing, self.batch_first, self.lr_schedule = twins.routing, batch_first, lr_schedule
+        self.router = TwinRouter(self.feature_dim(), len(self.task_names), router_hidden, router_norm,
+                                 router_dropout)
+        twins.router = self.router  # what the routed layers call
 
     @property
     def trains_encoder(self) -> bool:
@@ -396,23 +431,6 @@ class TwinMerging(AdaMerging):
         return {t: self.routed(images[t], weights[t], params) for t in tasks}
 
     # ---------------------------------------------------------------------------- training
-    def task_losses(self, images: dict[str, torch.Tensor], indices: dict[str, torch.Tensor | None],
-                    params: dict[str, torch.Tensor],
-                    labels: dict[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
-        """``task_id``: cross-entropy of the router's logits to each image's task index;
-        ``entropy``: each head's entropy on the routed model's features."""
-        if self.twin_objective == "entropy":
-            return super().task_losses(images, indices, params, labels)
-        logits = self.router_logits(self.shared_features(images, params))
-        losses, hits, count = {}, 0, 0
-        for t, z in logits.items():
-            target = torch.full((z.shape[0],), self.task_names.index(t), dtype=torch.long, device=z.device)
-            losses[t] = F.cross_entropy(z.float(), target)
-            hits, count = hits + int((z.argmax(-1) == target).sum()), count + z.shape[0]
-        if self._trainer is not None and count and self.logs_this_step():
-            self.log("router/acc", hits / count)
-        return losses
-
     def adaptation_step(self, batch: dict[str, Any], step: int, every_task: bool = True) -> torch.Tensor:
         self.router.set_step(step)  # the dropout masks of this step (fit and online alike)
         return super().adaptation_step(batch, step, every_task)
@@ -476,7 +494,7 @@ class TwinMerging(AdaMerging):
                 if t is not None:
                     tensors[f"twin.{layer}.{part}"] = t.detach()
         meta = {"twin": json.dumps({"layers": self.twin_layers, "kinds": self.twin_kinds,
-                                    "tasks": list(self.task_names), "batch_first": self.twin_options["batch_first"],
+                                    "tasks": list(self.task_names), "batch_first": self.batch_first,
                                     "router": {"dim": self.router.dim, "hidden": self.router.hidden,
                                                "norm": self.router.norm, "dropout": self.router.dropout}})}
         return {"twin.safetensors": (tensors, meta)}

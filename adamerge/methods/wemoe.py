@@ -29,11 +29,11 @@ from torch import nn
 
 from ..engine.merged_model import MergedModel
 from ..engine.task_vectors import TaskVectors
+from ..models.layout import MLP_CHILDREN, Layout, infer_layout
 from ..models.pool import ModelPool
 from .adamerging import AdaMerging
+from .parts import MethodParts, pick_objective
 
-# Child names of the two linear layers of a transformer MLP: open_clip, timm/HF/the built-in suites.
-MLP_PAIRS = (("c_fc", "c_proj"), ("fc1", "fc2"))
 # Values of the samples' weights formed at once in a routed layer ([B, rows, D]): on a CPU small
 # enough to stay in cache between being formed and being applied; on a GPU large enough that
 # each block is a few big kernels.
@@ -44,18 +44,6 @@ def block_rows(batch: int, in_features: int, device: torch.device, block_numel: 
     """Output rows per block of a routed layer: ``block_numel`` (default by device) / (B * D)."""
     numel = block_numel or ROUTING_BLOCK_NUMEL.get(device.type, ROUTING_BLOCK_NUMEL["cuda"])
     return max(1, numel // (batch * in_features))
-
-
-def find_mlps(module: nn.Module) -> list[tuple[str, str]]:
-    """``(first, second)`` qualified names of the linear layer pairs of every MLP in ``module``
-    (children named ``c_fc``/``c_proj`` as in open_clip, or ``fc1``/``fc2``), in module order."""
-    found = []
-    for prefix, m in module.named_modules():
-        children = dict(m.named_children())
-        for a, b in MLP_PAIRS:
-            if isinstance(children.get(a), nn.Linear) and isinstance(children.get(b), nn.Linear):
-                found.append((f"{prefix}.{a}" if prefix else a, f"{prefix}.{b}" if prefix else b))
-    return found
 
 
 class Router(nn.Module):
@@ -230,6 +218,50 @@ def _shallow_module_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+class RoutedMLPs:
+    """WEMoE's merge builder (a :class:`~adamerge.methods.parts.MethodParts` ``merge``): the
+    fused merge on a copy of the encoder whose MLPs (``mlps``, default every MLP found) are
+    :class:`RoutedLinear` layers mixing their task vectors per sample, one :class:`Router` each
+    (``router_options``). After the build it holds the ``routers``, the routed ``mlps`` and the
+    coefficient ``rows`` of their parameters (kept at 0: the MLPs' base is the pretrained one)."""
+
+    def __init__(self, router_options: dict[str, Any], mlps: list[list[str]] | None, batch_first: bool,
+                 block_numel: int | None) -> None:
+        self.router_options, self.requested = router_options, mlps
+        self.batch_first, self.block_numel = batch_first, block_numel
+        self.routers: nn.ModuleList | None = None
+        self.mlps: list[list[str]] = []
+        self.rows: list[int] = []
+
+    def __call__(self, encoder: nn.Module, task_vectors: TaskVectors, layout: Layout | None = None,
+                 **options: Any) -> MergedModel:
+        module = _shallow_module_copy(encoder)
+        found = (layout or infer_layout(encoder)).mlps
+        mlps = [tuple(p) for p in self.requested] if self.requested else list(found)
+        if not mlps:
+            raise ValueError(f"WEMoE: the pool's layout names no MLP in {type(encoder).__name__} (generic "
+                             f"reading: linear children named {MLP_CHILDREN}); give mlps: [[first, second], ...]")
+        names = list(task_vectors.names)
+        missing = [f"{layer}.weight" for pair in mlps for layer in pair if f"{layer}.weight" not in names]
+        if missing:
+            raise ValueError(f"WEMoE: MLP weights {missing[:3]} have no task vector (the pool's task "
+                             f"vectors cover {len(names)} parameters, e.g. {names[:3]})")
+        merged = MergedModel(module, task_vectors, **options)
+        self.routers = nn.ModuleList(Router(module.get_submodule(first).in_features, task_vectors.num_tasks,
+                                            **self.router_options) for first, _ in mlps)
+        self.mlps = [list(p) for p in mlps]
+        routed = {f"{layer}.{part}" for pair in mlps for layer in pair for part in ("weight", "bias")}
+        self.rows = [i for i, n in enumerate(names) if n in routed]
+
+        def tau_of(layer: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+            w, b = names.index(f"{layer}.weight"), names.index(f"{layer}.bias") if f"{layer}.bias" in names else None
+            return lambda: (merged.task_vectors.tensors[w],
+                            merged.task_vectors.tensors[b] if b is not None else None)
+
+        install_routing(module, mlps, self.routers, tau_of, self.batch_first, self.block_numel)
+        return merged
+
+
 class WEMoE(AdaMerging):
     """WEMoE: task arithmetic outside the MLPs, per-sample routed MLP task vectors inside.
 
@@ -240,8 +272,8 @@ class WEMoE(AdaMerging):
         lr: Adam learning rate of the routers (official 1e-3; FusionBench's config 1e-4).
         lr_schedule: ``cosine`` (official: cosine annealing over the run's ``max_steps``) or
             ``constant`` (FusionBench).
-        mlps: the MLPs to route as ``[first, second]`` linear-layer names; default every MLP
-            found (:func:`find_mlps`: open_clip ``c_fc``/``c_proj``, ``fc1``/``fc2``).
+        mlps: the MLPs to route as ``[first, second]`` linear-layer names; default every MLP of
+            the pool's layout (:attr:`adamerge.models.LoadedPool.layout`).
         batch_first: the encoder's token tensors are ``[B, N, D]`` (open_clip >= 2.23) or
             ``[N, B, D]``.
         routing_block_numel: values of the samples' weights formed at once in a routed layer
@@ -262,41 +294,16 @@ class WEMoE(AdaMerging):
                  objective: Literal["entropy", "pseudo_label", "cross_entropy"] = "entropy") -> None:
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
-        self.router_options = {"hidden_layers": router_hidden_layers, "init_lambda": init_lambda}
-        self.wemoe_options = {"mlps": mlps, "batch_first": batch_first, "block_numel": routing_block_numel}
-        self.lr_schedule = lr_schedule
+        routing = RoutedMLPs({"hidden_layers": router_hidden_layers, "init_lambda": init_lambda},
+                             mlps, batch_first, routing_block_numel)
         super().__init__(pool, granularity="layerwise", prior=scaling, clamp=False, lr=lr,
                          per_task_backward=per_task_backward, task_vector_dtype=task_vector_dtype,
-                         learn_coefficients=False, objective=objective)
+                         learn_coefficients=False,
+                         _parts=MethodParts(pick_objective(type(self).objectives, objective), merge=routing))
+        self.routers, self.mlps, self.lr_schedule = routing.routers, routing.mlps, lr_schedule
+        self.router_hidden_layers, self.batch_first = router_hidden_layers, batch_first
         with torch.no_grad():  # the MLPs' merged weights are the pretrained ones: W0 of the mixture
-            self.merged.coefficients[self._mlp_rows] = 0.0
-
-    def build_merged(self, encoder: nn.Module, task_vectors: TaskVectors, **options: Any) -> MergedModel:
-        module = _shallow_module_copy(encoder)
-        mlps = [tuple(p) for p in self.wemoe_options["mlps"]] if self.wemoe_options["mlps"] else find_mlps(module)
-        if not mlps:
-            raise ValueError(f"WEMoE: no MLP found in {type(encoder).__name__} (looked for linear "
-                             f"children named {MLP_PAIRS}); give mlps: [[first, second], ...]")
-        names = list(task_vectors.names)
-        missing = [f"{layer}.weight" for pair in mlps for layer in pair if f"{layer}.weight" not in names]
-        if missing:
-            raise ValueError(f"WEMoE: MLP weights {missing[:3]} have no task vector (the pool's task "
-                             f"vectors cover {len(names)} parameters, e.g. {names[:3]})")
-        merged = MergedModel(module, task_vectors, **options)
-        self.routers = nn.ModuleList(Router(module.get_submodule(first).in_features, task_vectors.num_tasks,
-                                            **self.router_options) for first, _ in mlps)
-        self.mlps = [list(p) for p in mlps]
-        routed = {f"{layer}.{part}" for pair in mlps for layer in pair for part in ("weight", "bias")}
-        self._mlp_rows = [i for i, n in enumerate(names) if n in routed]
-
-        def tau_of(layer: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
-            w, b = names.index(f"{layer}.weight"), names.index(f"{layer}.bias") if f"{layer}.bias" in names else None
-            return lambda: (merged.task_vectors.tensors[w],
-                            merged.task_vectors.tensors[b] if b is not None else None)
-
-        install_routing(module, mlps, self.routers, tau_of, self.wemoe_options["batch_first"],
-                        self.wemoe_options["block_numel"])
-        return merged
+            self.merged.coefficients[routing.rows] = 0.0
 
     @property
     def trains_encoder(self) -> bool:
@@ -325,8 +332,8 @@ class WEMoE(AdaMerging):
                     if f"{layer}.{part}" in tv.names:
                         tensors[f"tau.{layer}.{part}"] = tv.tensors[tv.names.index(f"{layer}.{part}")].detach()
         meta = {"wemoe": json.dumps({"mlps": self.mlps, "tasks": tv.task_names,
-                                     "router_hidden_layers": self.router_options["hidden_layers"],
-                                     "batch_first": self.wemoe_options["batch_first"]})}
+                                     "router_hidden_layers": self.router_hidden_layers,
+                                     "batch_first": self.batch_first})}
         return {"wemoe.safetensors": (tensors, meta)}
 
     @classmethod

@@ -11,8 +11,9 @@ May import: :mod:`adamerge.engine`, :mod:`adamerge.data` (task registry, preproc
 from .clip import OpenCLIPPool, ZeroShotHead
 from .hf import (FirstTokenSeq2Seq, HFCausalLMPool, HFLanguageModelPool, HFSequenceClassifierPool, LastTokenFeatures,
                  LastTokenLM, VerbaliserHead)
+from .layout import Layout, infer_layout
 from .pool import CheckpointPool, LoadedPool, ModelPool, PreloadedPool
 
 __all__ = ["CheckpointPool", "FirstTokenSeq2Seq", "HFCausalLMPool", "HFLanguageModelPool", "HFSequenceClassifierPool",
-           "LastTokenFeatures", "LastTokenLM", "LoadedPool", "ModelPool", "OpenCLIPPool",
-           "PreloadedPool", "VerbaliserHead", "ZeroShotHead"]
+           "LastTokenFeatures", "LastTokenLM", "Layout", "LoadedPool", "ModelPool", "OpenCLIPPool",
+           "PreloadedPool", "VerbaliserHead", "ZeroShotHead", "infer_layout"]

@@ -39,6 +39,7 @@ from ..engine.lowrank import LowRankTaskVectors
 from ..engine.task_vectors import DTYPES, TaskVectors
 from ..data.text import load_tasks_file
 from ..io.checkpoints import CheckpointError, StateDict, check_finite, load_state_dict
+from .layout import Layout, infer_layout
 from .pool import LoadedPool, ModelPool, check_unseen
 
 PREFIX = "lm."  # parameter names of LastTokenLM: "lm." + the transformers model's own names
@@ -120,16 +121,43 @@ class FirstTokenSeq2Seq(_HFWrapper):
         return self.lm(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits[:, 0]
 
 
-HEAD_MODULES = ("score",)  # the classification layer of decoder-only ...ForSequenceClassification
+# The classification layer of ...ForSequenceClassification: decoder-only (GPT-2, Llama, ...) and
+# encoder-only (BERT, RoBERTa, ...) models.
+HEAD_MODULES = ("score", "classifier")
+# Encoder-only families, by config.model_type: the child names of each layer's MLP linears (the
+# pool's layout; adamerge.models.layout). A family missing here is refused with its model_type.
+ENCODER_MLPS: dict[str, tuple[str, str]] = {"bert": ("intermediate.dense", "output.dense"),
+                                            "roberta": ("intermediate.dense", "output.dense"),
+                                            "xlm-roberta": ("intermediate.dense", "output.dense")}
 
 
 def classifier_head_name(model: nn.Module) -> str:
-    """The name of a sequence classifier's linear head (``score``), or a ValueError naming the class."""
+    """The name of a sequence classifier's head module (``score`` or ``classifier``), or a
+    ValueError naming the class."""
     for name in HEAD_MODULES:
-        if isinstance(getattr(model, name, None), nn.Linear):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module) and any(isinstance(m, nn.Linear) for m in head.modules()):
             return name
-    raise ValueError(f"{type(model).__name__}: no linear 'score' head; supported sequence classifiers "
-                     "are decoder-only ones (GPT-2, Llama, Mistral, Qwen ...ForSequenceClassification)")
+    raise ValueError(f"{type(model).__name__}: no linear 'score' or 'classifier' head; supported sequence "
+                     "classifiers are decoder-only (GPT-2, Llama, Mistral, Qwen) and encoder-only "
+                     f"({', '.join(ENCODER_MLPS)}) ...ForSequenceClassification")
+
+
+def _right_aligned(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded rows moved to right padding (the first real token at position 0), as
+    encoder-only models with absolute positions and a first-token head expect."""
+    length = ids.shape[1]
+    shift = (mask == 0).sum(1, keepdim=True)
+    index = (torch.arange(length, device=ids.device)[None] + shift) % length
+    return ids.gather(1, index), mask.gather(1, index)
+
+
+def _set_head(lm: nn.Module, name: str, head: nn.Module) -> None:
+    """Put a task's head into a ``transformers`` classifier (``num_labels`` follows it)."""
+    import copy
+    inner = head.inner if isinstance(head, FirstTokenHead) else head
+    setattr(lm, name, copy.deepcopy(inner))
+    lm.config.num_labels = [m for m in inner.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
 class LastTokenFeatures(_HFWrapper):
@@ -154,13 +182,34 @@ class LastTokenFeatures(_HFWrapper):
             raise ValueError("a sequence classifier is exported with its task heads; none given")
         lm = self._merged_copy(state)
         for task, head in heads.items():
-            linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
-            layer = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-            layer.load_state_dict(linear.state_dict())
-            setattr(lm, self.head_name, layer)
-            lm.config.num_labels = linear.out_features
+            _set_head(lm, self.head_name, head)
             lm.save_pretrained(Path(folder) / task)
         return Path(folder)
+
+
+class FirstTokenFeatures(LastTokenFeatures):
+    """An encoder-only sequence classifier (BERT, RoBERTa) without its head: what its head reads,
+    of the prompt moved to right padding: the pooler's output where the body has a pooler (BERT),
+    else the first token's hidden state (RoBERTa's head reads it), ``[B, H]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = _right_aligned(x[:, 0].long(), x[:, 1].long())
+        body = getattr(self.lm, self.lm.base_model_prefix)
+        out = body(input_ids=ids, attention_mask=mask)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+class FirstTokenHead(nn.Module):
+    """An encoder-only classifier's head that reads the first token of a sequence itself
+    (RoBERTa's ``RobertaClassificationHead``), applied to the first-token features ``[B, H]``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.inner(features[:, None, :])
 
 
 class VerbaliserHead(nn.Module):
@@ -342,6 +391,11 @@ class HFLanguageModelPool(ModelPool):
         """Modules that are per-task heads, never merged."""
         return ()
 
+    def layout(self, encoder: _HFWrapper) -> Layout:
+        """Where the model keeps its blocks, MLPs and attention (:mod:`adamerge.models.layout`)."""
+        family = ENCODER_MLPS.get(getattr(encoder.lm.config, "model_type", ""))
+        return infer_layout(encoder, [family]) if family else infer_layout(encoder)
+
     def make_heads(self, tasks: Sequence[str], tokenizer: Any, encoder: _HFWrapper,
                    experts: Mapping[str, Any]) -> dict[str, nn.Module]:
         return {t: VerbaliserHead(verbaliser_ids(tokenizer, self.specs[t]["labels"], t), self.specs[t]["labels"])
@@ -377,7 +431,7 @@ class HFLanguageModelPool(ModelPool):
         tv.meta.update({"base": self.base})
         heads = self.make_heads(tasks, tok, encoder, sources)
         unseen = self.make_heads(self.unseen_tasks, tok, encoder, {})
-        return LoadedPool(encoder, tv, heads, loaders, unseen_heads=unseen)
+        return LoadedPool(encoder, tv, heads, loaders, unseen_heads=unseen, layout=self.layout(encoder))
 
     def _full_expert(self, auto: Any, path: str, own: Mapping[str, torch.Tensor],
                      heads_of: Sequence[str]) -> tuple[StateDict, StateDict]:
@@ -411,12 +465,16 @@ HFCausalLMPool = HFLanguageModelPool  # the name of the first release (causal LM
 
 
 class HFSequenceClassifierPool(HFLanguageModelPool):
-    """A decoder-only Hugging Face sequence classifier (GPT-2, Llama, ... ``ForSequenceClassification``)
-    and K experts, each with its own classification layer (``score``). The bodies are merged;
-    each task's head is its expert's ``score`` layer, applied to the last position's hidden
-    state (:class:`LastTokenFeatures`); entropy is over the class logits. Experts: full
-    fine-tunes, or PEFT LoRA adapters (``task_type="SEQ_CLS"``, which saves ``score`` in full as
-    ``modules_to_save``; an adapter without it uses the base's ``score``).
+    """A Hugging Face sequence classifier (``...ForSequenceClassification``) and K experts, each
+    with its own classification head. The bodies are merged; each task's head is its expert's.
+    Decoder-only models (GPT-2, Llama, ...): the ``score`` layer on the last position's hidden
+    state (:class:`LastTokenFeatures`). Encoder-only models (BERT, RoBERTa, XLM-R: the GLUE
+    experts of the TIES, DARE and Twin-Merging papers): the ``classifier`` head on the pooler's
+    output (BERT) or on the first token (RoBERTa), the prompt moved to right padding
+    (:class:`FirstTokenFeatures`); their MLPs (``intermediate.dense`` / ``output.dense``) are in
+    the pool's layout, so WEMoE and Twin-Merging route them. Entropy is over the class logits.
+    Experts: full fine-tunes, or PEFT LoRA adapters (``task_type="SEQ_CLS"``, which saves the head
+    in full as ``modules_to_save``; an adapter without it uses the base's head).
 
     Args:
         base: ``save_pretrained`` folder or hub id of the pretrained classifier (a plain LM folder
@@ -438,7 +496,13 @@ class HFSequenceClassifierPool(HFLanguageModelPool):
         return _transformers().AutoModelForSequenceClassification
 
     def wrap(self, model: nn.Module) -> _HFWrapper:
-        return LastTokenFeatures(model)
+        if classifier_head_name(model) == "score":
+            return LastTokenFeatures(model)
+        kind = getattr(model.config, "model_type", "")
+        if kind not in ENCODER_MLPS:
+            raise ValueError(f"{type(model).__name__} (model_type {kind!r}): encoder-only classifiers "
+                             f"supported: {', '.join(ENCODER_MLPS)} (adamerge.models.hf.ENCODER_MLPS)")
+        return FirstTokenFeatures(model)
 
     def head_modules(self, encoder: _HFWrapper) -> tuple[str, ...]:
         return (encoder.head_name,)
@@ -452,17 +516,36 @@ class HFSequenceClassifierPool(HFLanguageModelPool):
             tensors = read_lora_head(source, encoder.head_name) if isinstance(source, str) else source
             if not tensors:
                 tensors = {k: v.detach() for k, v in base_head.state_dict().items()}
-            w = tensors["weight"]
-            head = nn.Linear(w.shape[1], w.shape[0], bias="bias" in tensors)
-            head.load_state_dict(tensors)
+            head = _head_like(base_head, tensors)
+            out = [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features
             labels = self.specs.get(t, {}).get("labels")
-            if labels is not None and len(labels) != w.shape[0]:
+            if labels is not None and len(labels) != out:
                 raise ValueError(f"{self.tasks_file}: task {t!r} lists {len(labels)} labels, its expert's "
-                                 f"{encoder.head_name} layer has {w.shape[0]} classes")
-            heads[t] = head.requires_grad_(False)
+                                 f"{encoder.head_name} layer has {out} classes")
+            if isinstance(encoder, FirstTokenFeatures) and not isinstance(head, nn.Linear):
+                head = FirstTokenHead(head)  # e.g. RoBERTa's head reads the first token itself
+            heads[t] = head.eval().requires_grad_(False)
         return heads
 
 
-__all__ = ["FirstTokenSeq2Seq", "HFCausalLMPool", "HFLanguageModelPool", "HFSequenceClassifierPool",
+def _head_like(base: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of the base's head module holding ``tensors`` (its linear layers resized to them:
+    an expert may have another class count)."""
+    import copy
+    head = copy.deepcopy(base)
+    for name, m in list(head.named_modules()):
+        w = tensors.get(f"{name}.weight" if name else "weight")
+        if isinstance(m, nn.Linear) and w is not None and tuple(w.shape) != tuple(m.weight.shape):
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
+            if name:
+                parent, _, child = name.rpartition(".")
+                setattr(head.get_submodule(parent) if parent else head, child, layer)
+            else:
+                head = layer
+    head.load_state_dict(dict(tensors))
+    return head
+
+
+__all__ = ["FirstTokenFeatures", "FirstTokenHead", "FirstTokenSeq2Seq", "HFCausalLMPool", "HFLanguageModelPool", "HFSequenceClassifierPool",
            "LastTokenFeatures", "LastTokenLM", "VerbaliserHead", "classifier_head_name", "is_adapter",
            "load_tasks_file", "read_lora", "read_lora_head", "verbaliser_ids"]

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..io.checkpoints import CheckpointError, StateDict, check_finite, check_fits, load_state_dict
 from ..engine.task_vectors import DTYPES, TaskVectors, select_names
+from .layout import Layout, infer_layout
 
 @dataclass
 class LoadedPool:
@@ -34,6 +35,9 @@ class LoadedPool:
             the merge and no adaptation data (the generalisation protocol of the AdaMerging paper).
         encoder_recipe: how to rebuild the encoder's architecture without any pool file (JSON;
             see :func:`adamerge.exported.build_encoder`), ``None`` when the pool cannot say.
+        layout: where the encoder keeps its blocks, MLPs and attention matrices
+            (:class:`~adamerge.models.layout.Layout`); read off the encoder when the pool does not
+            declare it (:func:`~adamerge.models.layout.infer_layout`).
     """
 
     encoder: nn.Module
@@ -42,8 +46,11 @@ class LoadedPool:
     expert_state: dict[str, Callable[[], StateDict]] = field(default_factory=dict)
     unseen_heads: dict[str, nn.Module] = field(default_factory=dict)
     encoder_recipe: dict | None = None
+    layout: Layout | None = None
 
     def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = infer_layout(self.encoder)
         tasks = self.task_vectors.task_names
         if list(self.heads) != list(tasks):
             raise ValueError(f"heads are for tasks {list(self.heads)}, but the task vectors are for "
