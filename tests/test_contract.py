@@ -112,6 +112,16 @@ def prerequisites(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name", registry.names("learned"))
 def test_learned_row_on_every_path(name, tmp_path, capsys, prerequisites):
+    check_learned_row(name, tmp_path, capsys, prerequisites)
+
+
+@pytest.mark.parametrize("name", [n for n in registry.names() if registry.get(n).kind != "learned"])
+def test_one_model_and_per_task_rows_on_every_path(name, tmp_path, capsys):
+    check_one_model_row(name, tmp_path, capsys)
+
+
+def check_learned_row(name: str, tmp_path: Path, capsys, prerequisites: dict[str, Path]) -> None:
+    """A learned row through fit, resume, test, export, ExportedModel, predict, online, compare."""
     method = registry.get(name)
     first = prerequisites.get(method.starts_from) if method.starts_from else None
     config = write_config(name, tmp_path, str(first) if first else None)
@@ -180,8 +190,8 @@ def test_learned_row_on_every_path(name, tmp_path, capsys, prerequisites):
     assert name in rows and all(0 <= a <= 100 for a in rows[name]["per_task"].values())
 
 
-@pytest.mark.parametrize("name", [n for n in registry.names() if registry.get(n).kind != "learned"])
-def test_one_model_and_per_task_rows_on_every_path(name, tmp_path, capsys):
+def check_one_model_row(name: str, tmp_path: Path, capsys) -> None:
+    """A static, fitted or per-task row through compare, export --method and predict --export."""
     method = registry.get(name)
     config = write_config("adamerging_layerwise", tmp_path)  # a config names the pool and data
     code, err = cli(capsys, "compare", "--config", config, "--out", tmp_path / "compare", "--methods", name,
@@ -200,7 +210,6 @@ def test_one_model_and_per_task_rows_on_every_path(name, tmp_path, capsys):
     assert manifest["row"] == name and manifest["hparams"] == json.loads(json.dumps(method.defaults()))
     # the export is the row's merge: the encoder with its parameters, each task's head
     from adamerge.compare import one_model
-    from adamerge.report import evaluate
     model, dm = build_from_config([str(config)])
     loaded = model.loaded
     dm.select_tasks(loaded.task_vectors.task_names)
@@ -212,7 +221,6 @@ def test_one_model_and_per_task_rows_on_every_path(name, tmp_path, capsys):
         feats = functional_call(loaded.encoder, dict(params), (x,), strict=False)
         for task, head in loaded.heads.items():
             torch.testing.assert_close(exported(x, task), head(feats), rtol=1e-5, atol=1e-5)
-    assert evaluate is not None
     check_predict_from_export(capsys, export_dir, loaded.task_vectors.task_names[0],
                               dm.dataset(loaded.task_vectors.task_names[0], "test"), tmp_path / "predict")
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from .pinned import build_pinned, cpu_capability
 from ..io.cache import default_cache_dir
 from ..io.checkpoints import load_state_dict, save_state_dict
 from ..data.datamodule import DatasetSource
@@ -38,7 +39,9 @@ from ..errors import unknown_name
 from ..models.pool import LoadedPool, ModelPool, check_unseen, linear_heads_from_state, merged_parameter_names
 from ..engine.task_vectors import TaskVectors
 
-SUITE_VERSION = 4  # bump when generators or training change: it is part of the cache key
+# bump when generators or training change: it is part of the cache key. 5: build 4's computation,
+# run with the CPU kernels pinned to AVX2 (adamerge.suites.pinned), the same weights on every x86 CPU
+SUITE_VERSION = 5
 # (4: pretraining runs the encoder once per step on all tasks' images, not once per task: the same
 # computation with another floating-point summation order, so other weights and figures)
 
@@ -424,7 +427,8 @@ def build_suite(spec: SuiteSpec, out: Path, progress: Callable[[str], None] | No
         _fit(model.parameters(), lambda xb, yb: F.cross_entropy(model(xb) @ w.t(), yb), x, y,
              spec.expert_steps, spec.expert_lr, spec.batch_size, g, say, f"expert {t}")
         save_state_dict(model.state_dict(), out / f"expert_{t}.safetensors")
-    (out / "spec.json").write_text(json.dumps({"version": SUITE_VERSION, **asdict(spec)}, indent=1))
+    (out / "spec.json").write_text(json.dumps({"version": SUITE_VERSION, **asdict(spec),
+                                               "cpu_capability": cpu_capability()}, indent=1))
 
 
 def make_encoder(spec: SuiteSpec) -> TinyViT:
@@ -440,7 +444,7 @@ def ensure_suite(spec: SuiteSpec, cache_dir: str | Path | None = None,
         folder.mkdir(parents=True, exist_ok=True)
         if progress:
             progress(f"building suite {spec.key()} ({len(spec.tasks)} experts) in {folder}")
-        build_suite(spec, folder, progress)
+        build_pinned("vision", asdict(spec), folder, lambda: build_suite(spec, folder, progress), progress)
     return folder
 
 

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pinned import build_pinned, cpu_capability
 from ..errors import unknown_name
 from ..io.cache import default_cache_dir
 from ..io.checkpoints import write_json_atomic
@@ -53,7 +54,9 @@ from ..models.hf import HFLanguageModelPool, verbaliser_ids  # noqa: F401  (verb
 from ..models.pool import LoadedPool, ModelPool, check_unseen
 from .synthetic import spec_with
 
-TEXT_SUITE_VERSION = 1  # bump when generators or training change: it is part of the cache key
+# bump when generators or training change: it is part of the cache key. 2: build 1's computation,
+# run with the CPU kernels pinned to AVX2 (adamerge.suites.pinned)
+TEXT_SUITE_VERSION = 2
 
 ANSWER = "->"  # every prompt ends with this marker; the answer is the next token
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3, in this order
@@ -535,7 +538,7 @@ def _build(spec: TextSuiteSpec, out: Path, say: Callable[[str], None]) -> dict[s
     base.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
     record: dict[str, Any] = {"version": TEXT_SUITE_VERSION, "key": spec.key(), "spec": asdict(spec),
-                              "accuracy": {}, "fingerprint": {}}
+                              "cpu_capability": cpu_capability(), "accuracy": {}, "fingerprint": {}}
 
     def evaluate(model: nn.Module, t: str) -> tuple[float, list]:
         rows = data[t]["test"]
@@ -586,7 +589,7 @@ def ensure_text_suite(spec: TextSuiteSpec, cache_dir: str | os.PathLike | None =
     try:
         if progress:
             progress(f"building text suite {spec.key()} ({len(spec.tasks)} experts) in {folder}")
-        build_text_suite(spec, tmp, progress)
+        build_pinned("text", asdict(spec), tmp, lambda: build_text_suite(spec, tmp, progress), progress)
         if folder.exists() and not (folder / "suite.json").is_file():
             shutil.rmtree(folder)  # left by an older, non-atomic writer: never complete
         try:
