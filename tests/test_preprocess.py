@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adamerge.methods import AdaMerging
-from adamerge.methods.adamerging import check_checkpoint
+from adamerge.methods.checkpoint_guard import check_checkpoint
 from adamerge.methods.preprocess import preprocess, transform_names
 from adamerge.methods.sparsify import dare_task_vectors
 from adamerge.methods.static import ties_task_vectors

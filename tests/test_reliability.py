@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from adamerge import AdaMerging, MultiTaskDataModule
-from adamerge.methods.adamerging import COEFFICIENTS_KEY, check_checkpoint
+from adamerge.methods.checkpoint_guard import COEFFICIENTS_KEY, check_checkpoint
 from adamerge.io.run_checkpoint import AtomicCheckpointIO, RunCheckpoint
 from adamerge.io.checkpoints import atomic_write, read_checkpoint, save_state_dict, write_json_atomic
 from adamerge.commands.main import main

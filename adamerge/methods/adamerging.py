@@ -15,19 +15,19 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..data.datamodule import MultiTaskDataModule, image_of
+from ..data.datamodule import MultiTaskDataModule
 from ..engine.expert_features import FeatureCache
 from ..engine.lowrank import LowRankMergedModel, LowRankTaskVectors
 from ..engine.merged_model import Granularity, MergedModel
 from ..engine.objectives import entropy, expert_pseudo_label
-from ..engine.task_vectors import DTYPES, TaskVectors, fingerprint_difference
-from ..io.checkpoints import read_checkpoint
+from ..engine.task_vectors import DTYPES, TaskVectors
 from ..models.layout import Layout
 from ..models.pool import ModelPool
 from ..report import evaluate
+from .adaptation_features import AdaptationFeatures
+from .checkpoint_guard import COEFFICIENTS_KEY, CheckpointGuard
 from .parts import MethodParts, Objective, pick_objective
 
-COEFFICIENTS_KEY = "merged.coefficients"
 TASK_MODULES = "task_modules"  # state-dict prefix of the learned per-task modules
 
 
@@ -128,7 +128,7 @@ class AdaMerging(L.LightningModule):
     vectors (learned, or fixed at their prior / an earlier run's values) and, in subclasses,
     small trainable modules per task (:attr:`task_modules`) with their own objective
     (:meth:`task_losses`). Checkpoints hold exactly the learned tensors plus the method name and
-    the pool fingerprint (see :func:`check_checkpoint`).
+    the pool fingerprint (see :func:`~adamerge.methods.checkpoint_guard.check_checkpoint`).
 
     Args:
         pool: where the base encoder, the fine-tuned experts and the task heads come from.
@@ -214,9 +214,7 @@ class AdaMerging(L.LightningModule):
                                       for t in self.eval_tasks})
         self._eval_params: dict[str, torch.Tensor] | None = None
         self._fixed_params: dict[str, torch.Tensor] | None = None  # the merge, when coefficients are fixed
-        self.experts: FeatureCache | None = None  # set by use_adaptation_data when needs_experts
-        self._adapt: tuple | None = None  # (image loader, sizes, chunk) of the adaptation data
-        self._merged_cache: FeatureCache | None = None  # merged features, coefficients fixed
+        self.features_part = AdaptationFeatures()  # experts' (and fixed merged) features per image
         if init_from is not None:
             self.init_coefficients(init_from)
 
@@ -329,13 +327,12 @@ class AdaMerging(L.LightningModule):
 
     def expert_features(self, task: str, indices: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """The task expert's features of the batch's images (computed once per image, cached)."""
-        if self.experts is None:
-            raise RuntimeError(f"{type(self).__name__} needs the adaptation images: fit it with a "
-                               "MultiTaskDataModule, or call use_adaptation_data(datasets) first")
-        if indices is None:
-            raise ValueError(f"{type(self).__name__} needs each batch as (images, dataset indices), "
-                             "as MultiTaskDataModule's stream yields it; got bare images")
-        return self.experts(task, indices, device)
+        return self.features_part.expert(task, indices, device, type(self).__name__)
+
+    @property
+    def experts(self) -> FeatureCache | None:
+        """The experts' feature cache (``None`` until :meth:`use_adaptation_data`)."""
+        return self.features_part.experts
 
     def use_adaptation_data(self, datasets: Mapping[str, Dataset], chunk: int | None = None,
                             cache: bool = True) -> None:
@@ -347,26 +344,17 @@ class AdaMerging(L.LightningModule):
         if (self.hparams.get("trim") is None and self.hparams.get("preprocess") is None
                 and self.hparams.get("task_vector_dtype") is None):
             tv = self.merged.task_vectors  # the same tensors, already on the module's device
-        load = lambda task, idx: torch.stack([image_of(datasets[task][i]) for i in idx])
-        sizes = {t: len(datasets[t]) for t in self.task_names}
-        chunk = chunk or self.expert_chunk
         # the pool's encoder, not ``self.merged.module``: methods that route inside the encoder
         # (WEMoE, Twin-Merging) change their copy of it, and an expert is base + its own vector only
-        self.experts = FeatureCache.experts(self.loaded.encoder, tv, load, sizes, chunk, cache)
-        self._adapt = (load, sizes, chunk) if cache else None
-        self._merged_cache = None
+        self.features_part.use(self.loaded.encoder, tv, datasets, self.task_names, chunk or self.expert_chunk, cache)
 
     def train_features(self, images: dict[str, torch.Tensor], indices: dict[str, torch.Tensor | None],
                        params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """:meth:`features` of a training batch. With fixed coefficients the merged encoder is
         frozen too, so each adaptation image's features are computed once and cached."""
-        if self.trains_encoder or self._adapt is None or any(i is None for i in indices.values()):
+        if self.trains_encoder or not self.features_part.caches_merged(indices):
             return self.features(images, params)
-        if self._merged_cache is None:
-            load, sizes, chunk = self._adapt
-            self._merged_cache = FeatureCache.fixed(self.merged.module, params, load, sizes, chunk)
-        device = next(iter(images.values())).device
-        return {t: self._merged_cache(t, indices[t], device) for t in images}
+        return self.features_part.merged(self.merged.module, params, images, indices)
 
     def _batch(self, batch: dict[str, Any], every_task: bool = True
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None], dict[str, torch.Tensor | None]]:
@@ -508,7 +496,7 @@ class AdaMerging(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._fixed_params = None  # coefficients may have been restored from a checkpoint
-        self._merged_cache = None
+        self.features_part.forget_merged()
 
     # -------------------------------------------------------------------------- evaluate
     def _start_eval(self) -> None:
@@ -623,27 +611,19 @@ class AdaMerging(L.LightningModule):
     def learned_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.learned_state().items()}
 
-    def _check(self, checkpoint: dict[str, Any], source: str, coefficients_only: bool = False) -> None:
-        expected = self.learned_shapes()
-        if coefficients_only:
-            expected = {COEFFICIENTS_KEY: expected[COEFFICIENTS_KEY]}
-        check_checkpoint(checkpoint, self.fingerprint, expected, source=source,
-                         method=None if coefficients_only else self.method)
+    @property
+    def guard(self) -> CheckpointGuard:
+        """The checkpoint part (:class:`~adamerge.methods.checkpoint_guard.CheckpointGuard`)."""
+        return CheckpointGuard(self.method, self.fingerprint, self.learned_state)
 
     def load_coefficients(self, path: str) -> dict[str, Any]:
         """Set every learned tensor (coefficients and per-task modules) from an adamerge
-        checkpoint file of this method made on this pool; returns the checkpoint.
-
-        The file is read without unpickling code and checked with :func:`check_checkpoint`
-        (method, task order, merged parameter names and shapes, weights hash, tensor shapes).
-        """
-        checkpoint = read_checkpoint(path)
-        self._check(checkpoint, str(path))
-        state = checkpoint["state_dict"]
-        with torch.no_grad():
-            for k, v in self.learned_state().items():
-                v.copy_(state[k])
-        self._fixed_params = self._merged_cache = None
+        checkpoint file of this method made on this pool; returns the checkpoint (checked by
+        :func:`~adamerge.methods.checkpoint_guard.check_checkpoint`: method, task order, merged
+        parameter names and shapes, weights hash, tensor shapes)."""
+        checkpoint = self.guard.load(path)
+        self._fixed_params = None
+        self.features_part.forget_merged()
         return checkpoint
 
     def init_coefficients(self, path: str) -> None:
@@ -651,75 +631,15 @@ class AdaMerging(L.LightningModule):
         if "init_from" not in inspect.signature(type(self).__init__).parameters:
             raise ValueError(f"{type(self).__name__} takes no init_from: its merge is fixed by its own "
                              "hyper-parameters")
-        checkpoint = read_checkpoint(path)
-        self._check(checkpoint, str(path), coefficients_only=True)
-        with torch.no_grad():
-            self.merged.coefficients.copy_(checkpoint["state_dict"][COEFFICIENTS_KEY])
-        self._fixed_params = self._merged_cache = None
+        self.guard.load(path, coefficients_only=True)
+        self._fixed_params = None
+        self.features_part.forget_merged()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        kept = {k: state[k] for k in self.learned_state()}
-        for k, v in kept.items():
-            if not torch.isfinite(v).all():
-                what = "coefficients" if k == COEFFICIENTS_KEY else k
-                raise FloatingPointError(f"refusing to save non-finite {what} at step {self.global_step}; "
-                                         "the last good checkpoint is kept")
-        checkpoint["state_dict"] = kept
-        # keeps what callbacks recorded first (the registry row: adamerge.methods.registry.RecordRow)
-        checkpoint["adamerge"] = {**(checkpoint.get("adamerge") or {}), "method": self.method,
-                                  "fingerprint": self.fingerprint, "granularity": self.merged.granularity}
+        self.guard.for_saving(checkpoint, self.global_step, {"granularity": self.merged.granularity})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         path = self._trainer.ckpt_path if self._trainer is not None else None
-        self._check(checkpoint, str(path) if path else "checkpoint")
-        self._fixed_params = self._merged_cache = None
-
-
-def check_checkpoint(checkpoint: dict[str, Any], fingerprint: dict,
-                     expected: Mapping[str, tuple[int, ...]] | tuple[int, ...],
-                     source: str = "checkpoint", method: str | None = "adamerging") -> None:
-    """Refuse a checkpoint made by another method or on another model pool, naming the difference.
-
-    The one check every path that consumes learned tensors goes through (resume, validate, test,
-    export, ``init_from``): the method that wrote it, task order, merged parameter names and
-    shapes, a hash of the task vectors (other files), the task-vector transform (e.g. TIES
-    trimming) and the shape of every learned tensor (granularity, adapter rank). Raises
-    ``ValueError`` with a one-line message.
-
-    Args:
-        checkpoint: the loaded checkpoint dict (see :func:`adamerge.io.checkpoints.read_checkpoint`).
-        fingerprint: ``TaskVectors.fingerprint()`` of the pool in use.
-        expected: learned tensor name -> shape this run expects (a bare shape: the coefficients').
-        source: how to name the checkpoint in messages (its path).
-        method: the method this run is; ``None`` accepts any (only coefficients are read).
-            Checkpoints written before methods were recorded count as ``adamerging``.
-    """
-    if not isinstance(expected, Mapping):
-        expected = {COEFFICIENTS_KEY: tuple(expected)}
-    meta = checkpoint.get("adamerge")
-    state = checkpoint.get("state_dict")
-    if not isinstance(meta, dict) or not isinstance(state, dict) or COEFFICIENTS_KEY not in state \
-            or "fingerprint" not in meta:
-        raise ValueError(f"{source} is not an adamerge checkpoint (no coefficients / fingerprint)")
-    theirs = meta.get("method", "adamerging")
-    if method is not None and theirs != method:
-        hint = " (to start from its coefficients, pass it as init_from)" if COEFFICIENTS_KEY in state else ""
-        raise ValueError(f"{source} was written by method {theirs!r}, this run is {method!r}: "
-                         f"its learned tensors do not apply{hint}")
-    diff = fingerprint_difference(meta["fingerprint"], fingerprint)
-    if diff:
-        raise ValueError(f"{source} was made on a different model pool: {diff}")
-    for key, shape in expected.items():
-        if key not in state:
-            raise ValueError(f"{source} has no {key!r} (it holds {sorted(state)[:4]}...); this run "
-                             f"expects {len(expected)} learned tensors")
-        found = tuple(state[key].shape)
-        if found != tuple(shape):
-            what = f"{meta.get('granularity')} coefficients" if key == COEFFICIENTS_KEY else repr(key)
-            fix = "use the same granularity" if key == COEFFICIENTS_KEY else "use the same method settings"
-            raise ValueError(f"{source} holds {what} of shape {found}, this run expects "
-                             f"{tuple(shape)}: {fix}")
-    extra = [k for k in state if k not in expected]
-    if extra and method is not None:
-        raise ValueError(f"{source} holds learned tensors this run does not have: {extra[:4]}")
+        self.guard.check(checkpoint, str(path) if path else "checkpoint")
+        self._fixed_params = None
+        self.features_part.forget_merged()
