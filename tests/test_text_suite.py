@@ -140,11 +140,11 @@ def test_cached_suite_is_reused(built):
 
 
 def test_interrupted_build_leaves_no_suite(tmp_path, monkeypatch):
-    def crash(spec, out, progress):
+    def crash(kind, spec, out, build, progress):  # the (pinned) build, interrupted half-way
         (out / "tasks.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "build_text_suite", crash)
+    monkeypatch.setattr(T, "build_pinned", crash)
     spec = T.get_text_spec("tiny", seed=7)
     with pytest.raises(KeyboardInterrupt):
         T.ensure_text_suite(spec, cache_dir=tmp_path, progress=None)

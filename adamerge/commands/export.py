@@ -13,10 +13,12 @@ from ..io.export import export, export_weights
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="adamerge export",
-        description="Write the merged model of an adamerge checkpoint as safetensors: the merged "
-                    "encoder (merged.safetensors), the task heads (heads.safetensors; Tinting's "
-                    "learned heads), Surgery's per-task adapters (task_modules.safetensors) and the "
-                    "coefficients (coefficients.json).")
+        description="Write the merged model of a learned run's checkpoint (--ckpt_path), or of a static "
+                    "or fitted registry row (--method), as safetensors: the merged encoder "
+                    "(merged.safetensors), the task heads (heads.safetensors; Tinting's learned heads), "
+                    "the method's own files (Surgery's adapters, WEMoE's and Twin-Merging's routing), "
+                    "the coefficients of a learned run (coefficients.json) and export.json, with which "
+                    "`adamerge predict --export` and adamerge.ExportedModel use the folder without the pool.")
     p.add_argument("--config", required=True, action="append",
                    help="the run's config file(s), as given to `adamerge fit`")
     p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", default=None,

@@ -34,11 +34,12 @@ commands:
             methods ({count}; `adamerge compare --methods` lists them with their defaults):
 {methods}
   export    write the merged model as safetensors:
-            adamerge export --config FILE --ckpt_path CKPT --out DIR
+            adamerge export --config FILE --ckpt_path CKPT --out DIR   (a learned run)
+            adamerge export --config FILE --method ties --out DIR      (a static or fitted row)
   predict   one task's images through a checkpoint's merged model -> predictions.csv:
             adamerge predict --config FILE --ckpt_path CKPT --task T (--split S | --images DIR)
   online    answer a stream batch by batch, adapting after each answer (restartable):
-            adamerge online --config FILE --out DIR [--stream SPLIT]
+            adamerge online --config FILE --out DIR [--stream SPLIT] [--stop-after N]
   convert   CLIP image-encoder checkpoint (open_clip, Hugging Face, pickled task-vectors
             ImageEncoder with --allow-pickle) -> open_clip image tower safetensors:
             adamerge convert SRC OUT.safetensors

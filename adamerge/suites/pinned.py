@@ -7,7 +7,7 @@ weights that differ by up to 2e-2 (after 1200 pretraining steps), enough to move
 the demo table by one image (breadcrumbs, TSV-M, Iso-CTS, whose validation grids are near-ties;
 measured 2026-12-06). Merging is not affected at that level (up to 1e-6 in merged weights, no
 prediction changed): only the build is pinned. The variables are read when the libraries load,
-so the build runs in a new process (``python -m adamerge.suites.pinned KIND SPEC OUT``) unless
+so the build runs in a new process (``python -m adamerge.suites.build_child KIND SPEC OUT``) unless
 this one already has them. CPUs without AVX2 (e.g. ARM) ignore them and may build other weights.
 """
 
@@ -43,25 +43,9 @@ def build_pinned(kind: str, spec: dict[str, Any], out: Path, build: Callable[[],
     if pinned_here():
         build()
         return
-    cmd = [sys.executable, "-m", "adamerge.suites.pinned", kind, json.dumps(spec), str(out)]
+    cmd = [sys.executable, "-m", "adamerge.suites.build_child", kind, json.dumps(spec), str(out)]
     proc = subprocess.run(cmd, env={**os.environ, **PINNED_ISA}, stdout=None if progress else subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         raise RuntimeError(f"building the {kind} suite in {out} failed: {lines[-1] if lines else proc.returncode}")
-
-
-def _main(argv: list[str]) -> None:
-    kind, spec, out = argv[0], json.loads(argv[1]), Path(argv[2])
-    if kind == "vision":
-        from .synthetic import SuiteSpec, build_suite
-        build_suite(SuiteSpec(**{**spec, "tasks": tuple(spec["tasks"])}), out)
-    elif kind == "text":
-        from .text import TextSuiteSpec, build_text_suite
-        build_text_suite(TextSuiteSpec(**{**spec, "tasks": tuple(spec["tasks"])}), out)
-    else:
-        raise SystemExit(f"unknown suite kind {kind!r} (vision, text)")
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])
