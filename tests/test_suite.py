@@ -58,11 +58,11 @@ def test_head_shift_moves_only_the_zero_shot_heads(tmp_path):
         assert torch.allclose(heads_b[k].norm(dim=-1), torch.full((len(cos),), S.LOGIT_SCALE))
 
 
-def test_suites_are_built_with_kernels_capped_at_avx2(tmp_path):
+def test_suites_are_built_with_kernels_capped_at_avx2():
     """The build runs in a child process whose PyTorch / MKL / oneDNN kernels are capped at AVX2
     (adamerge.suites.pinned): AVX-512 kernels build other weights, and three demo rows moved by
     one image between an AVX-512 and an AVX2 machine (2026-12-06)."""
     import json
-    folder = S.ensure_suite(S.get_spec("tiny"), cache_dir=tmp_path, progress=None)
+    folder = S.ensure_suite(S.get_spec("tiny"), progress=None)  # the session's cache (conftest)
     built = json.loads((folder / "spec.json").read_text())["cpu_capability"]
     assert built != "AVX512", built
