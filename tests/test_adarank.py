@@ -119,11 +119,21 @@ def test_straight_through_gradient_of_a_mask_logit_is_the_analytic_one(loaded, t
     sig = torch.sigmoid(z / 10.0)
     projection = torch.einsum("kmr,mn,krn->kr", u, G.double(), vh)  # u_kj^T G v_kj
     want = coeffs[p].double()[:, None] * s * projection * sig * (1 - sig) / 10.0
-    assert torch.allclose(grad.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    # The module's factors come from a float32 SVD: each u_j, v_j may turn by theta_j (Wedin: about
+    # c eps ||tau|| / gap_j), moving u_j^T G v_j by up to 2 theta_j ||G||: the tolerance follows
+    # from the spectrum's gaps (near-equal singular values allow more), not from one machine.
+    tau = loaded.task_vectors.tensors[p]
+    gaps = torch.minimum(torch.cat([s[:, :1] * 2, s[:, :-1]], 1) - s, s - torch.cat([s[:, 1:], s[:, -1:] * 0], 1))
+    theta = (16 * max(tau.shape[-2:]) ** 0.5 * torch.finfo(torch.float32).eps * s[:, :1] / gaps).clamp(max=2.0)
+    slack = coeffs[p].double().abs()[:, None] * s * 2 * theta * torch.linalg.matrix_norm(G.double(), 2) \
+        * sig * (1 - sig) / 10.0
+    assert bool(((grad.double() - want).abs() <= slack + 1e-4 * want.abs() + 1e-6 * float(want.abs().max())).all())
     assert bool((grad[:, 16:] != 0).all())  # pruned components get a gradient too (straight-through)
     # the coefficient's gradient sees only the kept components: sum_j h_kj s_kj u^T G v
     kept = (z > 0).double()
-    assert torch.allclose(model.coefficients.grad[p].double(), (kept * s * projection).sum(1), rtol=1e-4)
+    exact = (kept * s * projection).sum(1)
+    margin = (kept * s * 2 * theta).sum(1) * torch.linalg.matrix_norm(G.double(), 2)  # as above, summed
+    assert bool(((model.coefficients.grad[p].double() - exact).abs() <= margin + 1e-4 * exact.abs()).all())
     other = model.offsets["blocks.0.qkv.weight"]
     assert model.mask_logits.grad[:, other: other + 32].abs().max() == 0  # other matrices untouched
 
