@@ -318,6 +318,35 @@ def _(c: Case) -> list[str]:
     return ["given.ckpt: cannot read checkpoint: truncated or corrupt file (empty, 0 bytes)"]
 
 
+@case("ckpt-online-state")
+def _(c: Case) -> list[str]:
+    state = {"learned": {}, "optimizer": {}, "step": 2, "rows": 4, "tasks": ["a", "b"], "seed": 0}
+    torch.save(state, c.root / "state.pt")
+    c.command, c.extra = "test", ["--ckpt_path", str(c.root / "state.pt")]
+    return ["state.pt: an `adamerge online` state (state.pt), not a run checkpoint"]
+
+
+@case("ckpt-expert-weights")
+def _(c: Case) -> list[str]:
+    torch.save({"w": torch.zeros(2), "b": torch.zeros(2)}, c.root / "expert.pt")
+    c.command, c.extra = "validate", ["--ckpt_path", str(c.root / "expert.pt")]
+    return ["expert.pt: weights (a state dict of 2 tensors, e.g. an expert), not a run checkpoint"]
+
+
+@case("ckpt-export-folder")
+def _(c: Case) -> list[str]:
+    (c.root / "exported").mkdir()
+    (c.root / "exported/export.json").write_text("{}")
+    c.command, c.extra = "test", ["--ckpt_path", str(c.root / "exported")]
+    return ["exported: a folder (an `adamerge export` folder: use it with `adamerge predict --export`)"]
+
+
+@case("max-steps-not-positive")
+def _(c: Case) -> list[str]:
+    c.extra = ["--trainer.max_steps", "-1"]
+    return ["trainer.max_steps must be a positive number of steps, got -1"]
+
+
 @case("ckpt-pickled")
 def _(c: Case) -> list[str]:
     ckpt = torch.load(c.trained, weights_only=True)

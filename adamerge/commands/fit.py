@@ -67,9 +67,19 @@ class AdaMergeCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if isinstance(ckpt, str) and ckpt not in ("last", "best", "hpc") and "://" not in ckpt \
                 and not ckpt.startswith("registry"):
-            from ..io.checkpoints import read_checkpoint
-            step = read_checkpoint(ckpt).get("global_step")
+            from ..io.checkpoints import CheckpointError, not_a_run_checkpoint, read_checkpoint
+            found = read_checkpoint(ckpt)
+            what = not_a_run_checkpoint(found)
+            if what:  # named here, before Lightning reads keys it does not have
+                raise CheckpointError(f"{ckpt}: {what}")
+            step = found.get("global_step")
             self._ckpt_step = step if isinstance(step, int) else None
+        if sub == "fit":
+            trainer = self.config[sub].get("trainer") or {}
+            steps, limit = trainer.get("max_steps"), trainer.get("max_time")
+            if (not isinstance(steps, int) or steps < 1) and limit is None:
+                raise ValueError(f"trainer.max_steps must be a positive number of steps, got {steps}: the "
+                                 "adaptation stream never ends (or give trainer.max_time)")
 
     def before_instantiate_classes(self) -> None:
         # The config saved next to the run (lightning_logs/version_N/config.yaml) must still

@@ -328,6 +328,23 @@ def _few(keys: list[str], n: int = 4) -> str:
     return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)})"
 
 
+def not_a_run_checkpoint(obj: Any) -> str | None:
+    """What a loaded file is when it is not an adamerge run checkpoint (``None`` when it is one):
+    an ``adamerge online`` state, weights (a state dict), a Lightning checkpoint of another
+    program, or something else."""
+    if not isinstance(obj, dict):
+        return f"not a checkpoint (holds a {type(obj).__name__})"
+    if "pytorch-lightning_version" in obj and isinstance(obj.get("adamerge"), dict):
+        return None
+    if {"learned", "optimizer", "step", "rows"} <= set(obj):
+        return "an `adamerge online` state (state.pt), not a run checkpoint; continue the stream with the same `adamerge online` command"
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return f"weights (a state dict of {len(obj)} tensors, e.g. an expert), not a run checkpoint"
+    if "pytorch-lightning_version" in obj:
+        return "a Lightning checkpoint of another program (it has no adamerge section)"
+    return f"not an adamerge run checkpoint (its keys: {sorted(map(str, obj))[:4]})"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a Lightning checkpoint (``.ckpt``) without unpickling code (``weights_only=True``).
 
@@ -335,6 +352,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     either corrupt or not ours; both raise :class:`CheckpointError` naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        hint = " (an `adamerge export` folder: use it with `adamerge predict --export`)" \
+            if (path / "export.json").is_file() else ""
+        raise CheckpointError(f"{path}: a folder{hint}, not a checkpoint file (e.g. RUN/checkpoints/last.ckpt)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     obj = _torch_load(path, weights_only=True,

@@ -93,7 +93,9 @@ def check_checkpoint(checkpoint: dict[str, Any], fingerprint: dict,
     state = checkpoint.get("state_dict")
     if not isinstance(meta, dict) or not isinstance(state, dict) or COEFFICIENTS_KEY not in state \
             or "fingerprint" not in meta:
-        raise ValueError(f"{source} is not an adamerge checkpoint (no coefficients / fingerprint)")
+        from ..io.checkpoints import not_a_run_checkpoint
+        what = not_a_run_checkpoint(checkpoint) or "not an adamerge checkpoint (no coefficients / fingerprint)"
+        raise ValueError(f"{source}: {what}")
     theirs = meta.get("method", "adamerging")
     if method is not None and theirs != method:
         hint = " (to start from its coefficients, pass it as init_from)" if COEFFICIENTS_KEY in state else ""
