@@ -68,8 +68,9 @@ def test_predict_reads_a_folder_of_images(tmp_path):
         arr = (ds[i][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(folder / ("sub" if i % 2 else "") / f"{i}.png")
     out = tmp_path / "pred.csv"
+    # no --image-size: the suite's data source knows its image size
     res = subprocess.run([sys.executable, "-m", "adamerge", "predict", "--config", TINY, "--task", "digits",
-                          "--images", str(folder), "--image-size", str(ds[0][0].shape[-1]), "--out", str(out),
+                          "--images", str(folder), "--out", str(out),
                           "--no-progress"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = rows_of(out)

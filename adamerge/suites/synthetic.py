@@ -338,6 +338,11 @@ class SuiteSource(DatasetSource):
     def task_names(self) -> list[str]:
         return list(self.spec.tasks)
 
+    @property
+    def image_size(self) -> int:
+        """The suite's square image size (``adamerge predict --images`` resizes to it)."""
+        return self.spec.image_size
+
     def dataset(self, task: str, split: str) -> Dataset:
         if task not in self.spec.tasks:
             raise ValueError(unknown_name("task", task, self.spec.tasks, where=" in this suite"))
