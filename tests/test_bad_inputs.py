@@ -364,6 +364,22 @@ def _(c: Case) -> list[str]:
     return ["nope.ckpt: no such checkpoint file"]
 
 
+@case("resume-with-other-settings")
+def _(c: Case) -> list[str]:
+    c.checkpoint()  # the trained run: layer-wise
+    c.extra = ["--ckpt_path", str(c.root / "given.ckpt"), "--model.granularity", "taskwise"]
+    return ["given.ckpt was made with other settings (model.granularity: the checkpoint's 'layerwise', "
+            "this command's 'taskwise')", "another --trainer.default_root_dir"]
+
+
+@case("resume-last-with-other-settings")
+def _(c: Case) -> list[str]:
+    (c.out / "checkpoints").mkdir(parents=True)
+    shutil.copy(c.trained, c.out / "checkpoints/last.ckpt")
+    c.extra = ["--ckpt_path", "last", "--model.lr", "0.5"]
+    return ["last.ckpt was made with other settings (model.lr: the checkpoint's", "this command's 0.5"]
+
+
 @case("ckpt-of-another-pool")
 def _(c: Case) -> list[str]:
     c.checkpoint()

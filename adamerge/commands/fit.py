@@ -81,6 +81,32 @@ class AdaMergeCLI(LightningCLI):
                 raise ValueError(f"trainer.max_steps must be a positive number of steps, got {steps}: the "
                                  "adaptation stream never ends (or give trainer.max_time)")
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI replaces the config's model settings by the checkpoint's, silently; here a
+        setting that contradicts the checkpoint's is refused in one line naming both values (the
+        run would otherwise not be the one the command asks for), and an agreeing one is kept."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        path = ckpt
+        if ckpt == "last":  # adamerge's run folder: <default_root_dir>/checkpoints/last.ckpt
+            cfg = self.config[sub]
+            folder = (cfg.get("checkpoint") or {}).get("dirpath") or os.path.join(
+                str((cfg.get("trainer") or {}).get("default_root_dir") or os.getcwd()), "checkpoints")
+            path = os.path.join(str(folder), "last.ckpt")
+        if not isinstance(path, str) or not os.path.isfile(path):
+            return
+        from ..io.checkpoints import read_checkpoint
+        theirs = dict(read_checkpoint(path).get("hyper_parameters") or {})
+        model = self.config[sub].get("model")
+        ours = model.get("init_args", model) if model is not None else None
+        ours = ours.as_dict() if hasattr(ours, "as_dict") else dict(ours or {})
+        clashes = [f"model.{k}: the checkpoint's {theirs[k]!r}, this command's {ours[k]!r}"
+                   for k in theirs if not k.startswith("_") and k != "pool" and k in ours
+                   and not _same_setting(theirs[k], ours[k])]
+        if clashes:
+            raise ValueError(f"{path} was made with other settings ({'; '.join(clashes[:3])}): drop "
+                             "them to continue that run, or start a new run in another --trainer.default_root_dir")
+
     def before_instantiate_classes(self) -> None:
         # The config saved next to the run (lightning_logs/version_N/config.yaml) must still
         # point at the same files: write resolved paths into it, not the relative spelling.
@@ -146,6 +172,22 @@ def row_name(model: Any, checkpoint: str | None = None) -> tuple[str, str]:
             described = registry.REGISTRY[base].description if base in registry.REGISTRY else ""
             return recorded, described
     return registry.row_of(model)
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Whether a checkpoint's hyper-parameter and a config's value are the same setting (numbers
+    by value, paths by their string, lists and tuples alike)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return float(a) == float(b)
+    a, b = (str(getattr(v, "absolute", v)) if hasattr(v, "absolute") else v for v in (a, b))
+    if isinstance(a, str) and isinstance(b, str) and (os.path.exists(a) or os.path.exists(b)):
+        return os.path.realpath(a) == os.path.realpath(b)
+    plain = lambda v: json.loads(json.dumps(v, default=str))
+    try:
+        return plain(a) == plain(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
 
 
 def _plain(value: Any) -> Any:
