@@ -380,6 +380,19 @@ def _(c: Case) -> list[str]:
     return ["last.ckpt was made with other settings (model.lr: the checkpoint's", "this command's 0.5"]
 
 
+@case("new-fit-into-a-finished-run")
+def _(c: Case) -> list[str]:
+    (c.out / "checkpoints").mkdir(parents=True)
+    shutil.copy(c.trained, c.out / "checkpoints/last.ckpt")
+    return ["holds a run at step 2: continue it with --ckpt_path last, start over with --start_over true"]
+
+
+@case("ckpt-last-with-nothing-to-continue")
+def _(c: Case) -> list[str]:
+    c.extra = ["--ckpt_path", "last"]
+    return ["--ckpt_path last: no last.ckpt in", "nothing to continue"]
+
+
 @case("ckpt-of-another-pool")
 def _(c: Case) -> list[str]:
     c.checkpoint()

@@ -46,6 +46,10 @@ def test_tiny_config_fits_and_resumes(tmp_path):
     res = run("test", *common, "--ckpt_path", str(last), cwd=cwd)
     assert "test/acc_avg" in res.stdout
     assert list(cwd.iterdir()) == []
+    # a new run into the folder is refused (test_bad_inputs.py); --start_over replaces the old one
+    run("fit", *common, "--trainer.max_steps", "5", "--trainer.val_check_interval", "5", "--start_over", "true")
+    assert torch.load(last, weights_only=False)["global_step"] == 5
+    assert not list((tmp_path / "checkpoints").glob("*-v1.ckpt"))
 
 
 def test_unknown_command_and_bad_file_fail_cleanly(tmp_path):

@@ -51,6 +51,10 @@ class AdaMergeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         from ..io.run_checkpoint import RunCheckpoint
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_argument("--start_over", type=bool, default=False,
+                            help="fit: delete the checkpoints of an earlier run in the run's folder and start "
+                                 "a new run there (without it, such a fit is refused: continue that run "
+                                 "with --ckpt_path last, or give another --trainer.default_root_dir)")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50,
                              "checkpoint.save_top_k": -1})
 
@@ -65,6 +69,8 @@ class AdaMergeCLI(LightningCLI):
         # the file first so a missing, corrupt or pickled one gets a message naming it.
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if sub == "fit":
+            self._check_run_folder(ckpt)
         if isinstance(ckpt, str) and ckpt not in ("last", "best", "hpc") and "://" not in ckpt \
                 and not ckpt.startswith("registry"):
             from ..io.checkpoints import CheckpointError, not_a_run_checkpoint, read_checkpoint
@@ -81,6 +87,31 @@ class AdaMergeCLI(LightningCLI):
                 raise ValueError(f"trainer.max_steps must be a positive number of steps, got {steps}: the "
                                  "adaptation stream never ends (or give trainer.max_time)")
 
+    def _checkpoint_folder(self) -> str:
+        """Where this run's checkpoints go: ``checkpoint.dirpath`` or ``<default_root_dir>/checkpoints``."""
+        cfg = self.config[self.config.get("subcommand")]
+        return str((cfg.get("checkpoint") or {}).get("dirpath") or os.path.join(
+            str((cfg.get("trainer") or {}).get("default_root_dir") or os.getcwd()), "checkpoints"))
+
+    def _check_run_folder(self, ckpt: Any) -> None:
+        """A ``fit`` never mixes two runs in one folder: a new run into a folder that holds an
+        earlier run's checkpoints is refused (or, with ``--start_over``, those are deleted first),
+        and ``--ckpt_path last`` with nothing to continue is refused."""
+        folder = self._checkpoint_folder()
+        earlier = sorted(p for p in Path(folder).glob("*.ckpt")) if os.path.isdir(folder) else []
+        if ckpt == "last" and not (Path(folder) / "last.ckpt").is_file():
+            raise ValueError(f"--ckpt_path last: no last.ckpt in {folder}, nothing to continue (check "
+                             "--trainer.default_root_dir; without --ckpt_path a new run starts there)")
+        if ckpt is not None or not earlier:
+            return
+        if not self.config["fit"].get("start_over"):
+            step = read_step(Path(folder) / "last.ckpt")
+            run = f"a run at step {step}" if step is not None else f"{len(earlier)} checkpoints of a run"
+            raise ValueError(f"{folder} holds {run}: continue it with --ckpt_path last, start over with "
+                             "--start_over true (deletes its checkpoints), or give another --trainer.default_root_dir")
+        for path in earlier:
+            path.unlink()
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces the config's model settings by the checkpoint's, silently; here a
         setting that contradicts the checkpoint's is refused in one line naming both values (the
@@ -89,10 +120,7 @@ class AdaMergeCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         path = ckpt
         if ckpt == "last":  # adamerge's run folder: <default_root_dir>/checkpoints/last.ckpt
-            cfg = self.config[sub]
-            folder = (cfg.get("checkpoint") or {}).get("dirpath") or os.path.join(
-                str((cfg.get("trainer") or {}).get("default_root_dir") or os.getcwd()), "checkpoints")
-            path = os.path.join(str(folder), "last.ckpt")
+            path = os.path.join(self._checkpoint_folder(), "last.ckpt")
         if not isinstance(path, str) or not os.path.isfile(path):
             return
         from ..io.checkpoints import read_checkpoint
@@ -172,6 +200,16 @@ def row_name(model: Any, checkpoint: str | None = None) -> tuple[str, str]:
             described = registry.REGISTRY[base].description if base in registry.REGISTRY else ""
             return recorded, described
     return registry.row_of(model)
+
+
+def read_step(path: Path) -> int | None:
+    """The global step a checkpoint file records (``None`` if it cannot tell)."""
+    try:
+        from ..io.checkpoints import read_checkpoint
+        step = read_checkpoint(path).get("global_step")
+    except (OSError, ValueError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _same_setting(a: Any, b: Any) -> bool:
