@@ -393,6 +393,12 @@ def _(c: Case) -> list[str]:
     return ["--ckpt_path last: no last.ckpt in", "nothing to continue"]
 
 
+@case("learning-rate-not-positive")
+def _(c: Case) -> list[str]:
+    c.extra = ["--model.lr", "-0.01"]
+    return ["model.lr must be > 0, got -0.01"]
+
+
 @case("ckpt-of-another-pool")
 def _(c: Case) -> list[str]:
     c.checkpoint()

@@ -189,6 +189,8 @@ class AdaMerging(L.LightningModule):
         parts = _parts or MethodParts(pick_objective(type(self).objectives, objective))
         if not 0.0 <= min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        if not lr > 0:  # before anything is built or written (Adam would only say "Invalid learning rate")
+            raise ValueError(f"model.lr must be > 0, got {lr}")
         self.objective_part = parts.objective
         self.objective, self.loss_name = parts.objective.name, parts.objective.loss_name
         self.needs_experts = parts.objective.needs_experts
