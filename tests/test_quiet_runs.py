@@ -51,6 +51,10 @@ def test_fit_prints_no_warnings(tiny_fit):
     assert not [ln for ln in lines if re.search(r"warn", ln, re.I)], tiny_fit.stderr
     assert not [ln for ln in lines if any(n in ln for n in NOISE)], tiny_fit.stderr
     assert "Trainer.fit` stopped" in tiny_fit.stderr  # Lightning's own info lines stay
+    summary = [ln for ln in tiny_fit.stdout.splitlines() if ln.startswith("adamerge fit: ")]
+    assert len(summary) == 1, tiny_fit.stdout[-2000:]  # one line: what was reached and where it is
+    for part in ("10 steps", "val/acc_avg", "checkpoint ", "last.ckpt", "TensorBoard ", "heatmap ", "coefficients.png"):
+        assert part in summary[0], (part, summary[0])
 
 
 def test_fit_logs_coefficients_to_tensorboard(tiny_fit):

@@ -186,6 +186,30 @@ class AdaMergeCLI(LightningCLI):
 
     after_validate = after_test = _after_eval
 
+    def after_fit(self) -> None:
+        """One summary line after a fit: the last metric, the checkpoint to resume or test, the
+        TensorBoard folder and the coefficient heatmap (rank zero only)."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        shown = [f"{k} {metrics[k]:.2f}" for k in ("val/acc_avg",) if k in metrics]
+        loss = next((k for k in metrics if k.startswith("train/") and k.count("/") == 1), None)
+        if loss:
+            shown.append(f"{loss} {metrics[loss]:.4f}")
+        ckpt = next((c.last_model_path or c.best_model_path for c in trainer.checkpoint_callbacks
+                     if getattr(c, "last_model_path", "") or getattr(c, "best_model_path", "")), "")
+        parts = [f"adamerge fit: {trainer.global_step} steps", *shown]
+        if ckpt:
+            parts.append(f"checkpoint {ckpt}")
+        log_dir = trainer.log_dir if trainer.loggers else None
+        if log_dir:
+            parts.append(f"TensorBoard {log_dir}")
+            heatmap = Path(log_dir) / "coefficients.png"
+            if heatmap.is_file():
+                parts.append(f"heatmap {heatmap}")
+        print("; ".join(parts), flush=True)
+
 
 def row_name(model: Any, checkpoint: str | None = None) -> tuple[str, str]:
     """The registry row of a run (name, description): the one recorded in ``checkpoint`` when it
