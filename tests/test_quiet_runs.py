@@ -162,3 +162,14 @@ def test_pop_verbose():
     assert pop_verbose(["--verbose", "false", "--a", "1"]) == (["--a", "1"], False)
     assert pop_verbose(["--verbose=true"]) == ([], True)
     assert pop_verbose(["--a"]) == (["--a"], None)
+
+
+def test_test_of_a_run_checkpoint_writes_into_that_run(tiny_fit, tmp_path, monkeypatch, capsys):
+    """Without --trainer.default_root_dir, `test --ckpt_path RUN/checkpoints/X.ckpt` writes its
+    results and logs into RUN, not into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["test", "--config", TINY, "--ckpt_path", str(tiny_fit.last),
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    found = sorted(tiny_fit.root.glob("lightning_logs/version_*/results.json"))
+    assert found and f"wrote {found[-1]}" in capsys.readouterr().out

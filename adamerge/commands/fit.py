@@ -71,6 +71,12 @@ class AdaMergeCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if sub == "fit":
             self._check_run_folder(ckpt)
+        elif sub in ("validate", "test") and isinstance(ckpt, str) and os.path.isfile(ckpt) \
+                and Path(ckpt).resolve().parent.name == "checkpoints":
+            trainer = self.config[sub].get("trainer")
+            if trainer is not None and trainer.get("default_root_dir") is None:
+                # results and logs go to the run the checkpoint belongs to, not the working directory
+                trainer["default_root_dir"] = str(Path(ckpt).resolve().parent.parent)
         if isinstance(ckpt, str) and ckpt not in ("last", "best", "hpc") and "://" not in ckpt \
                 and not ckpt.startswith("registry"):
             from ..io.checkpoints import CheckpointError, not_a_run_checkpoint, read_checkpoint
