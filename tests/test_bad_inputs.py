@@ -440,6 +440,13 @@ def _(c: Case) -> list[str]:
             f"delete {c.out / 'checkpoints' / LOCK_NAME}"]
 
 
+@case("second-fit-in-a-running-folder-with-tensorboard")
+def _(c: Case) -> list[str]:
+    pid = hold_lock(c)
+    c.extra = ["--trainer.logger", "true"]  # refused before TensorBoard makes lightning_logs/version_0
+    return [f"{c.out / 'checkpoints'} is in use by another adamerge fit (pid {pid}"]
+
+
 # -- configs
 @case("config-missing")
 def _(c: Case) -> list[str]:

@@ -104,6 +104,13 @@ class AdaMergeCLI(LightningCLI):
         earlier run's checkpoints is refused (or, with ``--start_over``, those are deleted first),
         and ``--ckpt_path last`` with nothing to continue is refused."""
         folder = self._checkpoint_folder()
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            # another fit still running there: refused now, before Lightning creates the loggers'
+            # folders (the lock itself is taken in RunCheckpoint.setup, which guards any race)
+            from ..io.run_checkpoint import RunLock
+            probe = RunLock(folder)
+            probe.acquire()
+            probe.release()
         earlier = sorted(p for p in Path(folder).glob("*.ckpt")) if os.path.isdir(folder) else []
         if ckpt == "last" and not (Path(folder) / "last.ckpt").is_file():
             raise ValueError(f"--ckpt_path last: no last.ckpt in {folder}, nothing to continue (check "
