@@ -180,10 +180,14 @@ def coefficient_figure(coefficients: torch.Tensor, param_names: Sequence[str], t
     lam = coefficients.detach().float().cpu().numpy()
     p, k = lam.shape
     fig, ax = plt.subplots(figsize=(2 + 0.9 * k, 1.5 + 0.16 * p))
-    im = ax.imshow(lam, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1.0, float(lam.max())))
+    # colours span the learned range (a fixed 0-1 scale hid a short run's changes around the prior)
+    low, high = float(lam.min()), float(lam.max())
+    if high - low < 1e-6:
+        low, high = low - 0.05, high + 0.05
+    im = ax.imshow(lam, aspect="auto", cmap="viridis", vmin=low, vmax=high)
     ax.set_xticks(range(k), list(task_names), rotation=45, ha="right")
     if p > 1:
-        ax.set_yticks(range(p), list(param_names), fontsize=5)
+        ax.set_yticks(range(p), list(param_names), fontsize=7)
     else:
         ax.set_yticks([0], ["all parameters"])
     ax.set_title(title)

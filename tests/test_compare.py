@@ -94,3 +94,11 @@ def test_compare_config_of_a_method_without_prior_runs(row, tmp_path, capsys):
                  "adamerging_taskwise", "--steps", "1", "--val-split", "none", "--model.init_args.lr", "0.002"]) == 0
     used = json.loads((tmp_path / "c" / "results.json").read_text())["hparams"]
     assert used[row]["lr"] == 0.002 and used["adamerging_taskwise"]["lr"] == 0.001
+
+
+def test_compare_help_shows_config_and_refuses_a_run_without_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "--config FILE" in capsys.readouterr().out
+    assert main(["compare", "--out", "nowhere"]) == 1
+    assert "needs --config FILE" in capsys.readouterr().err

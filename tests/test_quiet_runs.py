@@ -173,3 +173,19 @@ def test_test_of_a_run_checkpoint_writes_into_that_run(tiny_fit, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
     found = sorted(tiny_fit.root.glob("lightning_logs/version_*/results.json"))
     assert found and f"wrote {found[-1]}" in capsys.readouterr().out
+
+
+def test_heatmap_colours_span_the_learned_range():
+    """A short run moves the coefficients a little around the prior: the colour scale follows
+    them, not a fixed 0-1 range (issue 29, item 9)."""
+    import matplotlib.pyplot as plt
+    import torch
+    from adamerge.report import coefficient_figure
+    lam = torch.tensor([[0.29, 0.31], [0.30, 0.33]])
+    fig = coefficient_figure(lam, ["a.weight", "b.weight"], ["x", "y"])
+    image = fig.axes[0].images[0]
+    assert image.norm.vmin == pytest.approx(0.29) and image.norm.vmax == pytest.approx(0.33)
+    plt.close(fig)
+    flat = coefficient_figure(torch.full((2, 2), 0.3), ["a", "b"], ["x", "y"])  # no range: a small one
+    assert flat.axes[0].images[0].norm.vmin < 0.3 < flat.axes[0].images[0].norm.vmax
+    plt.close(flat)

@@ -34,6 +34,10 @@ def parser(prog: str, demo: bool) -> argparse.ArgumentParser:
         "Run merging methods on the model pool and data of a fit config (LightningCLI "
         "options such as --config, --model.*, --data.* are accepted) and write the report.", 100)
         + "\n\nmethods (run by default: demo = yes):\n" + registry.describe(hparams=False))
+    if not demo:
+        p.add_argument("--config", action="append", default=[], metavar="FILE",
+                       help="the fit config(s) whose model pool and data the methods run on (repeatable; "
+                            "other LightningCLI options such as --model.* or --data.* are passed on too)")
     p.add_argument("--out", default="runs/demo" if demo else None, required=not demo,
                    help="output folder: results.json, results.md, coefficient heatmaps, TensorBoard runs"
                         + (" (default: runs/demo)" if demo else ""))
@@ -147,6 +151,9 @@ def compare_main(args: Sequence[str]) -> None:
     from ..methods.adamerging import AdaMerging
     from .fit import AdaMergeCLI, names_model_class
     ns, rest = parser("adamerge compare", demo=False).parse_known_args(list(args))
+    if not ns.config and "-c" not in rest:
+        raise ValueError("adamerge compare needs --config FILE: the fit config of the pool and data")
+    rest = [a for c in ns.config for a in ("--config", c)] + rest
     methods = registry.select(ns.methods)
     hparams = hparam_overrides(ns)
     cli = AdaMergeCLI(AdaMerging, MultiTaskDataModule, args=rest, run=False,
