@@ -89,10 +89,6 @@ class Bench:
         return evaluate(self.loaded.encoder, params, self.heads, self.eval_sets if sets is None else sets,
                         self.datamodule.eval_batch_size)
 
-    def adaptation_data(self) -> dict[str, Any]:
-        """Each merged task's adaptation split (what fitted methods take their statistics from)."""
-        return {t: self.datamodule.adaptation_dataset(t) for t in self.loaded.task_vectors.task_names}
-
     def grids(self, method: registry.Method, fixed: Mapping[str, Any]) -> dict[str, tuple]:
         """The hyper-parameters of ``method`` to pick on the labeled split (none without one)."""
         if not self.val_sets:
@@ -102,23 +98,18 @@ class Bench:
 
 
 def one_model(method: registry.Method, loaded: LoadedPool, datamodule: MultiTaskDataModule,
-              hp: Mapping[str, Any]) -> dict[str, Any]:
+              hp: Mapping[str, Any], dense: Any = None, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The one model of a static or fitted row with hyper-parameters ``hp``, as the encoder
-    parameters it sets (``compare`` and ``adamerge export --method``)."""
+    parameters it sets (``compare`` and ``adamerge export --method``). ``dense`` / ``base``: the
+    dense task vectors and base parameters when the caller already has them (a grid search)."""
     if method.kind == "static":
-        tv = loaded.task_vectors
+        tv = dense if dense is not None else loaded.task_vectors
         tv = tv.to_dense() if hasattr(tv, "to_dense") else tv
-        return method.build(tv, {n: p.detach() for n, p in loaded.encoder.named_parameters()}, **hp)
+        base = base if base is not None else {n: p.detach() for n, p in loaded.encoder.named_parameters()}
+        return method.build(tv, base, **hp)
     if method.kind == "fitted":
         return method.build(loaded, {t: datamodule.adaptation_dataset(t) for t in loaded.task_vectors.task_names}, **hp)
     raise ValueError(f"{method.name} is a {method.kind} method: it has no single merged model")
-
-
-def merged_state(bench: Bench, method: registry.Method, hp: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`one_model` on the bench's pool (the dense task vectors are made once)."""
-    if method.kind == "static":
-        return method.build(bench.task_vectors, bench.base, **hp)
-    return one_model(method, bench.loaded, bench.datamodule, hp)
 
 
 def run_one_model(bench: Bench, method: registry.Method, hp: dict[str, Any],
@@ -128,7 +119,8 @@ def run_one_model(bench: Bench, method: registry.Method, hp: dict[str, Any],
     if grids:
         best, best_acc = None, -1.0
         for point in itertools.product(*grids.values()):
-            accs = bench.evaluate(merged_state(bench, method, {**hp, **dict(zip(grids, point))}), bench.val_sets)
+            accs = bench.evaluate(one_model(method, bench.loaded, bench.datamodule, {**hp, **dict(zip(grids, point))},
+                                            bench.task_vectors, bench.base), bench.val_sets)
             avg = sum(accs.values()) / len(accs)
             if avg > best_acc:
                 best, best_acc = dict(zip(grids, point)), avg
@@ -136,7 +128,7 @@ def run_one_model(bench: Bench, method: registry.Method, hp: dict[str, Any],
         bench.say(f"  {method.name}: {', '.join(f'{k} {v}' for k, v in best.items())} picked on the "
                   f"'{bench.settings.val_split}' split (val avg {best_acc:.1f})")
         hp.update(tuned)
-    return bench.evaluate(merged_state(bench, method, hp)), tuned
+    return bench.evaluate(one_model(method, bench.loaded, bench.datamodule, hp, bench.task_vectors, bench.base)), tuned
 
 
 def run_per_task(bench: Bench, method: registry.Method, hp: dict[str, Any],

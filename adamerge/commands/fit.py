@@ -44,6 +44,7 @@ class AdaMergeCLI(LightningCLI):
     def __init__(self, *args: Any, verbose: bool | None = None, **kwargs: Any) -> None:
         self.verbose = verbose_requested() if verbose is None else verbose
         self._ckpt_step: int | None = None
+        self._ckpt_record: dict[str, Any] | None = None  # the --ckpt_path file, read once
         self._eval_started = 0.0
         with quiet_lightning(self.verbose):  # LightningCLI parses, builds and runs in __init__
             super().__init__(*args, **kwargs)
@@ -84,6 +85,7 @@ class AdaMergeCLI(LightningCLI):
             what = not_a_run_checkpoint(found)
             if what:  # named here, before Lightning reads keys it does not have
                 raise CheckpointError(f"{ckpt}: {what}")
+            self._ckpt_record = found
             step = found.get("global_step")
             self._ckpt_step = step if isinstance(step, int) else None
         if sub == "fit":
@@ -137,7 +139,8 @@ class AdaMergeCLI(LightningCLI):
         if not isinstance(path, str) or not os.path.isfile(path):
             return
         from ..io.checkpoints import read_checkpoint
-        theirs = dict(read_checkpoint(path).get("hyper_parameters") or {})
+        record = self._ckpt_record if path == ckpt and self._ckpt_record is not None else read_checkpoint(path)
+        theirs = dict(record.get("hyper_parameters") or {})
         model = self.config[sub].get("model")
         ours = model.get("init_args", model) if model is not None else None
         ours = ours.as_dict() if hasattr(ours, "as_dict") else dict(ours or {})
@@ -224,18 +227,15 @@ class AdaMergeCLI(LightningCLI):
         print("; ".join(parts), flush=True)
 
 
-def row_name(model: Any, checkpoint: str | None = None) -> tuple[str, str]:
-    """The registry row of a run (name, description): the one recorded in ``checkpoint`` when it
-    records one (written by every adamerge checkpoint), else the module's
+def row_name(model: Any, checkpoint: dict[str, Any] | None = None) -> tuple[str, str]:
+    """The registry row of a run (name, description): the one recorded in the loaded
+    ``checkpoint`` when it records one (written by every adamerge checkpoint), else the module's
     (:func:`adamerge.methods.registry.row_of`)."""
     from ..methods import registry
-    if checkpoint is not None:
-        from ..io.checkpoints import read_checkpoint
-        recorded = (read_checkpoint(checkpoint).get("adamerge") or {}).get("row")
-        if isinstance(recorded, str):
-            base = recorded.split(" (")[0]
-            described = registry.REGISTRY[base].description if base in registry.REGISTRY else ""
-            return recorded, described
+    recorded = ((checkpoint or {}).get("adamerge") or {}).get("row")
+    if isinstance(recorded, str):
+        base = recorded.split(" (")[0]
+        return recorded, registry.REGISTRY[base].description if base in registry.REGISTRY else ""
     return registry.row_of(model)
 
 
@@ -280,8 +280,7 @@ def eval_results(cli: AdaMergeCLI, accs: dict[str, float], seconds: float) -> di
     model, dm, sub = cli.model, cli.datamodule, cli.subcommand
     cfg = cli.config[sub]
     ckpt = cfg.get("ckpt_path")
-    recorded = str(ckpt) if isinstance(ckpt, str) and os.path.isfile(str(ckpt)) else None
-    name, description = row_name(model, recorded)
+    name, description = row_name(model, getattr(cli, "_ckpt_record", None))
     unseen = [t for t in getattr(model, "unseen_tasks", []) if t in accs]
     hparams = {k: _plain(v) for k, v in dict(model.hparams).items() if not k.startswith("_")}
     configs = [str(getattr(c, "absolute", c)) for c in (cfg.get("config") or [])]

@@ -40,6 +40,13 @@ def head_tensors(heads: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return out
 
 
+def write_heads(heads: dict[str, nn.Module], path: Path, meta: dict[str, str]) -> None:
+    """``heads.safetensors``: :func:`head_tensors`, and whether every head L2-normalises features
+    first (zero-shot heads: ``normalizes_features = True``) in the metadata ExportedModel reads."""
+    normalized = all(getattr(h, "normalizes_features", False) for h in heads.values())
+    save_state_dict(head_tensors(heads), path, metadata={**meta, "normalize_features": str(normalized).lower()})
+
+
 def export_weights(encoder: nn.Module, params: dict[str, torch.Tensor], heads: dict[str, nn.Module],
                    out: str | Path, manifest: dict) -> dict[str, Path]:
     """Write one merged model that is plain weights (a static or fitted row): ``merged.safetensors``
@@ -56,8 +63,7 @@ def export_weights(encoder: nn.Module, params: dict[str, torch.Tensor], heads: d
     paths = {"merged": out / "merged.safetensors", "heads": out / "heads.safetensors",
              "manifest": out / "export.json"}
     save_state_dict({k: v.contiguous() for k, v in state.items()}, paths["merged"], metadata=meta)
-    normalized = all(getattr(h, "normalizes_features", False) for h in heads.values())
-    save_state_dict(head_tensors(heads), paths["heads"], metadata={**meta, "normalize_features": str(normalized).lower()})
+    write_heads(heads, paths["heads"], meta)
     manifest = {**manifest, "files": ["export.json", "heads.safetensors", "merged.safetensors"]}
     with atomic_write(paths["manifest"]) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
@@ -94,9 +100,7 @@ def export(model, ckpt_path: str | Path, out: str | Path, row: str | None = None
     heads = model.export_heads() if hasattr(model, "export_heads") else dict(model.heads)
     if hasattr(merged.module, "save_pretrained_merged"):  # Hugging Face models: from_pretrained folders
         paths["hf"] = merged.module.save_pretrained_merged(out / "hf", state, heads=heads)
-    normalized = all(getattr(h, "normalizes_features", False) for h in heads.values())
-    save_state_dict(head_tensors(heads), paths["heads"],
-                    metadata={**meta, "normalize_features": str(normalized).lower()})
+    write_heads(heads, paths["heads"], meta)
     modules = model.export_task_modules() if hasattr(model, "export_task_modules") else {}
     if modules:
         paths["task_modules"] = out / "task_modules.safetensors"

@@ -210,6 +210,8 @@ class AdaMerging(L.LightningModule):
         self.unseen_tasks = list(loaded.unseen_heads)
         self.task_modules = nn.ModuleDict(parts.task_modules(self) if parts.task_modules else {})
         self.fingerprint = tv.fingerprint()
+        # the checkpoint part: reads the live learned tensors (subclasses add theirs after this)
+        self.guard = CheckpointGuard(self.method, self.fingerprint, self.learned_state)
         self.lr, self.per_task_backward = lr, per_task_backward
         self.learn_coefficients = learn_coefficients
         self.metrics = nn.ModuleDict({t: MulticlassAccuracy(num_classes=self.num_classes(t), average="micro")
@@ -612,11 +614,6 @@ class AdaMerging(L.LightningModule):
 
     def learned_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.learned_state().items()}
-
-    @property
-    def guard(self) -> CheckpointGuard:
-        """The checkpoint part (:class:`~adamerge.methods.checkpoint_guard.CheckpointGuard`)."""
-        return CheckpointGuard(self.method, self.fingerprint, self.learned_state)
 
     def load_coefficients(self, path: str) -> dict[str, Any]:
         """Set every learned tensor (coefficients and per-task modules) from an adamerge

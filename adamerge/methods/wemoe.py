@@ -220,7 +220,7 @@ def _shallow_module_copy(module: nn.Module) -> nn.Module:
 
 class RoutedMLPs:
     """WEMoE's merge builder (a :class:`~adamerge.methods.parts.MethodParts` ``merge``): the
-    fused merge on a copy of the encoder whose MLPs (``mlps``, default every MLP found) are
+    fused merge on a copy of the encoder whose MLPs (``mlps``, default every MLP of the layout) are
     :class:`RoutedLinear` layers mixing their task vectors per sample, one :class:`Router` each
     (``router_options``). After the build it holds the ``routers``, the routed ``mlps`` and the
     coefficient ``rows`` of their parameters (kept at 0: the MLPs' base is the pretrained one)."""
