@@ -5,21 +5,44 @@ The names a notebook needs are here; the packages hold the rest, in the order da
 ``data`` / ``models`` (adaptation data, model pools) -> ``methods`` (the registry, static merges,
 Lightning modules) -> ``compare`` / ``report`` (tables) -> ``commands`` (the CLI). ``suites`` holds
 the offline synthetic benchmark.
+
+The names are imported on first use (PEP 562), so ``adamerge --help`` and a command's ``--help``
+do not pay for importing torch and Lightning.
 """
 
-from .compare import CompareSettings, compare
-from .data import DatasetSource, FolderSource, HFSource, InMemorySource, MultiTaskDataModule
-from .engine import MergedModel, TaskVectors, entropy
-from .exported import ExportedModel
-from .io import CheckpointError, load_state_dict, save_state_dict
-from .methods import WEMoE, AdaMerging, AdaRank, Method, Surgery, Tinting, TwinMerging, registry
-from .models import CheckpointPool, LoadedPool, ModelPool, OpenCLIPPool, PreloadedPool
-from .report import evaluate
-from .suites import SuitePool, SuiteSource
+from __future__ import annotations
 
-__all__ = ["AdaMerging", "AdaRank", "CheckpointError", "CheckpointPool", "CompareSettings", "DatasetSource",
-           "ExportedModel", "FolderSource", "HFSource", "InMemorySource", "LoadedPool", "MergedModel", "Method",
-           "ModelPool", "MultiTaskDataModule", "OpenCLIPPool", "PreloadedPool", "SuitePool",
-           "SuiteSource", "Surgery", "TaskVectors", "Tinting", "TwinMerging", "WEMoE", "compare", "entropy", "evaluate", "load_state_dict",
-           "registry", "save_state_dict"]
+import importlib
+from typing import Any
+
+# public name -> the submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "CompareSettings": "compare", "compare": "compare",
+    "DatasetSource": "data", "FolderSource": "data", "HFSource": "data", "InMemorySource": "data",
+    "MultiTaskDataModule": "data",
+    "MergedModel": "engine", "TaskVectors": "engine", "entropy": "engine",
+    "ExportedModel": "exported",
+    "CheckpointError": "io", "load_state_dict": "io", "save_state_dict": "io",
+    "WEMoE": "methods", "AdaMerging": "methods", "AdaRank": "methods", "Method": "methods",
+    "Surgery": "methods", "Tinting": "methods", "TwinMerging": "methods", "registry": "methods",
+    "CheckpointPool": "models", "LoadedPool": "models", "ModelPool": "models", "OpenCLIPPool": "models",
+    "PreloadedPool": "models",
+    "evaluate": "report", "quiet": "report",
+    "SuitePool": "suites", "SuiteSource": "suites",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
+    raise AttributeError(f"module 'adamerge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+

@@ -1,10 +1,14 @@
-"""Command-line ``KEY=VALUE`` assignments (``adamerge demo --set``, ``--hparam``, the
-diagnostics script's ``--set``): one parser, so every option reads values the same way."""
+"""Command-line options shared by the commands: ``KEY=VALUE`` assignments (``adamerge demo
+--set``, ``--hparam``, the diagnostics script's ``--set``: one parser, so every option reads values
+the same way) and the environment variable behind ``--verbose``."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Sequence
+
+# ``adamerge ... --verbose`` sets it for one command; read by adamerge.report.verbose_requested
+VERBOSE_ENV = "ADAMERGE_VERBOSE"
 
 
 def parse_overrides(items: Sequence[str], option: str = "--set", form: str = "FIELD=VALUE") -> dict[str, Any]:

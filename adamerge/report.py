@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
 from .io.checkpoints import atomic_write
+from .options import VERBOSE_ENV
 
 
 @torch.no_grad()
@@ -289,7 +291,6 @@ class CoefficientHeatmap(L.Callback):
 
 
 # ------------------------------------------------------------------ console of Lightning runs
-VERBOSE_ENV = "ADAMERGE_VERBOSE"
 
 # Warnings that adamerge's runs trigger by design: (message regex, category). Each is hidden
 # unless ADAMERGE_VERBOSE=1 (``adamerge ... --verbose``).
@@ -305,10 +306,13 @@ QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
 
 
 class _LightningTips(logging.Filter):
-    """Drops Lightning's advertising tips (litlogger / litmodels), logged at every Trainer start."""
+    """Drops Lightning's advertising tips (litlogger / litmodels), logged at every Trainer start,
+    and its "stopped: max_steps reached" line, which ``adamerge fit``'s summary line replaces."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
+        if msg.startswith("`Trainer.fit` stopped: `max_steps="):  # adamerge's summary line follows
+            return False
         return not ("Tip:" in msg and ("litlogger" in msg or "litmodels" in msg))
 
 
@@ -343,3 +347,49 @@ def quiet_lightning(verbose: bool | None = None) -> Iterator[None]:
         finally:
             for log in loggers:
                 log.removeFilter(tips)
+
+
+def quiet(verbose: bool | None = None) -> Any:
+    """``with adamerge.quiet(): trainer.fit(model, data)``: the Python API as quiet as the CLI
+    (:func:`quiet_lightning`: Lightning's tips, its stop line and the warnings adamerge's modules
+    trigger by design are hidden inside the block; ``ADAMERGE_VERBOSE=1`` shows them)."""
+    return quiet_lightning(verbose)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, counted in optimizer steps: ``fit 40/60 [...] train/entropy=2.59``.
+
+    An adaptation stream is one endless epoch, which Lightning's bars show as ``Epoch 0/-2`` with
+    no total; here the bar reads ``fit``, its total is ``max_steps``, a resumed run starts at the
+    checkpoint's step, and the logger's ``v_num`` is left out."""
+
+    def init_train_tqdm(self) -> Any:
+        bar = super().init_train_tqdm()
+        self._in_steps(bar)
+        return bar
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._in_steps(self.train_progress_bar)
+
+    def _in_steps(self, bar: Any) -> None:
+        bar.set_description("fit", refresh=False)
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            bar.total = self.trainer.max_steps
+        bar.n = bar.initial = self.trainer.global_step  # a resumed run starts where it stopped
+        if not bar.disable:
+            bar.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        n, bar = trainer.global_step, self.train_progress_bar
+        if bar is not None and self._should_update(n, bar.total):
+            if not bar.disable:
+                bar.n = n
+                bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items

@@ -18,7 +18,7 @@ ALLOWED = {
     "engine": {"io", "errors"},
     "data": {"io", "errors"},
     "models": {"engine", "data", "io", "errors"},
-    "report": {"io", "errors"},
+    "report": {"io", "errors", "options"},
     "methods": {"engine", "models", "data", "io", "report", "errors"},
     "compare": {"methods", "models", "data", "engine", "io", "report", "errors"},
     "suites": {"engine", "models", "data", "io", "errors"},

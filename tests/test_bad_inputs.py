@@ -454,6 +454,33 @@ def _(c: Case) -> list[str]:
     return ["run.yaml"]
 
 
+def misspell(c: Case, old: str, new: str) -> int:
+    """Rename the config key ``old:`` (its first occurrence) to ``new:``; its 1-based line."""
+    lines = c.config.read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{old}:"))
+    lines[n] = lines[n].replace(f"{old}:", f"{new}:", 1)
+    c.config.write_text("\n".join(lines) + "\n")
+    return n + 1
+
+
+@case("config-key-typo")
+def _(c: Case) -> list[str]:
+    line = misspell(c, "batch_size", "batchsize")
+    return [f"run.yaml, line {line}: unknown key data.batchsize; did you mean data.batch_size?"]
+
+
+@case("config-key-typo-in-init-args")
+def _(c: Case) -> list[str]:
+    line = misspell(c, "experts", "expert")
+    return [f"run.yaml, line {line}: unknown key model.pool.expert; did you mean model.pool.experts?"]
+
+
+@case("command-line-key-typo")
+def _(c: Case) -> list[str]:
+    c.extra = ["--model.priorr", "0.2"]
+    return ["unknown key model.priorr (command line: --model.priorr); did you mean model.prior?"]
+
+
 @case("config-yaml-syntax-error")
 def _(c: Case) -> list[str]:
     lines = c.config.read_text().splitlines()

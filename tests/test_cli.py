@@ -25,6 +25,46 @@ def test_help_lists_commands():
     assert "--ckpt_path" in run("fit", "--help").stdout
 
 
+def test_help_of_fit_fits_a_screen_and_its_keys_and_defaults_are_the_full_helps():
+    """``fit --help`` is the short summary (adamerge.commands.fit_help); every key it lists is a
+    key of LightningCLI's full help (``--help-all``) with the default the summary states."""
+    import re
+    from adamerge.commands.fit_help import KEYS
+    short = run("fit", "--help").stdout
+    assert len(short.splitlines()) <= 60 and max(map(len, short.splitlines())) <= 100
+    full = run("fit", "--help-all").stdout
+    assert len(full.splitlines()) > 300  # the whole schema
+    entries, current = {}, None  # option -> its description in the full help
+    for line in full.splitlines():
+        start = re.match(r"^  (?:-\w, )?(--[\w.]+)", line)
+        if start:
+            current = start.group(1)
+            entries[current] = line
+        elif current and line.startswith("    "):
+            entries[current] += " " + line.strip()
+    for _, keys in KEYS:
+        for key, default, _ in keys:
+            option = key.split()[0]
+            assert option in short
+            if option == "--config":
+                continue
+            assert option in entries, option
+            if default is not None:
+                found = re.search(r"default: ([^),]+)[),]", entries[option])
+                assert found and found.group(1) == default, (option, default, entries[option][-200:])
+
+
+def test_help_imports_neither_torch_nor_lightning():
+    """``adamerge --help`` and ``adamerge fit --help`` print without importing torch or Lightning
+    (seconds of imports; the package's names load on first use)."""
+    code = ("import sys; from adamerge.commands.main import main; main(['--help']); main(['fit', '--help']); "
+            "heavy = [m for m in ('torch', 'lightning') if m in sys.modules]; assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: adamerge fit" in proc.stdout
+
+
 def test_tiny_config_fits_and_resumes(tmp_path):
     # Everything lands under default_root_dir, including on resume/test from an explicit
     # checkpoint path (LightningCLI's checkpoint re-parse once reset it: files went to the cwd).

@@ -50,11 +50,42 @@ def test_fit_prints_no_warnings(tiny_fit):
     lines = (tiny_fit.stderr + tiny_fit.stdout).splitlines()
     assert not [ln for ln in lines if re.search(r"warn", ln, re.I)], tiny_fit.stderr
     assert not [ln for ln in lines if any(n in ln for n in NOISE)], tiny_fit.stderr
-    assert "Trainer.fit` stopped" in tiny_fit.stderr  # Lightning's own info lines stay
+    assert "GPU available" in tiny_fit.stderr  # Lightning's own info lines stay
+    assert "Trainer.fit` stopped" not in tiny_fit.stderr  # but the stop line: the summary says it
     summary = [ln for ln in tiny_fit.stdout.splitlines() if ln.startswith("adamerge fit: ")]
     assert len(summary) == 1, tiny_fit.stdout[-2000:]  # one line: what was reached and where it is
     for part in ("10 steps", "val/acc_avg", "checkpoint ", "last.ckpt", "TensorBoard ", "heatmap ", "coefficients.png"):
         assert part in summary[0], (part, summary[0])
+
+
+def test_resume_counts_steps_and_continues_the_tensorboard_version(tmp_path, capsys):
+    """The bar reads ``fit N/max_steps`` (not ``Epoch 0/-2``), a resumed run starts it at the
+    checkpoint's step, and its curves go on in the same TensorBoard version."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    root = tmp_path / "run"
+    args = ["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.val_check_interval",
+            "100", "--trainer.log_every_n_steps", "1"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*args, "--trainer.max_steps", "3"]) == 0
+        first = capsys.readouterr()
+        assert main([*args, "--trainer.max_steps", "5", "--ckpt_path", "last"]) == 0
+        second = capsys.readouterr()
+    for out in (first, second):
+        text = (out.out + out.err).replace("\r", "\n")
+        assert "Epoch 0/-2" not in text and "v_num" not in text, text[-1500:]
+    counts = lambda out: [tuple(map(int, m)) for m in re.findall(r"^fit: .*?\b(\d+)/(\d+) ", out.replace("\r", "\n"),
+                                                                      re.M)]
+    assert counts(first.out + first.err)[-1] == (3, 3)
+    resumed = counts(second.out + second.err)
+    assert resumed[0][0] >= 3 and resumed[-1] == (5, 5), resumed  # starts at the checkpoint's step
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]
+    assert "TensorBoard " + str(root / "lightning_logs" / "version_0") in second.out
+    acc = EventAccumulator(str(root / "lightning_logs" / "version_0"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = sorted({e.step for e in acc.Scalars("train/entropy")})
+    assert steps[0] <= 2 and steps[-1] >= 4, steps  # both runs' curves, one version
 
 
 def test_fit_logs_coefficients_to_tensorboard(tiny_fit):

@@ -21,10 +21,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from ..report import (CoefficientHeatmap, build_results, quiet_lightning, summarize, terminal_table,
-                      verbose_requested, write_results)
+from ..report import (CoefficientHeatmap, StepProgressBar, build_results, quiet_lightning, summarize,
+                      terminal_table, verbose_requested, write_results)
 
 
 class AdaMergeCLI(LightningCLI):
@@ -63,9 +64,17 @@ class AdaMergeCLI(LightningCLI):
         # LightningCLI.parse_arguments warns whenever ``args`` is given while sys.argv has
         # arguments (against mixing the two); adamerge passes the whole command line as ``args``,
         # so parse them as it would, without the warning.
+        import argparse
+
         from jsonargparse import Namespace
-        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) \
-            else parser.parse_args(args)
+        try:
+            self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) \
+                else parser.parse_args(args)
+        except argparse.ArgumentError as exc:
+            message = unknown_key_message(str(exc), parser, [] if isinstance(args, (dict, Namespace)) else args)
+            if message is None:
+                raise
+            raise ValueError(message) from None
         # LightningCLI reads --ckpt_path itself (for hyperparameters) right after parsing; check
         # the file first so a missing, corrupt or pickled one gets a message naming it.
         sub = self.config.get("subcommand")
@@ -140,6 +149,7 @@ class AdaMergeCLI(LightningCLI):
             return
         from ..io.checkpoints import read_checkpoint
         record = self._ckpt_record if path == ckpt and self._ckpt_record is not None else read_checkpoint(path)
+        self._ckpt_record = record
         theirs = dict(record.get("hyper_parameters") or {})
         model = self.config[sub].get("model")
         ours = model.get("init_args", model) if model is not None else None
@@ -157,7 +167,12 @@ class AdaMergeCLI(LightningCLI):
         absolute_paths(self.config)
 
     def instantiate_trainer(self, **kwargs: Any):
-        """The trainer, with a :class:`CoefficientHeatmap` in ``fit`` unless the config has one."""
+        """The trainer, with a :class:`CoefficientHeatmap` in ``fit`` unless the config has one, a
+        step-counting progress bar, and a resumed fit's logger on the run's TensorBoard version."""
+        if self.subcommand == "fit" and "logger" not in kwargs:
+            logger = self._logger_of_resumed_run()
+            if logger is not None:
+                kwargs["logger"] = logger
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit" and not any(isinstance(c, CoefficientHeatmap) for c in trainer.callbacks):
             from lightning.pytorch.callbacks import Checkpoint
@@ -168,7 +183,35 @@ class AdaMergeCLI(LightningCLI):
         if self.subcommand == "fit":
             from ..methods.registry import RecordRow
             trainer.callbacks.insert(0, RecordRow())
+            trainer.callbacks.insert(0, RecordLogVersion())
+        self._count_steps(trainer)
         return trainer
+
+    def _count_steps(self, trainer) -> None:
+        """Lightning's default progress bar, when the config names none, becomes a
+        :class:`StepProgressBar` (steps of ``max_steps``, not ``Epoch 0/-2``)."""
+        from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+        bar = trainer.progress_bar_callback
+        given = (self.config_init[self.subcommand].get("trainer") or {}).get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if type(bar) not in (RichProgressBar, TQDMProgressBar) or any(isinstance(c, ProgressBar) for c in given):
+            return
+        trainer.callbacks[trainer.callbacks.index(bar)] = StepProgressBar()
+
+    def _logger_of_resumed_run(self) -> Any:
+        """A resumed ``fit`` logs into the TensorBoard version of the run it continues (recorded in
+        the checkpoint by :class:`RecordLogVersion`), so its curves do not split into a new
+        version; ``None`` when the config names its own logger or nothing is recorded."""
+        cfg = self.config_init["fit"].get("trainer") or {}
+        record = ((self._ckpt_record or {}).get("adamerge") or {}).get("log")
+        if cfg.get("logger") not in (None, True) or not isinstance(record, dict):
+            return None
+        root = cfg.get("default_root_dir") or os.getcwd()
+        if os.path.realpath(str(record.get("save_dir"))) != os.path.realpath(str(root)):
+            return None  # the checkpoint was moved or copied: a new version in this folder
+        from lightning.pytorch.loggers import TensorBoardLogger
+        return TensorBoardLogger(save_dir=str(root), name=str(record.get("name") or "lightning_logs"),
+                                 version=record.get("version"))
 
     # ------------------------------------------------------- validate / test: the results table
     def _before_eval(self) -> None:
@@ -225,6 +268,129 @@ class AdaMergeCLI(LightningCLI):
             if heatmap.is_file():
                 parts.append(f"heatmap {heatmap}")
         print("; ".join(parts), flush=True)
+
+
+class RecordLogVersion(Callback):
+    """Writes the TensorBoard folder of a ``fit`` into every checkpoint
+    (``checkpoint["adamerge"]["log"]``: save_dir, name, version), so that a resumed run continues
+    the same version (:meth:`AdaMergeCLI._logger_of_resumed_run`)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if logger is not None:
+            checkpoint.setdefault("adamerge", {})["log"] = {
+                "save_dir": os.path.abspath(logger.save_dir), "name": logger.name, "version": logger.version}
+
+
+def unknown_key_message(error: str, parser: Any, args: Sequence[str]) -> str | None:
+    """jsonargparse's "does not accept option 'model.priorr'" (or "unrecognized arguments:
+    --model.priorr") as one line naming the config file and line that hold the key (or the
+    command line) and the nearest key the command knows; ``None`` for other errors."""
+    import re
+    found = re.search(r"does not accept option '([^']+)'", error) or \
+        re.search(r"unrecognized arguments: --([\w.]+)", error)
+    nested = re.search(r"Option '([^']+)' is not accepted", error)  # a key of a class_path's init_args
+    if nested is not None:
+        prefix = re.findall(r'Parser key "([^"]+)"', error)
+        classes = re.findall(r"class_path '([^']+)'", error)
+        names = _init_parameters(classes[-1]) if classes else []
+        option = nested.group(1)  # a mapping under an unknown key comes flattened: expert.digits
+        if option.split(".")[0] not in names:
+            option = option.split(".")[0]
+        key = ".".join([*prefix, option])
+        known = [".".join([*prefix, name]) for name in names]
+    elif found is not None:
+        key = found.group(1)
+        known = _parser_keys(parser, next((a for a in args if a in ("fit", "validate", "test")), None))
+    else:
+        return None
+    near = _nearest_key(key, known)
+    hint = f"; did you mean {near}?" if near else ""
+    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")] + \
+        [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in configs:
+        line = yaml_key_line(path, key)
+        if line is not None:
+            return f"{path}, line {line}: unknown key {key}{hint}"
+    return f"unknown key {key} (command line: --{key}){hint}"
+
+
+def _parser_keys(parser: Any, sub: str | None) -> list[str]:
+    """The dotted keys a (sub)command's parser accepts, with ``init_args.`` dropped."""
+    try:
+        target = parser._subcommands_action._name_parser_map[sub] if sub else parser
+        keys = [k for k in target.get_defaults().keys()]
+    except (AttributeError, KeyError, TypeError):
+        return []
+    for action in getattr(target, "_actions", []):  # subclass-mode groups (model.pool, ...) too
+        for opt in getattr(action, "option_strings", []):
+            if opt.startswith("--") and not opt.endswith(".help"):
+                keys.append(opt[2:])
+    return sorted({k.replace(".init_args.", ".") for k in keys})
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    """The ``__init__`` parameter names of the class ``class_path`` and of its bases (a subclass
+    passing ``**kwargs`` on accepts its base's), ``[]`` if it cannot be imported."""
+    import importlib
+    import inspect
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for klass in getattr(cls, "__mro__", [cls]):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return list(dict.fromkeys(names))
+
+
+def _nearest_key(key: str, known: Sequence[str]) -> str | None:
+    """The known key closest to ``key``: among keys of the same section first (``model.*``)."""
+    import difflib
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    same = [k for k in known if k.rsplit(".", 1)[0] == section] if section else []
+    for pool in (same, list(known)):
+        leaf = {k.rsplit(".", 1)[-1]: k for k in pool} if pool is same else None
+        if leaf:
+            match = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaf), n=1, cutoff=0.6)
+            if match:
+                return leaf[match[0]]
+        else:
+            match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+            if match:
+                return match[0]
+    return None
+
+
+def yaml_key_line(path: str, key: str) -> int | None:
+    """The 1-based line of the dotted ``key`` in the YAML file ``path`` (an ``init_args`` level
+    between two parts is allowed), or ``None``."""
+    import yaml
+    try:
+        node = yaml.compose(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    parts = key.split(".")
+    while parts and isinstance(node, yaml.MappingNode):
+        entries = {k.value: (k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+        if parts[0] not in entries and "init_args" in entries:
+            node = entries["init_args"][1]
+            continue
+        if parts[0] not in entries:
+            return None
+        k, node = entries[parts.pop(0)]
+        if not parts:
+            return k.start_mark.line + 1
+    return None
 
 
 def row_name(model: Any, checkpoint: dict[str, Any] | None = None) -> tuple[str, str]:

@@ -15,8 +15,7 @@ import sys
 from typing import Sequence
 
 from ..errors import unknown_name
-from ..methods import registry
-from ..report import VERBOSE_ENV
+from ..options import VERBOSE_ENV
 
 HELP_TEMPLATE = """usage: adamerge COMMAND [options]
 
@@ -31,8 +30,7 @@ commands:
   compare   merging methods on the pool and data of a fit config:
             adamerge compare --config FILE --out DIR [--protocol paper]
             (--protocol paper: the official AdaMerging code's recipe; docs/fidelity.md)
-            methods ({count}; `adamerge compare --methods` lists them with their defaults):
-{methods}
+            `adamerge compare --methods` lists the methods with their defaults
   export    write the merged model as safetensors:
             adamerge export --config FILE --ckpt_path CKPT --out DIR   (a learned run)
             adamerge export --config FILE --method ties --out DIR      (a static or fitted row)
@@ -49,7 +47,8 @@ commands:
             adamerge bench [--model ViT-B-32] [-K 8] [-B 2] [--device cuda]
             the SVD step of TSV-M / Iso-CTS: adamerge bench --svd [--blocks 12]
 
-Run `adamerge COMMAND --help` for the options of a command. Any command takes --verbose (or
+Run `adamerge COMMAND --help` for the options of a command (fit/validate/test: the keys that
+matter; --help-all: every key). Any command takes --verbose (or
 ADAMERGE_VERBOSE=1): Lightning's warnings and tips that adamerge hides, and for validate/test
 Lightning's metric box.
 """
@@ -67,20 +66,8 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")  # they get the command name as
 
 
 def help_text() -> str:
-    """The top-level ``--help``, with the methods of the registry."""
-    methods = "\n".join(f"              {line}" for line in _wrap(registry.names(), 76))
-    return HELP_TEMPLATE.format(count=len(registry.names()), methods=methods)
-
-
-def _wrap(words: list[str], width: int) -> list[str]:
-    lines, line = [], ""
-    for w in words:
-        if line and len(line) + 1 + len(w) > width:
-            lines.append(line)
-            line = w
-        else:
-            line = f"{line} {w}" if line else w
-    return lines + ([line] if line else [])
+    """The top-level ``--help`` (plain text: printed without importing torch or Lightning)."""
+    return HELP_TEMPLATE
 
 
 def pop_verbose(args: Sequence[str]) -> tuple[list[str], bool | None]:
@@ -139,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module, function = COMMANDS[command]
     rest, verbose = pop_verbose(rest)
+    if command in LIGHTNING_COMMANDS and ("-h" in rest or "--help" in rest):
+        from .fit_help import summary
+        print(summary(command))
+        return 0
+    if command in LIGHTNING_COMMANDS and "--help-all" in rest:  # LightningCLI's full help
+        rest = [("--help" if a == "--help-all" else a) for a in rest]
     previous = os.environ.get(VERBOSE_ENV)
     if verbose is not None:  # read by adamerge.report.quiet_lightning, for this command only
         os.environ[VERBOSE_ENV] = "1" if verbose else "0"

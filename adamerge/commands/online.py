@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def online_main(argv: Sequence[str]) -> None:
+    args, overrides = build_parser().parse_known_args(list(argv))  # --help before the imports below
     from ..online import run_online
     from .export import build_from_config
-    args, overrides = build_parser().parse_known_args(list(argv))
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     if args.stop_after is not None and args.stop_after < 1:
