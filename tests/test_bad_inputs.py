@@ -481,6 +481,30 @@ def _(c: Case) -> list[str]:
     return ["unknown key model.priorr (command line: --model.priorr); did you mean model.prior?"]
 
 
+@case("prior-outside-the-clamp")
+def _(c: Case) -> list[str]:
+    c.extra = ["--model.prior", "-1"]
+    return ["model.prior must be in [0, 1] while model.clamp is true", "got -1.0"]
+
+
+@case("trim-above-one")
+def _(c: Case) -> list[str]:
+    c.extra = ["--model.trim", "1.5"]
+    return ["model.trim must be in (0, 1]", "got 1.5"]
+
+
+@case("eval-batch-size-zero")
+def _(c: Case) -> list[str]:
+    c.extra = ["--data.eval_batch_size", "0"]
+    return ["data.eval_batch_size must be >= 1, got 0"]
+
+
+@case("val-check-interval-zero")
+def _(c: Case) -> list[str]:
+    c.extra = ["--trainer.val_check_interval", "0"]
+    return ["trainer.val_check_interval must be a positive number of steps, got 0"]
+
+
 @case("config-yaml-syntax-error")
 def _(c: Case) -> list[str]:
     lines = c.config.read_text().splitlines()

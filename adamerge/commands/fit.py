@@ -103,6 +103,10 @@ class AdaMergeCLI(LightningCLI):
             if (not isinstance(steps, int) or steps < 1) and limit is None:
                 raise ValueError(f"trainer.max_steps must be a positive number of steps, got {steps}: the "
                                  "adaptation stream never ends (or give trainer.max_time)")
+        trainer = (self.config[sub].get("trainer") or {}) if sub else {}
+        every = trainer.get("val_check_interval")
+        if isinstance(every, (int, float)) and not isinstance(every, bool) and every <= 0:
+            raise ValueError(f"trainer.val_check_interval must be a positive number of steps, got {every}")
 
     def _checkpoint_folder(self) -> str:
         """Where this run's checkpoints go: ``checkpoint.dirpath`` or ``<default_root_dir>/checkpoints``."""
@@ -192,7 +196,8 @@ class AdaMergeCLI(LightningCLI):
         :class:`StepProgressBar` (steps of ``max_steps``, not ``Epoch 0/-2``)."""
         from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
         bar = trainer.progress_bar_callback
-        given = (self.config_init[self.subcommand].get("trainer") or {}).get("callbacks") or []
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init  # run=False: no subcommand
+        given = (init.get("trainer") or {}).get("callbacks") or []
         given = given if isinstance(given, list) else [given]
         if type(bar) not in (RichProgressBar, TQDMProgressBar) or any(isinstance(c, ProgressBar) for c in given):
             return

@@ -41,6 +41,7 @@ commands:
   convert   CLIP image-encoder checkpoint (open_clip, Hugging Face, pickled task-vectors
             ImageEncoder with --allow-pickle) -> open_clip image tower safetensors:
             adamerge convert SRC OUT.safetensors
+            adamerge convert --fusionbench DIR --out OUTDIR   (FusionBench's HF fine-tunes, all tasks)
   finetune  make an expert: fine-tune CLIP's image tower on one task (task-vectors recipe):
             adamerge finetune --task mnist --out experts/ViT-B-32/mnist.safetensors
   bench     step time and peak memory vs a plain forward+backward and a naive merge:

@@ -366,7 +366,11 @@ class MultiTaskDataModule(L.LightningDataModule):
                  eval_corruption: str | None = "same", eval_severity: int | None = None) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size < 1:
+            raise ValueError(f"data.eval_batch_size must be >= 1, got {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0: load in the main process), got {num_workers}")
         if shots is not None and shots < 1:
             raise ValueError(f"data.shots must be >= 1 (labeled images per class), got {shots}")
         self.shots, self.shots_split = shots, shots_split

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..io import offline
 from ..io.checkpoints import atomic_write
 from .datamodule import DatasetSource
 from .tasks import TaskSpec, get_task, load_registry, resolve_tasks
@@ -289,6 +290,10 @@ class HFSource(DatasetSource):
         unknown = [t for t in self.paths if t not in self.specs]
         if unknown:
             raise KeyError(f"paths given for tasks {unknown} that are not in tasks {self.names}")
+        for t in self.names:  # local datasets are checked now, before anything downloads
+            local = self._local(t)
+            if local is not None and not local.exists():
+                raise FileNotFoundError(f"{local}: dataset path of task {t!r} does not exist")
         if image_cache not in ("disk", "memory", "none"):
             raise ValueError(f"image_cache must be 'disk', 'memory' or 'none', got {image_cache!r}")
         self.model, self.pretrained = model, pretrained
@@ -316,7 +321,7 @@ class HFSource(DatasetSource):
             raise KeyError(f"task {task!r} is not one of this source's tasks {self.names}")
         spec = self.specs[task]
         name = f"{task}/{split}"
-        local = self.paths.get(task) or (Path(spec.path).expanduser() if spec.path else None)
+        local = self._local(task)
         if local is not None:
             if not local.exists():
                 raise FileNotFoundError(f"{local}: dataset path of task {task!r} does not exist")
@@ -331,9 +336,21 @@ class HFSource(DatasetSource):
                 return HFImages(ds, spec.image_column, spec.label_column, name)
             return FolderImages(local / spec.split(split), spec.classnames)
         import datasets
-        ds = datasets.load_dataset(spec.hf_path, spec.hf_name, split=spec.split(split),
-                                   cache_dir=self.hf_cache_dir)
+        ident = spec.hf_path + (f" ({spec.hf_name})" if spec.hf_name else "")
+        what = f"task {task!r}: the Hugging Face dataset {ident}, split {spec.split(split)!r},"
+        hint = (f"give a local copy instead (`paths: {{{task}: DIR}}` in the data source of a config, "
+                f"`--data DIR` for finetune): a save_to_disk folder, made once where there is a network "
+                f"with `datasets.load_dataset({spec.hf_path!r}).save_to_disk(DIR)`, or an image folder "
+                "DIR/<split>/<class>/<image>")
+        with offline.download_or_cache(what, hint, datasets=True):
+            ds = datasets.load_dataset(spec.hf_path, spec.hf_name, split=spec.split(split),
+                                       cache_dir=self.hf_cache_dir)
         return HFImages(ds, spec.image_column, spec.label_column, name)
+
+    def _local(self, task: str) -> Path | None:
+        """The local dataset of ``task`` (``paths``, else the task's ``path``), or None."""
+        spec = self.specs[task]
+        return self.paths.get(task) or (Path(spec.path).expanduser() if spec.path else None)
 
     def dataset(self, task: str, split: str) -> Dataset:
         raw = self.raw(task, split)

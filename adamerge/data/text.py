@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 from abc import abstractmethod
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -25,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import unknown_name
+from ..io import offline
 from .datamodule import DatasetSource
 
 
@@ -156,7 +158,22 @@ def load_tokenizer(name: str) -> Any:
         from transformers import AutoTokenizer
     except ImportError as exc:
         raise ImportError("text data need transformers: pip install 'adamerge[llm]'") from exc
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(name))
+    if offline.is_local_path(name):
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(name))
+    with offline.download_or_cache(
+            f"tokenizer {name!r} (a Hugging Face hub id)",
+            "give a local folder instead (`tokenizer: DIR`, the base model's folder, fetched once "
+            f"where there is a network with `hf download {name} --local-dir DIR`)"):
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(name))
+
+
+def _packaged_builders() -> set[str]:
+    """``datasets``' builders that read local files (``csv``, ``json``, ``parquet``, ...)."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:
+        return {"csv", "json", "parquet", "text", "arrow", "imagefolder", "audiofolder"}
+    return set(_PACKAGED_DATASETS_MODULES)
 
 
 class _TextSourceBase(DatasetSource):
@@ -165,6 +182,8 @@ class _TextSourceBase(DatasetSource):
 
     def __init__(self, tokenizer: str, tasks_file: str | None, max_length: int | None | str) -> None:
         self.tokenizer_name = str(tokenizer)
+        if offline.is_local_path(self.tokenizer_name) and not Path(self.tokenizer_name).expanduser().exists():
+            raise FileNotFoundError(f"{self.tokenizer_name}: tokenizer folder does not exist")
         self.tasks_file = tasks_file
         self.specs: dict[str, dict] = load_tasks_file(tasks_file, need_labels=False) if tasks_file else {}
         if not (max_length is None or max_length == "longest" or (isinstance(max_length, int) and max_length > 0)):
@@ -294,6 +313,9 @@ class HFTextSource(_TextSourceBase):
                 raise ValueError(unknown_name("task", t, with_data, where=f" with a 'dataset' entry in {tasks_file}"))
             if "path" not in self.specs[t]["dataset"]:
                 raise ValueError(f"{tasks_file}: task {t!r}: dataset needs 'path' (a hub id or a save_to_disk folder)")
+            path = str(self.specs[t]["dataset"]["path"])
+            if offline.is_local_path(path) and not Path(path).expanduser().exists():
+                raise FileNotFoundError(f"{path}: dataset folder of task {t!r} ({tasks_file}) does not exist")
 
     def task_names(self) -> list[str]:
         return list(self.tasks)
@@ -315,8 +337,15 @@ class HFTextSource(_TextSourceBase):
                 ds = ds[theirs]
             return ds
         kwargs = {k: d[k] for k in ("name", "data_files", "revision") if d.get(k) is not None}
+        path = str(d["path"])
+        hub = not (offline.is_local_path(path) or path in _packaged_builders())
+        what = f"task {task!r}: the Hugging Face dataset {path!r}, split {theirs!r},"
+        hint = ("give a local copy instead (`dataset: {path: DIR}` of the task in the tasks file): a "
+                "save_to_disk folder, made once where there is a network with "
+                f"`datasets.load_dataset({path!r}).save_to_disk(DIR)`")
         try:
-            return datasets.load_dataset(str(d["path"]), split=theirs, **kwargs)
+            with offline.download_or_cache(what, hint, datasets=True) if hub else nullcontext():
+                return datasets.load_dataset(path, split=theirs, **kwargs)
         except ValueError as exc:  # an unknown split
             raise KeyError(f"dataset {d['path']!r} (task {task!r}): {str(exc).splitlines()[0]}") from None
 

@@ -187,10 +187,16 @@ class AdaMerging(L.LightningModule):
         # ``_parts``: a method's own objective, merge and per-task modules (adamerge.methods.parts);
         # hidden from the config schema (jsonargparse skips optional ``_`` arguments)
         parts = _parts or MethodParts(pick_objective(type(self).objectives, objective))
+        # settings checked before anything is built or written, named by their config keys
         if not 0.0 <= min_confidence <= 1.0:
-            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
-        if not lr > 0:  # before anything is built or written (Adam would only say "Invalid learning rate")
+            raise ValueError(f"model.min_confidence must be in [0, 1], got {min_confidence}")
+        if not lr > 0:  # Adam would only say "Invalid learning rate"
             raise ValueError(f"model.lr must be > 0, got {lr}")
+        if clamp and not 0.0 <= prior <= 1.0:
+            raise ValueError(f"model.prior must be in [0, 1] while model.clamp is true (the coefficients are "
+                             f"clamped there), got {prior}")
+        if trim is not None and not 0.0 < trim <= 1.0:
+            raise ValueError(f"model.trim must be in (0, 1] (the fraction of each task vector kept), got {trim}")
         self.objective_part = parts.objective
         self.objective, self.loss_name = parts.objective.name, parts.objective.loss_name
         self.needs_experts = parts.objective.needs_experts

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import posixpath
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -24,6 +25,7 @@ from torch import nn
 from ..data.tasks import TaskSpec, get_task, load_registry
 from ..data.transforms import is_file
 from ..engine.task_vectors import DTYPES, TaskVectors
+from ..io import offline
 from ..io.checkpoints import (CheckpointError, StateDict, check_compatible, check_finite, load_state_dict,
                               save_state_dict)
 from .convert import load_visual
@@ -33,6 +35,78 @@ log = logging.getLogger(__name__)
 HEADS_VERSION = 1
 
 
+def check_pretrained(model: str, pretrained: str | None) -> None:
+    """Fail now (no download) on an unknown model name, a missing local file or an unknown tag."""
+    import open_clip
+    if open_clip.get_model_config(model) is None:
+        raise ValueError(f"unknown open_clip model {model!r}; known: "
+                         f"{', '.join(m for m in open_clip.list_models() if m.startswith('ViT'))[:400]}")
+    if not pretrained:
+        return
+    if is_file(pretrained) or Path(pretrained).expanduser().exists():
+        if not Path(pretrained).expanduser().is_file():
+            raise FileNotFoundError(f"{pretrained}: pretrained checkpoint file does not exist")
+    elif not open_clip.get_pretrained_cfg(model, pretrained):
+        raise ValueError(f"{pretrained!r} is neither a file nor a pretrained tag of open_clip model {model!r}; "
+                         f"tags: {', '.join(open_clip.list_pretrained_tags_by_model(model)) or 'none'}")
+
+
+def pretrained_source(model: str, tag: str) -> tuple[str, list[str]]:
+    """Where open_clip downloads the weights of ``model``'s pretrained ``tag`` from:
+    ``(hub repo id, candidate file names in open_clip's order)``, or ``(url, [file name])`` for a
+    tag with no hub repo."""
+    import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = posixpath.split(hub)  # 'org/name/' (default file) or 'org/name/file'
+        filename = filename or HF_WEIGHTS_NAME
+        safe = ([HF_SAFE_WEIGHTS_NAME] if filename == HF_WEIGHTS_NAME
+                else [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else [])
+        return repo, [*safe, filename]
+    url = cfg.get("url", "")
+    return url, [url.rsplit("/", 1)[-1]] if url else []
+
+
+def resolve_pretrained(model: str, pretrained: str | None, cache_dir: str | None = None) -> str | None:
+    """``pretrained`` as open_clip should load it, with no wait on a missing network.
+
+    A file or ``None`` is returned as is. A tag whose weights are in the local cache (the hub
+    cache, or ``cache_dir``) becomes that file, read with no connection. Otherwise the tag is
+    returned for open_clip to download if the network answers; with no network (or
+    ``HF_HUB_OFFLINE=1``) an :class:`~adamerge.io.offline.OfflineError` says which download was
+    needed and how to give the file instead.
+    """
+    import open_clip
+    check_pretrained(model, pretrained)
+    if not pretrained or is_file(pretrained):
+        return pretrained
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if cfg.get("file"):
+        return cfg["file"]
+    where, files = pretrained_source(model, pretrained)
+    name = files[-1] if files else "weights.bin"
+    hint = (f"give a local file instead (`pretrained: /path/to/{name}` in a config, `--pretrained FILE` "
+            "on the command line)")
+    if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
+        found = offline.cached_hub_file(where, files, cache_dir)
+        if found:
+            log.info("open_clip %s %r: using the cached %s", model, pretrained, found)
+            return found
+        what = (f"open_clip model {model} with pretrained tag {pretrained!r} needs a download of "
+                f"{' or '.join(files)} from the Hugging Face repo {where}")
+        offline.require_network(what, f"{hint}, fetched once where there is a network with "
+                                      f"`hf download {where} {name} --local-dir DIR`")
+        return pretrained
+    if where:
+        target = Path(cache_dir or "~/.cache/clip").expanduser() / files[0]
+        if not target.is_file():
+            offline.require_network(f"open_clip model {model} with pretrained tag {pretrained!r} needs a "
+                                    f"download of {where}", hint, url=where)
+    return pretrained
+
+
 def create_clip(model: str, pretrained: str | None = None, cache_dir: str | None = None,
                 device: str | torch.device = "cpu") -> nn.Module:
     """An open_clip model in eval mode.
@@ -40,18 +114,27 @@ def create_clip(model: str, pretrained: str | None = None, cache_dir: str | None
     Args:
         model: open_clip model name (``ViT-B-32``, ``ViT-L-14``, or one added with
             ``open_clip.add_model_config``).
-        pretrained: a pretrained tag (``openai``: downloaded once by open_clip) or a local
-            checkpoint file of the whole CLIP model; ``None`` keeps the random initialisation.
-        cache_dir: where open_clip caches downloads (default: its own).
+        pretrained: a pretrained tag (``openai``: downloaded once by open_clip, then read from
+            the cache, also with no network) or a local checkpoint file of the whole CLIP model;
+            ``None`` keeps the random initialisation.
+        cache_dir: where open_clip caches downloads (default: the Hugging Face hub cache).
         device: where the model goes.
+
+    Raises:
+        adamerge.io.offline.OfflineError: the tag's weights are not cached and there is no
+            network (one line naming the hub repo and file, and how to give a local file).
     """
     import open_clip
-    if open_clip.get_model_config(model) is None:
-        raise ValueError(f"unknown open_clip model {model!r}; known: "
-                         f"{', '.join(m for m in open_clip.list_models() if m.startswith('ViT'))[:400]}")
-    if is_file(pretrained) and not Path(pretrained).expanduser().is_file():
-        raise FileNotFoundError(f"{pretrained}: pretrained checkpoint file does not exist")
-    clip = open_clip.create_model(model, pretrained=pretrained, cache_dir=cache_dir, device=device)
+    source = resolve_pretrained(model, pretrained, cache_dir)
+    try:
+        clip = open_clip.create_model(model, pretrained=source, cache_dir=cache_dir, device=device)
+    except Exception as exc:
+        if not (source and Path(source).is_file()):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{source}: cannot load it as the pretrained weights of open_clip model "
+                              f"{model} (a whole-CLIP state dict, e.g. open_clip_pytorch_model.bin): "
+                              f"{first}") from exc
     return clip.eval()
 
 
@@ -210,6 +293,7 @@ class OpenCLIPPool(ModelPool):
         missing = [p for p in self.experts.values() if not Path(p).expanduser().is_file()]
         if missing:
             raise FileNotFoundError(f"expert checkpoint(s) not found: {missing}")
+        check_pretrained(model, pretrained)  # local files and names now, before any download
 
     def load(self) -> LoadedPool:
         clip = create_clip(self.model, self.pretrained, cache_dir=self.cache_dir)
@@ -257,5 +341,6 @@ def official_trim(model: str, visual_parameters: int, keep: float = 0.2) -> floa
     return round(keep * (visual_parameters + side) / visual_parameters, 4)
 
 
-__all__ = ["OpenCLIPPool", "ZeroShotHead", "complete_visual_state", "create_clip", "head_cache_key",
-           "official_trim", "text_identity", "zero_shot_heads"]
+__all__ = ["OpenCLIPPool", "ZeroShotHead", "check_pretrained", "complete_visual_state", "create_clip",
+           "head_cache_key", "official_trim", "pretrained_source", "resolve_pretrained", "text_identity",
+           "zero_shot_heads"]

@@ -29,8 +29,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ContextManager, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ from torch import nn
 from ..engine.lowrank import LowRankTaskVectors
 from ..engine.task_vectors import DTYPES, TaskVectors
 from ..data.text import load_tasks_file
+from ..io import offline
 from ..io.checkpoints import CheckpointError, StateDict, check_finite, load_state_dict
 from .layout import Layout, infer_layout
 from .pool import LoadedPool, ModelPool, check_unseen
@@ -369,6 +371,12 @@ class HFLanguageModelPool(ModelPool):
             if missing:
                 raise ValueError(f"{tasks_file}: no label words for tasks {missing} (it has {list(self.specs)})")
         self.unseen_tasks = self._check_unseen(unseen_tasks)
+        missing = [p for p in self.experts.values() if not Path(p).expanduser().exists()]
+        if missing:  # local files first, before anything downloads
+            raise FileNotFoundError(f"expert folder(s) not found: {missing}")
+        for what, name in (("base", self.base), ("tokenizer", tokenizer)):
+            if name and offline.is_local_path(name) and not Path(name).expanduser().exists():
+                raise FileNotFoundError(f"{name}: {what} folder does not exist")
         kinds = {is_adapter(p) for p in self.experts.values()}
         if len(kinds) > 1:
             raise ValueError("experts mix LoRA adapters and full models: give one kind "
@@ -405,10 +413,12 @@ class HFLanguageModelPool(ModelPool):
     def load(self) -> LoadedPool:
         tf = _transformers()
         dtype = DTYPES[self.dtype] if self.dtype else torch.float32
-        config = tf.AutoConfig.from_pretrained(self.base)
-        auto = self.auto_class(config)
-        model = auto.from_pretrained(self.base, dtype=dtype)
-        tok = tf.AutoTokenizer.from_pretrained(self.tokenizer or self.base)
+        with _from_hub(self.base, "base"):
+            config = tf.AutoConfig.from_pretrained(self.base)
+            auto = self.auto_class(config)
+            model = auto.from_pretrained(self.base, dtype=dtype)
+        with _from_hub(self.tokenizer or self.base, "tokenizer"):
+            tok = tf.AutoTokenizer.from_pretrained(self.tokenizer or self.base)
         if getattr(model.config, "pad_token_id", None) is None:  # batched classifiers pool on it
             model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         encoder = self.wrap(model.eval())
@@ -455,6 +465,17 @@ class HFLanguageModelPool(ModelPool):
         for name, (b, a, scale) in adapter.items():
             state[name] = state[name] + (scale * (b @ a)).to(state[name].dtype)
         return state
+
+
+def _from_hub(name: str, option: str) -> ContextManager[None]:
+    """Around ``from_pretrained(name)``: nothing for a local folder; for a hub id, the cache when
+    there is no network, else one :class:`~adamerge.io.offline.OfflineError` line."""
+    if offline.is_local_path(name):
+        return nullcontext()
+    return offline.download_or_cache(
+        f"{option} {name!r} (a Hugging Face hub id)",
+        f"give a local folder instead (`{option}: DIR`, fetched once where there is a network with "
+        f"`hf download {name} --local-dir DIR`)")
 
 
 def _under(name: str, modules: Sequence[str]) -> bool:
