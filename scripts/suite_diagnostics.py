@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         print(_row(f"task arithmetic {lam:g}", ray[lam]))
     # Summary: the gap between task arithmetic and the experts, and whether the entropy minimum
     # and the accuracy maximum of one shared lambda coincide (layer-wise coefficients are not on
-    # this ray, so they can help even where these do not coincide: see the README).
+    # this ray, so they can help even where these do not coincide: see docs/demo.md).
     h = {lam: sum(e for e, _ in r.values()) for lam, r in ray.items()}
     acc = {lam: sum(a for _, a in r.values()) / len(r) for lam, r in ray.items()}
     ind = sum(individual.values()) / len(individual)

@@ -1,6 +1,7 @@
 """The public API: the README's Python snippet runs and every public name imports."""
 
 import re
+import warnings
 from pathlib import Path
 
 
@@ -15,14 +16,24 @@ def readme_python_api() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_python_api_snippet_runs(tmp_path, monkeypatch, capsys):
+def test_readme_python_api_snippet_runs(tmp_path, monkeypatch, capsys, caplog):
+    """The snippet runs, and under ``adamerge.quiet()`` it is as quiet as the CLI: none of
+    Lightning's tips, its stop line or the warnings adamerge's modules trigger by design."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ADAMERGE_VERBOSE", raising=False)
     scope: dict = {}
-    exec(compile(readme_python_api(), "README.md#python-api", "exec"), scope)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO"):
+        warnings.simplefilter("always")
+        exec(compile(readme_python_api(), "README.md#python-api", "exec"), scope)
     acc = scope["accuracy"]
     assert list(acc) == ["digits", "shapes", "gratings"] and all(0 <= a <= 100 for a in acc.values())
     assert isinstance(scope["model"], adamerge.AdaMerging)
-    assert "digits" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "digits" in captured.out
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records] + \
+        (captured.out + captured.err).splitlines()
+    noise = ("Tip:", "litlogger", "in eval mode at the start of training", "LeafSpec", "`Trainer.fit` stopped")
+    assert not [m for m in said if any(n in m for n in noise)], said
 
 
 def test_public_names_are_importable():

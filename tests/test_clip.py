@@ -486,7 +486,7 @@ CLIP_CONFIGS = sorted(set((ROOT / "configs").glob("clip-*.yaml")) - set(PROTOCOL
 
 
 def test_protocol_configs_name_their_splits():
-    """The generalisation splits and the robustness tasks of the paper (docs: README, fidelity)."""
+    """The generalisation splits and the robustness tasks of the paper (docs: docs/clip.md, docs/fidelity.md)."""
     found = {p.name: yaml.safe_load(p.read_text()) for p in PROTOCOL_CONFIGS}
     want = {"clip-vit-b-32_unseen-mnist-eurosat_layerwise.yaml": ["mnist", "eurosat"],
             "clip-vit-b-32_unseen-resisc45-svhn_layerwise.yaml": ["resisc45", "svhn"],

@@ -74,7 +74,7 @@ class Method:
         demo: whether the default ``adamerge demo`` / ``compare`` run includes it: the paper's
             table (the references, weight averaging, task arithmetic, TIES, task-wise and
             layer-wise AdaMerging), so that the demo's first run, suite build included, stays
-            under 6 minutes on 2 CPU cores (README "The demo"); ``--methods all`` runs the rest.
+            under 6 minutes on 2 CPU cores (the README's quick-start table); ``--methods all`` runs the rest.
         source: where the method and its defaults come from.
         starts_from: learned methods: another learned method whose final coefficients this one
             starts from (its ``init_from``). ``adamerge compare`` runs that one first and passes
