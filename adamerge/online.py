@@ -48,6 +48,16 @@ def stream_order(sizes: Mapping[str, int], seed: int) -> dict[str, list[int]]:
     return out
 
 
+def stream_units(order: Mapping[str, list[int]], batch_size: int) -> Callable[[str, int], list[int]]:
+    """``(task, index) -> indices``: the batch of the online stream ``order`` that holds ``index``
+    (what the experts' feature cache computes together: on a miss, the batch in hand)."""
+    where = {t: {i: p for p, i in enumerate(o)} for t, o in order.items()}
+
+    def unit(task: str, index: int) -> list[int]:
+        lo = where[task][index] // batch_size * batch_size
+        return order[task][lo:lo + batch_size]
+    return unit
+
 
 def run_online(model, datasets: Mapping[str, Dataset], out: str | Path, batch_size: int = 16,
                seed: int = 0, checkpoint_every: int = 10, stop_after: int | None = None,

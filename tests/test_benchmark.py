@@ -9,7 +9,8 @@ import pytest
 from adamerge.commands.bench import VARIANTS, bench_main
 
 KEYS = {"limit_s", "adamerge_s", "naive_s", "adamerge_over_limit", "naive_over_adamerge", "task_vector_bytes",
-        "surgery_s", "tinting_s", "surgery_over_adamerging", "tinting_over_adamerging", "surgery_uncached_over_cached"}
+        "surgery_s", "tinting_s", "surgery_over_adamerging", "tinting_over_adamerging", "surgery_uncached_over_cached",
+        "surgery_miss_s", "miss_bound_s", "surgery_miss_over_bound", "surgery_miss_over_cached"}
 
 
 def test_bench_command_prints_json_last_with_every_figure():
@@ -25,6 +26,26 @@ def test_bench_command_prints_json_last_with_every_figure():
     assert all(0 <= res["step_rss_mb"][v] <= res["peak_rss_mb"][v] for v in res["step_rss_mb"])
     assert res["adamerge_over_limit"] == pytest.approx(res["adamerge_s"] / res["limit_s"], rel=0.01)
     assert "step 1/1" in proc.stderr  # progress goes to stderr
+    for name in ("adamerge_over_limit", "surgery_miss_over_bound"):  # one step: its range is the ratio
+        lo, hi = res[f"{name}_range"]
+        assert lo == hi == pytest.approx(res[name], abs=1e-3)
+
+
+def test_ranges_of_repeated_steps_and_the_profile(capsys):
+    """Each figure comes with the range over its repetitions (ratios of steps timed side by side),
+    and ``--profile`` prints the top operators of one step of each variant."""
+    bench_main(["--model", "tiny", "-K", "2", "-B", "1", "--steps", "3", "--warmup", "0", "--no-memory",
+                "--variants", "limit", "adamerge", "surgery_miss", "miss_bound", "--profile", "4"])
+    captured = capsys.readouterr()
+    res = json.loads(captured.out.strip().splitlines()[-1])
+    for name in ("adamerge_over_limit", "surgery_miss_over_bound"):
+        lo, hi = res[f"{name}_range"]
+        assert lo <= hi and lo > 0
+    lo, hi = res["adamerge_s_range"]
+    assert lo <= res["adamerge_s"] <= hi
+    assert set(res["profile"]) == {"limit", "adamerge", "surgery_miss", "miss_bound"}
+    assert all(1 <= len(rows) <= 4 and rows[0]["self_ms"] >= rows[-1]["self_ms"] for rows in res["profile"].values())
+    assert "profile of one adamerge step" in captured.err
 
 
 def test_bf16_storage_halves_task_vector_bytes(capsys):

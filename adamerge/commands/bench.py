@@ -58,8 +58,9 @@ from ..models.pool import LoadedPool, PreloadedPool
 # and every method the registry marks for the bench (``Method.bench``) under its own name.
 ADD_ONS = {"surgery": ("adamerging_layerwise_surgery", True),
            "surgery_uncached": ("adamerging_layerwise_surgery", False),
+           "surgery_miss": ("adamerging_layerwise_surgery", "miss"),
            **{name: (name, True) for name in registry.names("learned") if registry.get(name).bench}}
-VARIANTS = ("limit", "adamerge", "naive", *ADD_ONS)
+VARIANTS = ("limit", "adamerge", "naive", *ADD_ONS, "miss_bound")
 CLASSES = 10  # classes per task head: the head's cost is negligible next to the encoder's
 
 
@@ -125,24 +126,53 @@ def method_hparams(ns: argparse.Namespace) -> dict:
 
 
 def adamerge_step(loaded: LoadedPool, device: torch.device, method: str, hparams: dict,
-                  cache: bool = True) -> tuple[Callable[[dict], None], "L.LightningModule"]:
+                  cache: bool | str = True, steps: int = 1) -> tuple[Callable[[dict], None], "L.LightningModule"]:
     """The training step of a learned method of the registry, optimizer included. The images
     carry their indices (0..B-1) as the adaptation stream's do; methods that read the experts'
-    features get the batch's images as their adaptation data (``cache``: keep those features)."""
+    features get the batch's images as their adaptation data (``cache``: keep those features).
+    ``cache="miss"``: every step's images are new to the cache (indices ``s*B .. (s+1)*B-1`` of
+    an adaptation set of ``steps`` batches, computed as the stream's first pass computes them:
+    the batch in hand is the unit), what a step costs before the run has seen its images."""
     module = registry.get(method).build(PreloadedPool(loaded), **hparams).to(device)
     module.train()
     opt = module.configure_optimizers()
-    state = {}
+    state = {"step": 0}
 
     def step(images: dict[str, torch.Tensor]) -> None:
-        if not state:
-            module.use_adaptation_data({t: TensorDataset(x.cpu()) for t, x in images.items()}, cache=cache)
+        b = next(iter(images.values())).shape[0]
+        if "indices" not in state:
+            n = b * steps if cache == "miss" else b
+            data = {t: TensorDataset(x.cpu().repeat(n // b, *[1] * (x.dim() - 1))) for t, x in images.items()}
+            units = (lambda task, i: range(i // b * b, i // b * b + b)) if cache == "miss" else None
+            module.use_adaptation_data(data, cache=bool(cache), units=units)
             state["indices"] = {t: torch.arange(x.shape[0]) for t, x in images.items()}
-        batch = {t: (x, state["indices"][t]) for t, x in images.items()}
+        first = state["step"] * b if cache == "miss" else 0
+        state["step"] += 1
+        batch = {t: (x, state["indices"][t] + first) for t, x in images.items()}
         opt.zero_grad(set_to_none=True)
         module.training_step(batch, 0).backward()
         opt.step()
     return step, module
+
+
+def miss_bound_step(loaded: LoadedPool, device: torch.device) -> Callable[[dict], None]:
+    """What a Surgery step on unseen images cannot do without: each task's expert forward on its
+    batch (the experts' weights already formed) and one forward of the merged encoder on all
+    tasks' images, without gradients (its coefficients are fixed)."""
+    enc = loaded.encoder.to(device)
+    tv = loaded.task_vectors
+    params = dict(enc.named_parameters())
+    with torch.no_grad():
+        experts = {t: {n: params[n].detach() + tau[k].to(device) for n, tau in zip(tv.names, tv.tensors)}
+                   for k, t in enumerate(tv.task_names)}
+        merged = {n: params[n].detach() + 0.3 * tau.to(device).sum(0) for n, tau in zip(tv.names, tv.tensors)}
+
+    @torch.no_grad()
+    def step(images: dict[str, torch.Tensor]) -> None:
+        for t, x in images.items():
+            functional_call(enc, experts[t], (x,), strict=False)
+        functional_call(enc, merged, (torch.cat(list(images.values())),), strict=False)
+    return step
 
 
 def add_on_hparams(ns: argparse.Namespace, variant: str) -> dict:
@@ -232,7 +262,9 @@ def _variant_fn(variant: str, ns: argparse.Namespace, device: torch.device):
         fn, _ = adamerge_step(loaded, device, ns.method, method_hparams(ns))
     elif variant in ADD_ONS:
         fn, _ = adamerge_step(loaded, device, ADD_ONS[variant][0], add_on_hparams(ns, variant),
-                              cache=ADD_ONS[variant][1])
+                              cache=ADD_ONS[variant][1], steps=ns.warmup + ns.steps + 2)
+    elif variant == "miss_bound":
+        fn = miss_bound_step(loaded, device)
     else:
         fn = naive_step(loaded, device, method_hparams(ns)["granularity"])
     return fn, make_batch(loaded.task_vectors.task_names, ns.batch, shape, device)
@@ -292,7 +324,9 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
             fns[v], module = adamerge_step(loaded, device, ns.method, hparams)
         elif v in ADD_ONS:
             fns[v], _ = adamerge_step(loaded, device, ADD_ONS[v][0], add_on_hparams(ns, v),
-                                      cache=ADD_ONS[v][1])
+                                      cache=ADD_ONS[v][1], steps=ns.warmup + ns.steps + 2)
+        elif v == "miss_bound":
+            fns[v] = miss_bound_step(loaded, device)
         else:
             fns[v] = naive_step(loaded, device, hparams["granularity"])
     # what adamerge really holds (its module converts the dtype); else what it would hold
@@ -329,20 +363,51 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
                  "torch": torch.__version__, "threads": torch.get_num_threads()}
     for v in variants:
         out[f"{v}_s"] = round(med[v], 6)  # microseconds: a tiny model steps in milliseconds
-    if "limit" in med and "adamerge" in med:
-        out["adamerge_over_limit"] = round(med["adamerge"] / med["limit"], 3)
-    if "naive" in med and "adamerge" in med:
-        out["naive_over_adamerge"] = round(med["naive"] / med["adamerge"], 3)
-    for v in ADD_ONS:
-        if v != "surgery_uncached" and v in med and "adamerge" in med:
-            out[f"{v}_over_adamerging"] = round(med[v] / med["adamerge"], 3)
-    if "surgery" in med and "surgery_uncached" in med:
-        out["surgery_uncached_over_cached"] = round(med["surgery_uncached"] / med["surgery"], 3)
+        out[f"{v}_s_range"] = [round(min(times[v]), 6), round(max(times[v]), 6)]
+    for name, num, den in ratios(variants):
+        # the ratio of the medians, and the range of the ratios of steps timed side by side
+        each = [a / b for a, b in zip(times[num], times[den])]
+        out[name] = round(med[num] / med[den], 3)
+        out[f"{name}_range"] = [round(min(each), 3), round(max(each), 3)]
+    if ns.profile:
+        out["profile"] = profile_steps(fns, images, device, ns.profile, say)
     if device.type == "cuda":
         out["peak_cuda_mb"] = {v: round(m, 1) for v, m in peak_cuda.items()}
     elif memory:
         out["peak_rss_mb"] = {v: m["peak_rss_mb"] for v, m in memory.items()}
         out["step_rss_mb"] = {v: m["step_rss_mb"] for v, m in memory.items()}
+    return out
+
+
+def ratios(variants: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The ratios ``run`` reports, ``(name, numerator, denominator)``, among ``variants``."""
+    out = [("adamerge_over_limit", "adamerge", "limit"), ("naive_over_adamerge", "naive", "adamerge")]
+    out += [(f"{v}_over_adamerging", v, "adamerge") for v in ADD_ONS if v not in ("surgery_uncached", "surgery_miss")]
+    out += [("surgery_uncached_over_cached", "surgery_uncached", "surgery"),
+            ("surgery_miss_over_bound", "surgery_miss", "miss_bound"),
+            ("surgery_miss_over_cached", "surgery_miss", "surgery")]
+    return [r for r in out if r[1] in variants and r[2] in variants]
+
+
+def profile_steps(fns: dict[str, Callable], images: dict[str, torch.Tensor], device: torch.device,
+                  top: int, say: Callable[[str], None]) -> dict[str, list[dict]]:
+    """One step of each variant under ``torch.profiler``: the ``top`` operators by their own
+    (self) time, printed and returned (``{variant: [{name, self_ms, calls}]}``)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = {}
+    for v, fn in fns.items():
+        with profile(activities=activities) as prof:
+            fn(images)
+            _sync(device)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) / 1e3
+        rows = [{"name": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count}
+                for e in events[:top]]
+        say(f"profile of one {v} step: {total:.0f} ms of operator self time; top {top}:")
+        for r in rows:
+            say(f"  {r['self_ms']:>9.1f} ms {r['calls']:>6} x  {r['name']}")
+        out[v] = rows
     return out
 
 
@@ -386,6 +451,9 @@ def parser() -> argparse.ArgumentParser:
                    help="adamerge back-propagates task by task (activation memory of one task)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="CPU: skip the per-variant peak-memory child processes")
+    p.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="TOP",
+                   help="after the timings, profile one step of each variant (torch.profiler) and print "
+                        "its TOP operators by self time (default TOP: 15)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     return p
 

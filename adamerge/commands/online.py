@@ -49,8 +49,10 @@ def online_main(argv: Sequence[str]) -> None:
     dm.select_tasks(model.task_names)
     split = args.stream or dm.adapt_split
     datasets = {t: dm.dataset(t, split) for t in model.task_names}
-    if model.needs_experts:
-        model.use_adaptation_data(datasets)
+    if model.needs_experts:  # on a miss the experts' features of the batch in hand, nothing more
+        from ..online import stream_order, stream_units
+        order = stream_order({t: len(datasets[t]) for t in model.task_names}, dm.seed)
+        model.use_adaptation_data(datasets, units=stream_units(order, dm.batch_size))
     say = lambda s: print(s, file=sys.stderr, flush=True)
     res = run_online(model, datasets, args.out, dm.batch_size, dm.seed, args.checkpoint_every,
                      stop_after=args.stop_after, say=say, progress=args.progress)

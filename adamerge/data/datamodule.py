@@ -13,7 +13,7 @@ import zlib
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -301,6 +301,11 @@ class AdaptationStream(IterableDataset):
         self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
         self.rank, self.world_size = rank, world_size
 
+    def permutation(self, task_pos: int, n: int, epoch: int) -> torch.Tensor:
+        """The order in which pass ``epoch`` visits the ``n`` images of the task at ``task_pos``."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + task_pos * 7919 + epoch)
+        return torch.randperm(n, generator=g)
+
     def indices(self, task_pos: int, n: int, step: int) -> list[int]:
         """Dataset indices of one task's full (all ranks) batch at ``step``."""
         out, perms = [], {}
@@ -308,10 +313,33 @@ class AdaptationStream(IterableDataset):
         for i in range(first, first + self.batch_size):
             epoch, j = divmod(i, n)
             if epoch not in perms:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + task_pos * 7919 + epoch)
-                perms[epoch] = torch.randperm(n, generator=g)
+                perms[epoch] = self.permutation(task_pos, n, epoch)
             out.append(int(perms[epoch][j]))
         return out
+
+    def units(self) -> Callable[[str, int], list[int]]:
+        """``(task, index) -> indices``: the images this rank is given together with ``index`` in
+        the first pass (its share of that step's batch; at the end of the pass, the images left
+        before the next pass begins).
+
+        A per-image cache that computes a whole unit when one of its images is first needed
+        (:class:`adamerge.engine.expert_features.FeatureCache`) computes, in the first pass,
+        exactly the batch in hand, and a resumed run (empty cache) recomputes the same units,
+        so it sees bitwise the features an uninterrupted run saw."""
+        share = self.batch_size // self.world_size
+        positions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def unit(task: str, index: int) -> list[int]:
+            if task not in positions:
+                pos, n = list(self.datasets).index(task), len(self.datasets[task])
+                perm = self.permutation(pos, n, 0)
+                inverse = torch.empty_like(perm)
+                inverse[perm] = torch.arange(n)
+                positions[task] = (perm, inverse)
+            perm, inverse = positions[task]
+            lo = int(inverse[index]) // share * share
+            return [int(i) for i in perm[lo:lo + share]]
+        return unit
 
     def batch(self, step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         share = self.batch_size // self.world_size
@@ -493,13 +521,16 @@ class MultiTaskDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.global_step) if trainer is not None else 0
 
-    def train_dataloader(self) -> DataLoader:
+    def adaptation_stream(self) -> AdaptationStream:
+        """This rank's stream of adaptation batches, from the trainer's step (0 without one)."""
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        stream = AdaptationStream({t: self.adaptation_dataset(t) for t in self.task_names()},
-                                  self.batch_size, seed=self.seed, start_step=self._start_step(),
-                                  rank=rank, world_size=world, labeled=self.labeled)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+        return AdaptationStream({t: self.adaptation_dataset(t) for t in self.task_names()},
+                                self.batch_size, seed=self.seed, start_step=self._start_step(),
+                                rank=rank, world_size=world, labeled=self.labeled)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.adaptation_stream(), batch_size=None, num_workers=self.num_workers,
                           persistent_workers=False)
 
     def _eval_loaders(self) -> list[DataLoader]:

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.datamodule import MultiTaskDataModule
-from ..engine.expert_features import FeatureCache
+from ..engine.expert_features import FeatureCache, Units
 from ..engine.lowrank import LowRankMergedModel, LowRankTaskVectors
 from ..engine.merged_model import Granularity, MergedModel
 from ..engine.objectives import entropy, expert_pseudo_label
@@ -62,7 +62,7 @@ def _entropy(m: "AdaMerging", images, indices, params, labels=None) -> dict[str,
 def _pseudo_label(m: "AdaMerging", images, indices, params, labels=None) -> dict[str, torch.Tensor]:
     """Cross-entropy to the task expert's predicted class of the same image (images the expert
     is less sure of than ``min_confidence`` dropped)."""
-    return {t: expert_pseudo_label(z, m.heads[t](m.expert_features(t, indices[t], z.device)), m.min_confidence)
+    return {t: expert_pseudo_label(z, m.heads[t](m.expert_features(t, indices[t], z.device, images[t])), m.min_confidence)
             for t, z in m.task_logits(images, params).items()}
 
 
@@ -161,8 +161,11 @@ class AdaMerging(L.LightningModule):
         min_confidence: ``pseudo_label`` only: drop images whose expert top softmax probability is
             below this (0 keeps every image).
         expert_chunk: objectives that read the experts' features (``pseudo_label``, Surgery,
-            Tinting): adaptation images per expert forward; each image's features are computed
-            once (see :class:`adamerge.engine.expert_features.FeatureCache`).
+            Tinting): each image's features are computed once (see
+            :class:`adamerge.engine.expert_features.FeatureCache`), with the stream's batch it
+            came in under ``fit``; elsewhere in chunks of this many dataset indices.
+        expert_weights_mb: memory for the experts' formed weights (``base + tau_k``) kept between
+            feature-cache misses; experts that do not fit are formed again at each miss.
     """
 
     method = "adamerging"       # the method identity written into checkpoints and exports
@@ -181,7 +184,7 @@ class AdaMerging(L.LightningModule):
                  offload: bool = False, learn_coefficients: bool = True,
                  init_from: str | None = None,
                  objective: Literal["entropy", "pseudo_label", "cross_entropy"] = "entropy",
-                 min_confidence: float = 0.0, expert_chunk: int = 64,
+                 min_confidence: float = 0.0, expert_chunk: int = 64, expert_weights_mb: int = 4096,
                  _parts: MethodParts | None = None) -> None:
         super().__init__()
         # ``_parts``: a method's own objective, merge and per-task modules (adamerge.methods.parts);
@@ -200,7 +203,10 @@ class AdaMerging(L.LightningModule):
         self.objective_part = parts.objective
         self.objective, self.loss_name = parts.objective.name, parts.objective.loss_name
         self.needs_experts = parts.objective.needs_experts
+        if expert_weights_mb < 0:
+            raise ValueError(f"model.expert_weights_mb must be >= 0, got {expert_weights_mb}")
         self.min_confidence, self.expert_chunk = min_confidence, expert_chunk
+        self.expert_weights_mb = expert_weights_mb
         self.save_hyperparameters(ignore=["pool", "_parts"])
         self.strict_loading = False  # frozen tensors are rebuilt from the pool, not the checkpoint
         loaded = pool.load()
@@ -335,9 +341,11 @@ class AdaMerging(L.LightningModule):
         """Logits of each task (its :meth:`task_head` on the merged encoder's features)."""
         return {t: self.task_head(t)(f) for t, f in self.features(images, params).items()}
 
-    def expert_features(self, task: str, indices: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        """The task expert's features of the batch's images (computed once per image, cached)."""
-        return self.features_part.expert(task, indices, device, type(self).__name__)
+    def expert_features(self, task: str, indices: torch.Tensor | None, device: torch.device,
+                        images: torch.Tensor | None = None) -> torch.Tensor:
+        """The task expert's features of the batch's images (computed once per image, cached;
+        ``images``: the batch in hand, used on a miss instead of reading the images again)."""
+        return self.features_part.expert(task, indices, device, type(self).__name__, images)
 
     @property
     def experts(self) -> FeatureCache | None:
@@ -345,9 +353,10 @@ class AdaMerging(L.LightningModule):
         return self.features_part.experts
 
     def use_adaptation_data(self, datasets: Mapping[str, Dataset], chunk: int | None = None,
-                            cache: bool = True) -> None:
+                            cache: bool = True, units: Units | None = None) -> None:
         """Where the experts' features come from: the adaptation datasets the stream indexes
-        (called by :meth:`setup` with the data module's; benchmarks call it directly)."""
+        (called by :meth:`setup` with the data module's datasets and its stream's ``units``, the
+        images computed together on a miss; benchmarks call it directly)."""
         if not self.needs_experts:
             return
         tv = self.loaded.task_vectors  # the experts as fine-tuned, even when trim is set
@@ -356,7 +365,8 @@ class AdaMerging(L.LightningModule):
             tv = self.merged.task_vectors  # the same tensors, already on the module's device
         # the pool's encoder, not ``self.merged.module``: methods that route inside the encoder
         # (WEMoE, Twin-Merging) change their copy of it, and an expert is base + its own vector only
-        self.features_part.use(self.loaded.encoder, tv, datasets, self.task_names, chunk or self.expert_chunk, cache)
+        self.features_part.use(self.loaded.encoder, tv, datasets, self.task_names, chunk or self.expert_chunk, cache,
+                               units, int(self.expert_weights_mb) << 20)
 
     def train_features(self, images: dict[str, torch.Tensor], indices: dict[str, torch.Tensor | None],
                        params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -571,7 +581,8 @@ class AdaMerging(L.LightningModule):
                 splits.append(dm.eval_split)
             dm.check({t: self.num_classes(t) for t in self.eval_tasks}, splits)
             if stage == "fit":
-                self.use_adaptation_data({t: dm.adaptation_dataset(t) for t in self.task_names})
+                self.use_adaptation_data({t: dm.adaptation_dataset(t) for t in self.task_names},
+                                         units=dm.adaptation_stream().units())
         # DDP broadcasts every parameter and buffer at start-up and the buffers at every forward.
         # Only the learned tensors differ between steps; every rank rebuilds the frozen weights
         # from the same files, so nothing else needs to travel.

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.datamodule import image_of
-from ..engine.expert_features import FeatureCache
+from ..engine.expert_features import KEEP_EXPERT_BYTES, FeatureCache, Units
 
 
 class AdaptationFeatures:
@@ -28,24 +28,29 @@ class AdaptationFeatures:
         self._merged: FeatureCache | None = None
 
     def use(self, encoder: nn.Module, task_vectors, datasets: Mapping[str, Dataset], tasks: Sequence[str],
-            chunk: int, cache: bool = True) -> None:
+            chunk: int, cache: bool = True, units: Units | None = None,
+            keep_bytes: int = KEEP_EXPERT_BYTES) -> None:
         """Serve features of ``datasets`` (task -> adaptation dataset): each task's expert is
-        ``encoder`` with base + its task vector (pass the untrimmed ones)."""
+        ``encoder`` with base + its task vector (pass the untrimmed ones). ``units``: the images
+        computed together (the stream's batches; default chunks of ``chunk`` indices);
+        ``keep_bytes``: memory for formed expert weights kept between misses."""
         load = lambda task, idx: torch.stack([image_of(datasets[task][i]) for i in idx])
         sizes = {t: len(datasets[t]) for t in tasks}
-        self.experts = FeatureCache.experts(encoder, task_vectors, load, sizes, chunk, cache)
-        self._adapt = (load, sizes, chunk) if cache else None
+        self.experts = FeatureCache.experts(encoder, task_vectors, load, sizes, chunk, cache, units, keep_bytes)
+        self._adapt = (load, sizes, chunk, units) if cache else None
         self._merged = None
 
-    def expert(self, task: str, indices: torch.Tensor | None, device: torch.device, who: str) -> torch.Tensor:
-        """``task``'s expert features of the batch's images; ``who`` names the method in errors."""
+    def expert(self, task: str, indices: torch.Tensor | None, device: torch.device, who: str,
+               images: torch.Tensor | None = None) -> torch.Tensor:
+        """``task``'s expert features of the batch's images (``images``: the batch in hand, read
+        instead of the dataset on a miss); ``who`` names the method in errors."""
         if self.experts is None:
             raise RuntimeError(f"{who} needs the adaptation images: fit it with a MultiTaskDataModule, "
                                "or call use_adaptation_data(datasets) first")
         if indices is None:
             raise ValueError(f"{who} needs each batch as (images, dataset indices), as "
                              "MultiTaskDataModule's stream yields it; got bare images")
-        return self.experts(task, indices, device)
+        return self.experts(task, indices, device, images)
 
     def caches_merged(self, indices: Mapping[str, torch.Tensor | None]) -> bool:
         """Whether the merged features of this batch can come from the cache (adaptation data
@@ -56,10 +61,10 @@ class AdaptationFeatures:
                indices: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The fixed merge's features of the batch (``module`` with ``params``), once per image."""
         if self._merged is None:
-            load, sizes, chunk = self._adapt
-            self._merged = FeatureCache.fixed(module, params, load, sizes, chunk)
+            load, sizes, chunk, units = self._adapt
+            self._merged = FeatureCache.fixed(module, params, load, sizes, chunk, units)
         device = next(iter(images.values())).device
-        return {t: self._merged(t, indices[t], device) for t in images}
+        return {t: self._merged(t, indices[t], device, images[t]) for t in images}
 
     def forget_merged(self) -> None:
         """Drop the merged features (the coefficients changed: restored, or set from a file)."""

@@ -44,7 +44,7 @@ class SurgeryAdapter(nn.Module):
 def _feature_l1(m: "Surgery", images, indices, params, labels=None) -> dict[str, torch.Tensor]:
     """Mean L1 distance of each task's adapted features to its expert's features."""
     feats = m.train_features(images, indices, params)
-    return {t: feature_l1(m.task_modules[t](f), m.expert_features(t, indices[t], f.device))
+    return {t: feature_l1(m.task_modules[t](f), m.expert_features(t, indices[t], f.device, images[t]))
             for t, f in feats.items()}
 
 
@@ -63,8 +63,8 @@ class Surgery(AdaMerging):
         learn_coefficients: also train the coefficients with the L1 loss (the paper keeps them fixed).
         init_from: checkpoint whose coefficients are used, e.g. a finished layer-wise AdaMerging
             run (the paper's AdaMerging + Surgery).
-        expert_chunk: adaptation images per expert forward; each image's expert features are
-            computed once (see :class:`adamerge.engine.expert_features.FeatureCache`).
+        expert_chunk, expert_weights_mb: as in :class:`~adamerge.methods.AdaMerging` (each
+            image's expert features are computed once, with the batch it came in).
     """
 
     method = "surgery"
@@ -78,7 +78,7 @@ class Surgery(AdaMerging):
                  learn_coefficients: bool = False, init_from: str | None = None,
                  per_task_backward: bool = False, trim: float | None = None,
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-                 offload: bool = False, expert_chunk: int = 64) -> None:
+                 offload: bool = False, expert_chunk: int = 64, expert_weights_mb: int = 4096) -> None:
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         adapters = lambda m: {t: SurgeryAdapter(m.feature_dim(), rank) for t in m.task_names}
@@ -86,7 +86,7 @@ class Surgery(AdaMerging):
                          per_task_backward=per_task_backward, trim=trim,
                          task_vector_dtype=task_vector_dtype, offload=offload,
                          learn_coefficients=learn_coefficients, init_from=init_from,
-                         expert_chunk=expert_chunk, _parts=MethodParts(FEATURE_L1, task_modules=adapters))
+                         expert_chunk=expert_chunk, expert_weights_mb=expert_weights_mb, _parts=MethodParts(FEATURE_L1, task_modules=adapters))
 
     def task_head(self, task: str) -> nn.Module:
         if task not in self.task_modules:  # an unseen task: no expert, so no adapter

@@ -60,7 +60,7 @@ def tinted_heads(m: AdaMerging) -> dict[str, nn.Module]:
 
 def _confident_pseudo_label(m: AdaMerging, images, indices, params, labels=None) -> dict[str, torch.Tensor]:
     """The official ``crosspseudoconf``: CE to the expert's class where it is trusted."""
-    return {t: confident_pseudo_label(z, m.heads[t](m.expert_features(t, indices[t], z.device)))
+    return {t: confident_pseudo_label(z, m.heads[t](m.expert_features(t, indices[t], z.device, images[t])))
             for t, z in m.task_logits(images, params).items()}
 
 
@@ -75,8 +75,8 @@ class Tinting(AdaMerging):
         lr: Adam learning rate of coefficients and heads (the official 1e-2).
         granularity, prior, clamp, trim, task_vector_dtype, offload, per_task_backward,
             learn_coefficients, init_from: as in :class:`~adamerge.methods.AdaMerging`.
-        expert_chunk: adaptation images per expert forward (experts' predictions are computed
-            once per image).
+        expert_chunk, expert_weights_mb: as in :class:`~adamerge.methods.AdaMerging` (experts'
+            predictions are computed once per image, with the batch it came in).
     """
 
     method = "tinting"
@@ -88,13 +88,13 @@ class Tinting(AdaMerging):
                  lr: float = 1e-2, learn_coefficients: bool = True, init_from: str | None = None,
                  per_task_backward: bool = False, trim: float | None = None,
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-                 offload: bool = False, expert_chunk: int = 64) -> None:
+                 offload: bool = False, expert_chunk: int = 64, expert_weights_mb: int = 4096) -> None:
         parts = MethodParts(pick_objective(type(self).objectives, loss, "loss"), task_modules=tinted_heads)
         super().__init__(pool, granularity=granularity, prior=prior, clamp=clamp, lr=lr,
                          per_task_backward=per_task_backward, trim=trim,
                          task_vector_dtype=task_vector_dtype, offload=offload,
                          learn_coefficients=learn_coefficients, init_from=init_from,
-                         expert_chunk=expert_chunk, _parts=parts)
+                         expert_chunk=expert_chunk, expert_weights_mb=expert_weights_mb, _parts=parts)
 
     def task_head(self, task: str) -> nn.Module:
         # an unseen task has no expert to tint its head against: its frozen head
