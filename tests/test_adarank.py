@@ -250,3 +250,28 @@ def test_registry_row_and_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = read_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert ckpt["adamerge"]["method"] == "adarank" and MASK_LOGITS_KEY in ckpt["state_dict"]
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.75, 1.0])
+def test_a_fixed_mask_merges_the_smaller_side_and_equals_the_training_forward(loaded, tmp_path, ratio, monkeypatch):
+    """Without gradients (evaluation, export) each masked matrix is merged from its kept
+    components (ratio 0.25) or as the dense merge minus its pruned ones (0.75; all kept: the dense
+    merge alone), with products of only those columns; the result is the training forward's up to
+    float32 SVD round-off (the same bound as the all-kept comparison above)."""
+    import adamerge.methods.adarank as adarank
+    rank = AdaRank(PreloadedPool(loaded), initial_rank_ratio=ratio, cache_dir=tmp_path)
+    random_coefficients(rank, seed=2)
+    full = {n: p.detach() for n, p in rank.merged.merged_parameters().items()}  # grad on: every component
+    widths = []
+    real = adarank.subspace_merge
+    monkeypatch.setattr(adarank, "subspace_merge", lambda b, left, right, s: widths.append(left.shape[1]) or
+                        real(b, left, right, s))
+    with torch.no_grad():
+        fixed = rank.merged.merged_parameters()
+    assert list(fixed) == list(full)
+    assert max(float((fixed[n] - full[n]).abs().max()) for n in full) <= 1e-5
+    k = rank.merged.task_vectors.num_tasks
+    assert len(widths) == len(rank.merged.ranks)
+    for width, r in zip(widths, rank.merged.ranks.values()):
+        kept = int(r * ratio) * k
+        assert width == min(kept, k * r - kept)  # only the smaller side is multiplied

@@ -296,8 +296,11 @@ class SubspaceMaskedModel(MergedModel):
         """Merged tensors, differentiable w.r.t. the coefficients and the mask logits.
 
         ``reuse_buffers`` applies to the unmasked parameters (see :meth:`MergedModel.merged_parameters`);
-        the masked ones are new tensors at every call.
+        the masked ones are new tensors at every call. Without gradients (evaluation, export, a
+        fixed merge) the mask is fixed: :meth:`fixed_mask_parameters`, the cheaper product.
         """
+        if not torch.is_grad_enabled():
+            return self.fixed_mask_parameters()
         params = dict(self.module.named_parameters())
         lam = self.lambdas()
         out: dict[str, torch.Tensor] = {}
@@ -312,6 +315,37 @@ class SubspaceMaskedModel(MergedModel):
             scale = lam[self._row[n]].to(hard.dtype)[:, None] * hard[:, off: off + r]  # [K, r]
             out[n] = subspace_merge(params[n], left, right, scale.reshape(-1))
         return {n: out[n] for n in self.task_vectors.names}
+
+    @torch.no_grad()
+    def fixed_mask_parameters(self) -> dict[str, torch.Tensor]:
+        """The merge with the mask as it stands, at the cost of the smaller of its kept and its
+        pruned components.
+
+        The training forward multiplies every component, ``2 m n K r`` operations per ``m x n``
+        matrix (``K r`` = all tasks' components), because the mask's gradient needs them all. With
+        a fixed mask a matrix is either ``base + sum`` of its kept components (fewer kept than
+        pruned) or the dense layer-wise merge ``base + sum_k lambda_k tau_k`` minus its pruned
+        components: ``2 m n min(kept, pruned)``, and nothing but the fused merge when every
+        component is kept. Equal to the training forward up to the SVD's round-off.
+        """
+        params = dict(self.module.named_parameters())
+        lam = self.lambdas()
+        kept = self.kept()
+        names = self.task_vectors.names
+        out = dict(zip(names, _Merge.apply(lam, self.rows, tuple(params[n] for n in names),
+                                           tuple(self.task_vectors.tensors), None)))
+        k = self.task_vectors.num_tasks
+        for n, (left, right) in self._factors.items():
+            off, r = self.offsets[n], self.ranks[n]
+            keep = kept[:, off: off + r].reshape(-1)
+            scale = lam[self._row[n]][:, None].expand(k, r).reshape(-1).float()
+            if int(keep.sum()) <= keep.numel() // 2:
+                idx = keep.nonzero().squeeze(1)
+                out[n] = subspace_merge(params[n], left[:, idx], right[idx], scale[idx])
+            else:
+                idx = (~keep).nonzero().squeeze(1)
+                out[n] = subspace_merge(out[n], left[:, idx], right[idx], -scale[idx])
+        return out
 
 
 def check_mask_options(initial_rank_ratio: float, mask_temp: float) -> None:
