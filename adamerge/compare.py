@@ -20,8 +20,8 @@ import lightning as L
 from .data.datamodule import MultiTaskDataModule
 from .methods import registry
 from .models.pool import LoadedPool, PreloadedPool
-from .report import (CoefficientHeatmap, build_results, evaluate, quiet_lightning, summarize, terminal_table,
-                     write_results)
+from .report import (CoefficientHeatmap, StepProgressBar, build_results, evaluate, quiet_lightning, summarize,
+                     terminal_table, write_results)
 
 
 @dataclass
@@ -170,7 +170,7 @@ def run_learned(bench: Bench, method: registry.Method, hp: dict[str, Any],
                             check_val_every_n_epoch=None, val_check_interval=s.steps + 1,
                             log_every_n_steps=10, enable_model_summary=False,
                             enable_checkpointing=False,
-                            callbacks=[registry.RecordRow(),
+                            callbacks=[registry.RecordRow(), StepProgressBar(),
                                        CoefficientHeatmap(str(out / f"coefficients_{name}.png"))],
                             logger=L.pytorch.loggers.TensorBoardLogger(out / "runs", name=name))
         trainer.fit(model, data)

@@ -363,13 +363,20 @@ class StepProgressBar(TQDMProgressBar):
     no total; here the bar reads ``fit``, its total is ``max_steps``, a resumed run starts at the
     checkpoint's step, and the logger's ``v_num`` is left out."""
 
+    @property
+    def train_description(self) -> str:
+        return "fit"
+
     def init_train_tqdm(self) -> Any:
         bar = super().init_train_tqdm()
         self._in_steps(bar)
         return bar
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
+        # Lightning's own would label the bar "Epoch N" (and print it once so)
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        self.train_progress_bar.reset()
         self._in_steps(self.train_progress_bar)
 
     def _in_steps(self, bar: Any) -> None:

@@ -94,6 +94,10 @@ def test_compare_config_of_a_method_without_prior_runs(row, tmp_path, capsys):
                  "adamerging_taskwise", "--steps", "1", "--val-split", "none", "--model.init_args.lr", "0.002"]) == 0
     used = json.loads((tmp_path / "c" / "results.json").read_text())["hparams"]
     assert used[row]["lr"] == 0.002 and used["adamerging_taskwise"]["lr"] == 0.001
+    out = capsys.readouterr()
+    bars = (out.out + out.err).replace("\r", "\n")
+    assert "fit: " in bars and "1/1" in bars  # the learned rows' bar counts steps
+    assert "Epoch 0" not in bars and "v_num" not in bars
 
 
 def test_compare_help_shows_config_and_refuses_a_run_without_one(capsys):
