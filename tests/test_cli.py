@@ -55,14 +55,17 @@ def test_help_of_fit_fits_a_screen_and_its_keys_and_defaults_are_the_full_helps(
 
 
 def test_help_imports_neither_torch_nor_lightning():
-    """``adamerge --help`` and ``adamerge fit --help`` print without importing torch or Lightning
-    (seconds of imports; the package's names load on first use)."""
-    code = ("import sys; from adamerge.commands.main import main; main(['--help']); main(['fit', '--help']); "
+    """``adamerge --help``, ``fit --help``, ``online --help`` and ``convert --help`` print without
+    importing torch or Lightning (seconds of imports; the package's names load on first use)."""
+    code = ("import contextlib, sys; from adamerge.commands.main import main; main(['--help']); "
+            "main(['fit', '--help'])\n"
+            "for cmd in ('online', 'convert'):\n"
+            "    with contextlib.suppress(SystemExit): main([cmd, '--help'])\n"
             "heavy = [m for m in ('torch', 'lightning') if m in sys.modules]; assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "usage: adamerge fit" in proc.stdout
+    assert "usage: adamerge fit" in proc.stdout and "adamerge convert" in proc.stdout
 
 
 def test_tiny_config_fits_and_resumes(tmp_path):

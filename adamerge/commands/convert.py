@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import torch
-import yaml
+if TYPE_CHECKING:  # torch is imported when a conversion runs, not for --help
+    import torch
 
-from ..io.checkpoints import StateDict, save_state_dict
-from ..models.convert import find_fusionbench_experts, load_visual
+    from ..io.checkpoints import StateDict
 
 EPILOG = """examples:
   adamerge convert finetuned.pt experts/ViT-B-32/mnist.safetensors --allow-pickle
@@ -75,6 +74,8 @@ def convert_file(src: str | Path, out: str | Path, allow_pickle: bool = False,
             missing ``proj`` comes from it.
         source: the name recorded in the file's metadata (default: ``src``'s file name).
     """
+    from ..io.checkpoints import save_state_dict
+    from ..models.convert import load_visual
     state = load_visual(src, allow_pickle=allow_pickle)
     if base is not None:
         from ..models.clip import complete_visual_state
@@ -92,6 +93,9 @@ def _base(args: argparse.Namespace) -> dict[str, torch.Tensor] | None:
 
 def convert_fusionbench(args: argparse.Namespace) -> dict[str, Path]:
     """``--fusionbench DIR --out OUTDIR``: every snapshot -> ``OUTDIR/<task>.safetensors``."""
+    import yaml
+
+    from ..models.convert import find_fusionbench_experts
     experts, notes = find_fusionbench_experts(args.fusionbench, prefix=args.prefix)
     for note in notes:
         print(f"skipped {note}", file=sys.stderr)
