@@ -62,3 +62,28 @@ def random_pool() -> RandomPool:
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+# A tiny open_clip architecture (2-layer ViT on 32-px images, small text tower) for tests that
+# build real open_clip models without any download.
+TINY_CLIP_CFG = {"embed_dim": 32, "quick_gelu": True,
+                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def tiny_clip(root: Path, name: str) -> tuple[nn.Module, Path]:
+    """Register the open_clip config ``name`` (:data:`TINY_CLIP_CFG`, written under ``root/cfg``),
+    build it with seed 0 and write its whole state dict to ``root/base.safetensors``:
+    ``(model, that file)``."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+    (root / "cfg").mkdir(exist_ok=True)
+    (root / "cfg" / f"{name}.json").write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(root / "cfg")
+    torch.manual_seed(0)
+    clip = open_clip.create_model(name)
+    base = root / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(base))
+    return clip, base

@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from adamerge.commands.main import main
+from conftest import tiny_clip
 from adamerge.methods.registry import names as registry_names
 from adamerge.data.hf import CachedImages, HFSource
 from adamerge.data.tasks import get_task, load_registry, suites
@@ -27,9 +28,6 @@ from adamerge.models.convert import hf_to_open_clip, load_visual, read_checkpoin
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "adamerge-test-tiny-clip"
-TINY_CFG = {"embed_dim": 32, "quick_gelu": True,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
@@ -75,18 +73,11 @@ def color_image(rgb, seed: int):
 def world(tmp_path_factory):
     """Tiny CLIP base file, experts in three layouts, two datasets, a tasks file."""
     import datasets
-    import open_clip
     from PIL import Image
     from sklearn.datasets import load_digits
 
     root = tmp_path_factory.mktemp("clip")
-    (root / "cfg").mkdir()
-    (root / "cfg" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(root / "cfg")
-    torch.manual_seed(0)
-    clip = open_clip.create_model(TINY)
-    base = root / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(base))
+    clip, base = tiny_clip(root, TINY)
     visual = {k: v.detach().clone() for k, v in clip.visual.state_dict().items()}
 
     experts = {"mnist": root / "mnist.safetensors", "colors": root / "colors_hf.safetensors"}

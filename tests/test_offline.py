@@ -21,12 +21,10 @@ from safetensors.torch import load_file, save_file
 from adamerge.commands.main import main
 from adamerge.io.offline import OfflineError
 from adamerge.models.clip import create_clip
+from conftest import tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "adamerge-test-offline-clip"
-TINY_CFG = {"embed_dim": 32, "quick_gelu": True,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 HUB_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "NO_PROXY", "no_proxy",
             *(f"{s}_PROXY" for s in ("HTTP", "HTTPS", "ALL")), *(f"{s}_proxy" for s in ("http", "https", "all")))
 
@@ -34,15 +32,8 @@ HUB_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny open_clip config, its whole-model file and two image-tower experts."""
-    import open_clip
     root = tmp_path_factory.mktemp("offline")
-    (root / "cfg").mkdir()
-    (root / "cfg" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(root / "cfg")
-    torch.manual_seed(0)
-    clip = open_clip.create_model(TINY)
-    base = root / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(base))
+    clip, base = tiny_clip(root, TINY)
     experts = {}
     for i, task in enumerate(("mnist", "eurosat")):
         experts[task] = root / f"{task}.safetensors"

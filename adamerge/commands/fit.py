@@ -359,21 +359,13 @@ def _init_parameters(class_path: str) -> list[str]:
 
 
 def _nearest_key(key: str, known: Sequence[str]) -> str | None:
-    """The known key closest to ``key``: among keys of the same section first (``model.*``)."""
-    import difflib
-    section = key.rsplit(".", 1)[0] if "." in key else ""
-    same = [k for k in known if k.rsplit(".", 1)[0] == section] if section else []
-    for pool in (same, list(known)):
-        leaf = {k.rsplit(".", 1)[-1]: k for k in pool} if pool is same else None
-        if leaf:
-            match = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaf), n=1, cutoff=0.6)
-            if match:
-                return leaf[match[0]]
-        else:
-            match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
-            if match:
-                return match[0]
-    return None
+    """The known key closest to ``key`` (:func:`adamerge.errors.suggest`): among the keys of its
+    own section first (``model.*``), then among all."""
+    from ..errors import suggest
+    section, _, leaf = key.rpartition(".")
+    same = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+    near = suggest(leaf, same) if same else None
+    return same[near] if near else suggest(key, known)
 
 
 def yaml_key_line(path: str, key: str) -> int | None:

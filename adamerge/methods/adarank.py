@@ -331,21 +331,23 @@ class SubspaceMaskedModel(MergedModel):
         params = dict(self.module.named_parameters())
         lam = self.lambdas()
         kept = self.kept()
-        names = self.task_vectors.names
-        out = dict(zip(names, _Merge.apply(lam, self.rows, tuple(params[n] for n in names),
-                                           tuple(self.task_vectors.tensors), None)))
         k = self.task_vectors.num_tasks
+        keeps = {n: kept[:, self.offsets[n]: self.offsets[n] + r].reshape(-1) for n, r in self.ranks.items()}
+        from_kept = {n for n, keep in keeps.items() if int(keep.sum()) <= keep.numel() // 2}
+        # the fused merge for the unmasked tensors and the matrices merged as dense minus pruned
+        dense = [n for n in self.task_vectors.names if n not in from_kept]
+        at = [self._index[n] for n in dense]
+        out = dict(zip(dense, _Merge.apply(lam, self.rows[at], tuple(params[n] for n in dense),
+                                           tuple(self.task_vectors.tensors[p] for p in at), None)))
         for n, (left, right) in self._factors.items():
-            off, r = self.offsets[n], self.ranks[n]
-            keep = kept[:, off: off + r].reshape(-1)
-            scale = lam[self._row[n]][:, None].expand(k, r).reshape(-1).float()
-            if int(keep.sum()) <= keep.numel() // 2:
-                idx = keep.nonzero().squeeze(1)
+            scale = lam[self._row[n]][:, None].expand(k, self.ranks[n]).reshape(-1).float()
+            if n in from_kept:
+                idx = keeps[n].nonzero().squeeze(1)
                 out[n] = subspace_merge(params[n], left[:, idx], right[idx], scale[idx])
             else:
-                idx = (~keep).nonzero().squeeze(1)
+                idx = (~keeps[n]).nonzero().squeeze(1)
                 out[n] = subspace_merge(out[n], left[:, idx], right[idx], -scale[idx])
-        return out
+        return {n: out[n] for n in self.task_vectors.names}
 
 
 def check_mask_options(initial_rank_ratio: float, mask_temp: float) -> None:
