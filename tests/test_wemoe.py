@@ -76,6 +76,9 @@ def test_routed_linear_matches_a_per_sample_loop_and_its_gradients_are_exact():
     for chunk in (1, 3, 7):
         y = RoutedLinearFunction.apply(x, r, w, b, tau, tb, chunk)
         assert torch.allclose(y, loop, atol=1e-12)
+    # task vectors stored in a narrower dtype than the base (task_vector_dtype): the same mixture
+    y = RoutedLinearFunction.apply(x, r, w, b, tau.float(), tb.float(), 3)
+    assert torch.allclose(y, loop, atol=1e-5 * loop.abs().max().item())
     assert torch.autograd.gradcheck(lambda a, c: RoutedLinearFunction.apply(a, c, w, b, tau, tb, 2), (x, r))
     assert torch.autograd.gradcheck(lambda a, c: RoutedLinearFunction.apply(a, c, w, None, tau, None, 3), (x, r))
 
