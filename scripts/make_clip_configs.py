@@ -97,6 +97,7 @@ COMMENTS = {
     "mlps": "null: every MLP (c_fc/c_proj pairs) is routed",
     "batch_first": "open_clip >= 2.23 runs its transformer batch-first",
     "routing_block_numel": "null: 2^21 values per block on CPU, 2^26 on GPU",
+    "batch_reduce": "true: one routing vector per task batch in training (FusionBench); evaluation per sample",
     "initial_rank_ratio": "fraction of singular components kept at the start (TA variant: 1.0)",
     "mask_temp": "mask probability sigmoid(logit / mask_temp) (official 10)",
     "masked": "attn_mlp: the blocks' attention and MLP matrices (official)",

@@ -95,6 +95,45 @@ def test_each_sample_is_routed_on_its_own_tokens():
     assert routing.weights.shape == (4, 3) and not torch.allclose(routing.weights[0], routing.weights[1])
 
 
+def test_batch_reduce_routes_each_task_batch_by_its_average_in_adaptation_steps_only():
+    torch.manual_seed(0)
+    model = WEMoE(tiny(), batch_reduce=True)
+    with torch.no_grad():  # routers that tell samples apart
+        for router in model.routers:
+            router.net[0].weight.normal_(0, 0.5)
+    x = tiny_images(6)
+    params = model.merged.merged_parameters()
+    routing = model.merged.module.blocks[0].fc1.routing
+    model._adapting = True  # as inside adaptation_step: two task batches of 3 (one call) ...
+    feats = model.features({"a": x[:3], "b": x[3:]}, params)
+    assert routing.weights.shape == (2, 3)
+    # ... equals each task batch run alone, with its own average routing vector
+    alone = [model.features({"a": x[:3]}, params)["a"], model.features({"b": x[3:]}, params)["b"]]
+    assert torch.allclose(feats["a"], alone[0], atol=1e-6) and torch.allclose(feats["b"], alone[1], atol=1e-6)
+    assert not torch.allclose(feats["a"], model.merged(x[:3], params=params), atol=1e-4)  # not per sample
+    # unequal task batches: one call per group, the same features
+    uneven = model.features({"a": x[:2], "b": x[2:]}, params)
+    assert torch.allclose(uneven["a"], model.features({"a": x[:2]}, params)["a"], atol=1e-6)
+    assert torch.allclose(uneven["b"], model.features({"b": x[2:]}, params)["b"], atol=1e-6)
+    # a batch of one image: the per-sample routing
+    assert torch.allclose(model.features({"a": x[:1]}, params)["a"], model.merged(x[:1], params=params), atol=1e-6)
+    model._adapting = False  # evaluation, prediction: per sample, as FusionBench's returned model
+    assert torch.allclose(model.features({"a": x[:3]}, params)["a"], model.merged(x[:3], params=params), atol=0)
+    assert routing.groups is None
+
+
+def test_batch_reduce_trains_and_its_gradients_reach_the_routers():
+    torch.manual_seed(0)
+    model = WEMoE(tiny(), batch_reduce=True)
+    images = {t: tiny_images(4) for t in model.task_names}
+    batch = {t: (x, torch.arange(4)) for t, x in images.items()}
+    loss = model.adaptation_step(batch, 0)
+    loss.backward()
+    grads = [p.grad for p in model.routers.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert model.merged.module.blocks[0].fc1.routing.weights.shape == (len(model.task_names), 3)
+
+
 def test_open_clip_mlps_are_found_and_routed():
     from open_clip.transformer import VisionTransformer
     torch.manual_seed(0)

@@ -14,7 +14,8 @@ The variants run on the same encoder, the same K x B images and the same frozen 
   (after warm-up every image of the fixed benchmark batch is cached, as every image is after a
   run's first pass over the adaptation data); ``surgery_uncached`` recomputes them each step (K
   extra expert forwards), which shows what the cache saves;
-* ``wemoe`` / ``adarank``: the steps of ``wemoe`` (per-sample routed MLP task vectors) and
+* ``wemoe`` / ``wemoe_batch`` / ``adarank``: the steps of ``wemoe`` (per-sample routed MLP
+  task vectors; ``wemoe_batch``: one routing vector per task batch, ``batch_reduce``) and
   ``adarank`` (masks over the task vectors' singular components; its SVD is computed once when
   the variant is built, not timed).
 
@@ -54,12 +55,14 @@ from ..engine.task_vectors import DTYPES, TaskVectors
 from ..methods import registry
 from ..models.pool import LoadedPool, PreloadedPool
 
-# variant -> (learned method of the registry, expert features cached): Surgery cached and not,
-# and every method the registry marks for the bench (``Method.bench``) under its own name.
-ADD_ONS = {"surgery": ("adamerging_layerwise_surgery", True),
-           "surgery_uncached": ("adamerging_layerwise_surgery", False),
-           "surgery_miss": ("adamerging_layerwise_surgery", "miss"),
-           **{name: (name, True) for name in registry.names("learned") if registry.get(name).bench}}
+# variant -> (learned method of the registry, expert features cached, hyper-parameters set):
+# Surgery cached and not, every method the registry marks for the bench (``Method.bench``) under
+# its own name, and WEMoE with FusionBench's batch-reduced routing.
+ADD_ONS = {"surgery": ("adamerging_layerwise_surgery", True, {}),
+           "surgery_uncached": ("adamerging_layerwise_surgery", False, {}),
+           "surgery_miss": ("adamerging_layerwise_surgery", "miss", {}),
+           **{name: (name, True, {}) for name in registry.names("learned") if registry.get(name).bench},
+           "wemoe_batch": ("wemoe", True, {"batch_reduce": True})}
 VARIANTS = ("limit", "adamerge", "naive", *ADD_ONS, "miss_bound")
 CLASSES = 10  # classes per task head: the head's cost is negligible next to the encoder's
 
@@ -186,7 +189,7 @@ def add_on_hparams(ns: argparse.Namespace, variant: str) -> dict:
     if unsupported:
         raise ValueError(f"variant {variant!r} ({method.name}) has no {', '.join(unsupported)}; "
                          "drop the option or the variant")
-    return method.resolve({k: v for k, v in options.items() if k in known})
+    return method.resolve({**{k: v for k, v in options.items() if k in known}, **ADD_ONS[variant][2]})
 
 
 def naive_step(loaded: LoadedPool, device: torch.device, granularity: str) -> Callable[[dict], None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -332,9 +332,16 @@ class AdaMerging(L.LightningModule):
         # With fixed coefficients nothing before the per-task modules is trained: no graph.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_encoder):
             if len(shapes) == 1 and len(tasks) > 1:
-                feats = self.merged(torch.cat([images[t] for t in tasks]), params=params)
-                return dict(zip(tasks, feats.split([images[t].shape[0] for t in tasks])))
-            return {t: self.merged(images[t], params=params) for t in tasks}
+                sizes = [images[t].shape[0] for t in tasks]
+                feats = self.encode(torch.cat([images[t] for t in tasks]), params, sizes)
+                return dict(zip(tasks, feats.split(sizes)))
+            return {t: self.encode(images[t], params, [images[t].shape[0]]) for t in tasks}
+
+    def encode(self, images: torch.Tensor, params: dict[str, torch.Tensor], sizes: Sequence[int]) -> torch.Tensor:
+        """The merged encoder on ``images``, consecutive task batches of ``sizes`` images (a
+        method whose encoder treats each task batch as a whole, e.g. WEMoE's batch-reduced
+        routing, reads them)."""
+        return self.merged(images, params=params)
 
     def task_logits(self, images: dict[str, torch.Tensor],
                     params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,10 +19,11 @@ instead of keeping ``[B, H, D]`` tensors alive between forward and backward.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -151,11 +152,16 @@ def _sample_bias(r: torch.Tensor, bias: torch.Tensor | None, tau_bias: torch.Ten
 
 
 class _Routing:
-    """The routing weights of one MLP for the forward in progress (set by its first layer)."""
+    """The routing weights of one MLP for the forward in progress (set by its first layer).
+
+    ``groups``: sizes of consecutive groups of samples that share one routing vector, the
+    average of their samples' (FusionBench's ``batch_reduce``, per task batch); ``None``: every
+    sample its own (the default)."""
 
     def __init__(self, router: Router) -> None:
         self.router = router
         self.weights: torch.Tensor | None = None
+        self.groups: tuple[int, ...] | None = None
 
 
 class RoutedLinear(nn.Module):
@@ -182,28 +188,54 @@ class RoutedLinear(nn.Module):
             x = x.unsqueeze(1)
         elif not self.batch_first:
             x = x.transpose(0, 1)
+        groups = self.routing.groups
+        if groups is not None and sum(groups) != x.shape[0]:
+            raise ValueError(f"routed MLP: routing groups {list(groups)} do not add up to the batch of {x.shape[0]}")
         if self.first:
-            self.routing.weights = self.routing.router(x)
+            r = self.routing.router(x)
+            if groups is not None:  # one routing vector per group: its samples' average
+                r = torch.stack([g.mean(0) for g in r.split(list(groups))])
+            self.routing.weights = r
         r = self.routing.weights
         if r is None:
             raise RuntimeError("routed MLP: its second layer ran before its first")
-        tau, tau_bias = self.tau()
-        rows = block_rows(x.shape[0], self.weight.shape[1], x.device, self.block_numel)
-        y = RoutedLinearFunction.apply(x, r.to(x.dtype), self.weight, self.bias, tau, tau_bias, rows)
+        y = self._routed(x, r.to(x.dtype), groups)
         if squeeze:
             return y.squeeze(1)
         return y if self.batch_first else y.transpose(0, 1)
 
 
+    def _routed(self, x: torch.Tensor, r: torch.Tensor, groups: tuple[int, ...] | None) -> torch.Tensor:
+        """The routed product; a group of samples sharing one routing vector is one "sample" of
+        ``RoutedLinearFunction`` whose tokens are all of theirs (one weight formed per group)."""
+        tau, tau_bias = self.tau()
+        if groups is None:
+            rows = block_rows(x.shape[0], self.weight.shape[1], x.device, self.block_numel)
+            return RoutedLinearFunction.apply(x, r, self.weight, self.bias, tau, tau_bias, rows)
+        n = x.shape[1]
+        if len(set(groups)) == 1:  # equal groups (every task batch of a step the same size): one call
+            xg = x.reshape(len(groups), groups[0] * n, x.shape[2])
+            rows = block_rows(len(groups), self.weight.shape[1], x.device, self.block_numel)
+            y = RoutedLinearFunction.apply(xg, r, self.weight, self.bias, tau, tau_bias, rows)
+            return y.reshape(x.shape[0], n, -1)
+        rows = block_rows(1, self.weight.shape[1], x.device, self.block_numel)
+        return torch.cat([RoutedLinearFunction.apply(xg.reshape(1, -1, x.shape[2]), r[i:i + 1], self.weight,
+                                                     self.bias, tau, tau_bias, rows).reshape(xg.shape[0], n, -1)
+                          for i, xg in enumerate(x.split(list(groups)))])
+
+
 def install_routing(module: nn.Module, mlps: Sequence[tuple[str, str]], routers: Sequence[Router],
                     tau_of: Callable[[str], Callable[[], tuple[torch.Tensor, torch.Tensor | None]]],
-                    batch_first: bool = True, block_numel: int | None = None) -> None:
+                    batch_first: bool = True, block_numel: int | None = None) -> list[_Routing]:
     """Replace, in place, each MLP's two linear layers of ``module`` by :class:`RoutedLinear`
-    layers sharing the original parameters; ``tau_of(layer name)`` gives the layer's task vectors."""
+    layers sharing the original parameters; ``tau_of(layer name)`` gives the layer's task vectors.
+    Returns the MLPs' routing states (one per MLP)."""
     if len(mlps) != len(routers):
         raise ValueError(f"{len(mlps)} MLPs but {len(routers)} routers")
+    routings = []
     for (first, second), router in zip(mlps, routers):
         routing = _Routing(router)
+        routings.append(routing)
         for name, is_first in ((first, True), (second, False)):
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
@@ -212,6 +244,7 @@ def install_routing(module: nn.Module, mlps: Sequence[tuple[str, str]], routers:
                 raise ValueError(f"{name} is a {type(linear).__name__}, expected nn.Linear")
             setattr(parent, child, RoutedLinear(linear, routing, is_first, tau_of(name), batch_first,
                                                 block_numel))
+    return routings
 
 
 def _shallow_module_copy(module: nn.Module) -> nn.Module:
@@ -235,6 +268,7 @@ class RoutedMLPs:
         self.routers: nn.ModuleList | None = None
         self.mlps: list[list[str]] = []
         self.rows: list[int] = []
+        self.routings: list[_Routing] = []
 
     def __call__(self, encoder: nn.Module, task_vectors: TaskVectors, layout: Layout | None = None,
                  **options: Any) -> MergedModel:
@@ -261,8 +295,20 @@ class RoutedMLPs:
             return lambda: (merged.task_vectors.tensors[w],
                             merged.task_vectors.tensors[b] if b is not None else None)
 
-        install_routing(module, mlps, self.routers, tau_of, self.batch_first, self.block_numel)
+        self.routings = install_routing(module, mlps, self.routers, tau_of, self.batch_first, self.block_numel)
         return merged
+
+    @contextlib.contextmanager
+    def grouped(self, sizes: Sequence[int] | None) -> Iterator[None]:
+        """Within the block, every MLP routes each group of ``sizes`` consecutive samples by one
+        routing vector, its samples' average (``None``: per sample)."""
+        for routing in self.routings:
+            routing.groups = tuple(int(n) for n in sizes) if sizes is not None else None
+        try:
+            yield
+        finally:
+            for routing in self.routings:
+                routing.groups = None
 
 
 class WEMoE(AdaMerging):
@@ -282,6 +328,11 @@ class WEMoE(AdaMerging):
         routing_block_numel: values of the samples' weights formed at once in a routed layer
             (``[B, rows, D]``); ``None``: 2^21 on a CPU (8 MB in float32, mostly in cache), 2^26
             on a GPU.
+        batch_reduce: in the adaptation steps, one routing vector per task batch (the average of
+            its samples'), so each MLP merges once per task batch: FusionBench's recipe
+            (``batch_reduce: true``, ``fusion_bench/models/we_moe.py`` L171-174). Evaluation,
+            prediction and exports route per sample either way, as FusionBench's returned model
+            does (``fusion_bench/method/we_moe/we_moe.py`` L244). Default ``False`` (official).
         per_task_backward, task_vector_dtype, objective: as in :class:`~adamerge.methods.AdaMerging`.
     """
 
@@ -292,7 +343,8 @@ class WEMoE(AdaMerging):
                  router_hidden_layers: int = 2, lr: float = 1e-3,
                  lr_schedule: Literal["cosine", "constant"] = "cosine",
                  mlps: list[list[str]] | None = None, batch_first: bool = True,
-                 routing_block_numel: int | None = None, per_task_backward: bool = False,
+                 routing_block_numel: int | None = None, batch_reduce: bool = False,
+                 per_task_backward: bool = False,
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
                  objective: Literal["entropy", "pseudo_label", "cross_entropy"] = "entropy") -> None:
         if lr_schedule not in ("cosine", "constant"):
@@ -305,12 +357,24 @@ class WEMoE(AdaMerging):
                          _parts=MethodParts(pick_objective(type(self).objectives, objective), merge=routing))
         self.routers, self.mlps, self.lr_schedule = routing.routers, routing.mlps, lr_schedule
         self.router_hidden_layers, self.batch_first = router_hidden_layers, batch_first
+        self.batch_reduce, self._routing, self._adapting = bool(batch_reduce), routing, False
         with torch.no_grad():  # the MLPs' merged weights are the pretrained ones: W0 of the mixture
             self.merged.coefficients[routing.rows] = 0.0
 
     @property
     def trains_encoder(self) -> bool:
         return True  # the routers sit inside the encoder
+
+    def adaptation_step(self, batch: dict[str, Any], step: int, every_task: bool = True) -> torch.Tensor:
+        self._adapting = True  # batch_reduce applies to the adaptation steps only
+        try:
+            return super().adaptation_step(batch, step, every_task)
+        finally:
+            self._adapting = False
+
+    def encode(self, images: torch.Tensor, params: dict[str, torch.Tensor], sizes: Sequence[int]) -> torch.Tensor:
+        with self._routing.grouped(sizes if self.batch_reduce and self._adapting else None):
+            return self.merged(images, params=params)
 
     def extra_learned_state(self) -> dict[str, torch.Tensor]:
         return {f"routers.{k}": v for k, v in self.routers.state_dict().items()}
