@@ -10,7 +10,8 @@ from adamerge.commands.bench import VARIANTS, bench_main
 
 KEYS = {"limit_s", "adamerge_s", "naive_s", "adamerge_over_limit", "naive_over_adamerge", "task_vector_bytes",
         "surgery_s", "tinting_s", "surgery_over_adamerging", "tinting_over_adamerging", "surgery_uncached_over_cached",
-        "surgery_miss_s", "miss_bound_s", "surgery_miss_over_bound", "surgery_miss_over_cached"}
+        "surgery_miss_s", "miss_bound_s", "surgery_miss_over_bound", "surgery_miss_over_cached",
+        "trainer_s", "trainer_over_limit", "trainer_over_adamerge", "wemoe_batch_over_adamerging"}
 
 
 def test_bench_command_prints_json_last_with_every_figure():
@@ -29,6 +30,24 @@ def test_bench_command_prints_json_last_with_every_figure():
     for name in ("adamerge_over_limit", "surgery_miss_over_bound"):  # one step: its range is the ratio
         lo, hi = res[f"{name}_range"]
         assert lo == hi == pytest.approx(res[name], abs=1e-3)
+
+
+def test_the_trainer_variant_steps_a_real_fit_loop_once_per_call():
+    import torch
+
+    from adamerge.commands.bench import build_pool, make_batch, trainer_step
+    loaded, shape = build_pool("tiny", 2)
+    images = make_batch(loaded.task_vectors.task_names, 2, shape, torch.device("cpu"))
+    step, stop, module = trainer_step(loaded, torch.device("cpu"), "adamerging_layerwise",
+                                      {"granularity": "layerwise"})
+    start = module.merged.coefficients.detach().clone()
+    try:
+        for n in range(1, 4):
+            step(images)
+            assert module.trainer.global_step == n  # the call returns once its step is done
+    finally:
+        stop()
+    assert not torch.equal(module.merged.coefficients.detach(), start)
 
 
 def test_ranges_of_repeated_steps_and_the_profile(capsys):

@@ -14,6 +14,8 @@ The variants run on the same encoder, the same K x B images and the same frozen 
   (after warm-up every image of the fixed benchmark batch is cached, as every image is after a
   run's first pass over the adaptation data); ``surgery_uncached`` recomputes them each step (K
   extra expert forwards), which shows what the cache saves;
+* ``trainer``: the ``adamerge`` step run by a real Lightning ``Trainer`` (fit loop, hooks,
+  TensorBoard logger), one whole loop iteration per timed step (:func:`trainer_step`);
 * ``wemoe`` / ``wemoe_batch`` / ``adarank``: the steps of ``wemoe`` (per-sample routed MLP
   task vectors; ``wemoe_batch``: one routing vector per task batch, ``batch_reduce``) and
   ``adarank`` (masks over the task vectors' singular components; its SVD is computed once when
@@ -63,7 +65,7 @@ ADD_ONS = {"surgery": ("adamerging_layerwise_surgery", True, {}),
            "surgery_miss": ("adamerging_layerwise_surgery", "miss", {}),
            **{name: (name, True, {}) for name in registry.names("learned") if registry.get(name).bench},
            "wemoe_batch": ("wemoe", True, {"batch_reduce": True})}
-VARIANTS = ("limit", "adamerge", "naive", *ADD_ONS, "miss_bound")
+VARIANTS = ("limit", "adamerge", "naive", *ADD_ONS, "miss_bound", "trainer")
 CLASSES = 10  # classes per task head: the head's cost is negligible next to the encoder's
 
 
@@ -156,6 +158,66 @@ def adamerge_step(loaded: LoadedPool, device: torch.device, method: str, hparams
         module.training_step(batch, 0).backward()
         opt.step()
     return step, module
+
+
+def trainer_step(loaded: LoadedPool, device: torch.device, method: str, hparams: dict
+                 ) -> tuple[Callable[[dict], None], Callable[[], None], "L.LightningModule"]:
+    """The same training step as ``adamerge``, run by a real Lightning ``Trainer`` (its fit loop,
+    hooks, TensorBoard logger in a temporary folder, the module's ``self.log`` calls) in a
+    background thread, one step per call: a callback holds the loop at the start of each batch
+    until the call lets it go, and the call returns when the loop reaches the next batch, so the
+    time of a call is a whole iteration of the fit loop (data fetch and after-batch hooks
+    included). Returns ``(step, stop, module)``; ``stop`` ends the fit and joins the thread."""
+    import tempfile
+    import threading
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    module = registry.get(method).build(PreloadedPool(loaded), **hparams).to(device)
+    go, done, state = threading.Semaphore(0), threading.Semaphore(0), {"started": False, "batch": None}
+    folder = tempfile.TemporaryDirectory(prefix="adamerge-bench-")
+
+    class Gate(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if state["started"]:
+                done.release()  # the previous iteration is over
+            state["started"] = True
+            go.acquire()
+
+    def batches():
+        while True:
+            yield state["batch"]
+
+    trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=-1, max_epochs=-1,
+                        logger=TensorBoardLogger(folder.name, name="bench"), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[Gate()])
+    errors: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit(module, train_dataloaders=batches())
+        except BaseException as e:  # re-raised by the next call
+            errors.append(e)
+            done.release()
+
+    thread = threading.Thread(target=fit, daemon=True)
+
+    def step(images: dict[str, torch.Tensor]) -> None:
+        if state["batch"] is None:
+            state["batch"] = {t: (x, torch.arange(x.shape[0])) for t, x in images.items()}
+            thread.start()
+        go.release()
+        done.acquire()
+        if errors:
+            raise RuntimeError(f"the Trainer variant failed: {errors[0]!r}") from errors[0]
+
+    def stop() -> None:
+        if thread.is_alive():
+            trainer.should_stop = True
+            go.release()
+            thread.join(timeout=600)
+        folder.cleanup()
+    return step, stop, module
 
 
 def miss_bound_step(loaded: LoadedPool, device: torch.device) -> Callable[[dict], None]:
@@ -268,6 +330,8 @@ def _variant_fn(variant: str, ns: argparse.Namespace, device: torch.device):
                               cache=ADD_ONS[variant][1], steps=ns.warmup + ns.steps + 2)
     elif variant == "miss_bound":
         fn = miss_bound_step(loaded, device)
+    elif variant == "trainer":
+        fn, _, _ = trainer_step(loaded, device, ns.method, method_hparams(ns))
     else:
         fn = naive_step(loaded, device, method_hparams(ns)["granularity"])
     return fn, make_batch(loaded.task_vectors.task_names, ns.batch, shape, device)
@@ -320,6 +384,7 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
     loaded, shape = build_pool(ns.model, ns.tasks)
     images = make_batch(loaded.task_vectors.task_names, ns.batch, shape, device)
     fns: dict[str, Callable] = {}
+    stops: dict[str, Callable[[], None]] = {}
     for v in variants:
         if v == "limit":
             fns[v] = limit_step(loaded, device)
@@ -330,6 +395,8 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
                                       cache=ADD_ONS[v][1], steps=ns.warmup + ns.steps + 2)
         elif v == "miss_bound":
             fns[v] = miss_bound_step(loaded, device)
+        elif v == "trainer":
+            fns[v], stops[v], _ = trainer_step(loaded, device, ns.method, hparams)
         else:
             fns[v] = naive_step(loaded, device, hparams["granularity"])
     # what adamerge really holds (its module converts the dtype); else what it would hold
@@ -373,7 +440,10 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
         out[name] = round(med[num] / med[den], 3)
         out[f"{name}_range"] = [round(min(each), 3), round(max(each), 3)]
     if ns.profile:
-        out["profile"] = profile_steps(fns, images, device, ns.profile, say)
+        out["profile"] = profile_steps({v: f for v, f in fns.items() if v not in stops}, images, device,
+                                       ns.profile, say)
+    for stop in stops.values():
+        stop()
     if device.type == "cuda":
         out["peak_cuda_mb"] = {v: round(m, 1) for v, m in peak_cuda.items()}
     elif memory:
@@ -384,7 +454,8 @@ def run(ns: argparse.Namespace, say: Callable[[str], None]) -> dict:
 
 def ratios(variants: Sequence[str]) -> list[tuple[str, str, str]]:
     """The ratios ``run`` reports, ``(name, numerator, denominator)``, among ``variants``."""
-    out = [("adamerge_over_limit", "adamerge", "limit"), ("naive_over_adamerge", "naive", "adamerge")]
+    out = [("adamerge_over_limit", "adamerge", "limit"), ("naive_over_adamerge", "naive", "adamerge"),
+           ("trainer_over_limit", "trainer", "limit"), ("trainer_over_adamerge", "trainer", "adamerge")]
     out += [(f"{v}_over_adamerging", v, "adamerge") for v in ADD_ONS if v not in ("surgery_uncached", "surgery_miss")]
     out += [("surgery_uncached_over_cached", "surgery_uncached", "surgery"),
             ("surgery_miss_over_bound", "surgery_miss", "miss_bound"),
