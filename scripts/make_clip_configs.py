@@ -44,7 +44,7 @@ data:
       paths: {{}}                # task -> local save_to_disk folder or image folder, instead of the HF id
       image_cache: disk        # decode every image once (uint8 after resize/crop) under $ADAMERGE_CACHE/images
       decode_threads: 8
-  batch_size: 16               # unlabeled test images per task per step (paper: 16)
+  batch_size: 16               # {batch_comment}
   eval_batch_size: 256
   adapt_split: test            # the paper adapts on the test images themselves
   eval_split: test
@@ -112,6 +112,16 @@ COMMENTS = {
     "preprocess_options": "the transform's options (null: its defaults)",
 }
 
+# Comments of a method class's own meaning of a shared argument name (class name -> key -> comment).
+CLASS_COMMENTS = {
+    "TwinMerging": {
+        "scaling": "task arithmetic of the shared expert (official 0.29)",
+        "objective": "task_id: the router learns each image's task (official); entropy: the heads' entropy",
+        "lr": "Adam learning rate of the router (official 5e-4)",
+        "lr_schedule": "linear: decay to 0 over max_steps (official) or constant",
+    },
+}
+
 # Data settings of rows that need them (Method.data), with their comments.
 DATA_COMMENTS = {"shots": "labeled images per class per task (few-shot supervised objective)",
                  "shots_split": "where the shots come from (not the evaluated test split)"}
@@ -147,7 +157,7 @@ def model_block(name: str, model: str, experts: str, n: int, big: bool, stem_of,
         elif key == "init_from":
             comment = "a checkpoint whose coefficients to start from (e.g. an AdaMerging run)"
         else:
-            comment = COMMENTS.get(key, "")
+            comment = CLASS_COMMENTS.get(method.build.__name__, {}).get(key, COMMENTS.get(key, ""))
         text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
         pad = max(27 - len(key), len(text) + 1)
         lines.append(f"{key}: {text:<{pad}}# {comment}" if comment else f"{key}: {text}")
@@ -162,6 +172,13 @@ def data_extra(name: str) -> str:
     """Lines of the ``data:`` section for a method's own data settings (``Method.data``)."""
     return "".join(f"\n  {k}: {str(v):<{max(25 - len(k), len(str(v)) + 1)}}# {DATA_COMMENTS.get(k, '')}"
                    for k, v in registry.get(name).data.items())
+
+
+def batch_comment(name: str) -> str:
+    """The comment of ``data.batch_size``: a row that learns from labeled shots steps on them."""
+    if "shots" in registry.get(name).data:
+        return "images per task per step, drawn from the shots"
+    return "unlabeled test images per task per step (paper: 16)"
 
 
 def config_methods() -> dict[str, str]:
@@ -194,7 +211,7 @@ def main() -> None:
                     pretrained="openai", name=name, stem=name.removesuffix(".yaml"),
                     defaults_note=note, steps=steps, steps_note=steps_note,
                     model_block=model_block(method, model, experts, n, big, stem_of),
-                    tasks=", ".join(tasks), data_extra=data_extra(method))
+                    tasks=", ".join(tasks), data_extra=data_extra(method), batch_comment=batch_comment(method))
                 (ROOT / "configs" / name).write_text(text)
                 print("wrote", name)
 
@@ -236,7 +253,8 @@ def protocol_configs() -> None:
             defaults_note=spec["note"] + "\n" + note, steps=steps, steps_note=steps_note,
             model_block=model_block(method, model, experts, len(spec["tasks"]), False,
                                     lambda m: m, spec["unseen"]),
-            tasks=", ".join(spec["tasks"] + spec["unseen"]), data_extra=spec.get("data", ""))
+            tasks=", ".join(spec["tasks"] + spec["unseen"]), data_extra=spec.get("data", ""),
+            batch_comment=batch_comment(method))
         (ROOT / "configs" / name).write_text(text)
         print("wrote", name)
 
@@ -273,7 +291,7 @@ def paper_configs() -> None:
                 n=8, model=model, pretrained="openai", name=name, stem=name.removesuffix(".yaml"),
                 defaults_note=note, steps=500, steps_note="official: epochs = 500",
                 model_block=model_block(method, model, experts, 8, key == "vit-l-14", lambda m: m),
-                tasks=", ".join(tasks), data_extra="")
+                tasks=", ".join(tasks), data_extra="", batch_comment=batch_comment(method))
             text = text.replace("  batch_size: 16               # unlabeled test images per task per step (paper: 16)",
                                 "  batch_size: 32               # two batches of 16 per task per step, their mean entropies summed (official)")
             trim_lines = [line for line in text.splitlines() if line.lstrip().startswith("trim:")]

@@ -1,7 +1,7 @@
 """Model Tinting: per-task trainable heads learned jointly with the merging coefficients.
 
 Official code: AIM-SKKU/SyMerge (the successor of AIM-SKKU/ModelTinting), ``src/main_symerge.py``
-(read at commit 45e4109d). The "tinted" layer is each task's classification head: a linear layer
+(read at ``ddc9375``, the head of its main branch; ``src/`` is the same at ``45e4109d``, cited before). The "tinted" layer is each task's classification head: a linear layer
 with bias over L2-normalised features, initialised from the frozen zero-shot head (bias 0),
 trained together with layer-wise coefficients (prior 0.3, clamped to [0, 1]) by Adam at lr 1e-2.
 The loss (``losstype crosspseudoconf``) is cross-entropy to the task expert's predicted class,
