@@ -212,8 +212,18 @@ def main() -> None:
                     defaults_note=note, steps=steps, steps_note=steps_note,
                     model_block=model_block(method, model, experts, n, big, stem_of),
                     tasks=", ".join(tasks), data_extra=data_extra(method), batch_comment=batch_comment(method))
+                if method in VAL_INTERVALS:
+                    every, why = VAL_INTERVALS[method]
+                    line = next(x for x in text.splitlines() if x.startswith("  val_check_interval:"))
+                    text = text.replace(line, f"  val_check_interval: {every:<9}# {why}")
                 (ROOT / "configs" / name).write_text(text)
                 print("wrote", name)
+
+
+# Rows whose official script evaluates more than the last step: (interval, comment). Both figures
+# are reported; none is chosen on the test labels.
+VAL_INTERVALS = {"wemoe": (500, "evaluate at step 500 and at the end, as the official script "
+                                "(scripts/clip_dictmoe.py L115)")}
 
 
 # The AdaMerging paper's two other protocols on ViT-B/32 (layer-wise AdaMerging; run every method
