@@ -39,6 +39,9 @@ class CompareSettings:
         accelerator: Lightning accelerator for learned methods.
         seed: global seed set before each learned method is built (random initialisations such
             as Surgery's adapters), so a row does not depend on which rows ran before it.
+        schedules: learned row -> ``{"batch_size", "steps"}`` replacing the data module's batch
+            (images per task per step) and ``steps`` for that row (``--protocol paper``: each
+            row's official recipe); rows not named use the common ones.
         extra: more entries for the report's ``settings``.
     """
 
@@ -48,6 +51,7 @@ class CompareSettings:
     grids: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
     accelerator: str = "cpu"
     seed: int = 0
+    schedules: dict[str, dict[str, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -163,11 +167,14 @@ def run_learned(bench: Bench, method: registry.Method, hp: dict[str, Any],
         hp["init_from"] = str(bench.final_checkpoints[method.starts_from])
     L.seed_everything(s.seed, verbose=False)
     model = method.build(PreloadedPool(bench.loaded), **hp)
-    data = bench.datamodule.with_options(**method.data) if method.data else bench.datamodule
+    schedule = s.schedules.get(name, {})
+    steps = int(schedule.get("steps", s.steps))
+    options = {**({"batch_size": schedule["batch_size"]} if "batch_size" in schedule else {}), **method.data}
+    data = bench.datamodule.with_options(**options) if options else bench.datamodule
     with quiet_lightning():  # hides Lightning's tips and the frozen base's eval-mode warning
-        trainer = L.Trainer(default_root_dir=out / "runs" / name, max_steps=s.steps,
+        trainer = L.Trainer(default_root_dir=out / "runs" / name, max_steps=steps,
                             accelerator=s.accelerator, devices=1, limit_val_batches=0,
-                            check_val_every_n_epoch=None, val_check_interval=s.steps + 1,
+                            check_val_every_n_epoch=None, val_check_interval=steps + 1,
                             log_every_n_steps=10, enable_model_summary=False,
                             enable_checkpointing=False,
                             callbacks=[registry.RecordRow(), StepProgressBar(),

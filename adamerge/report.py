@@ -242,7 +242,9 @@ class CoefficientHeatmap(L.Callback):
             return None
         lam = lam.detach().float().cpu()
         tasks = list(getattr(merged, "task_names", None) or [f"task{k}" for k in range(lam.shape[1])])
-        names = list(getattr(getattr(merged, "task_vectors", None), "names", None) or [])
+        row_names = getattr(merged, "row_names", None)  # split q/k/v rows have names of their own
+        names = list(row_names() if callable(row_names) else
+                     getattr(getattr(merged, "task_vectors", None), "names", None) or [])
         if lam.shape[0] == 1 or len(names) != lam.shape[0]:
             names = ["all"] if lam.shape[0] == 1 else [str(i) for i in range(lam.shape[0])]
         return lam, names, tasks

@@ -5,6 +5,7 @@ Run from the repository root after changing the template: python scripts/make_cl
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -85,6 +86,8 @@ COMMENTS = {
     "per_task_backward": "true: back-propagate task by task (activation memory of one task)",
     "learn_coefficients": "false: coefficients fixed (prior, or init_from's)",
     "rank": "adapter bottleneck width (paper: 16)",
+    "split_qkv": "true: q, k and v of each fused in_proj get a coefficient row each (FusionBench's HF CLIP rows)",
+    "feature_norm": "none: raw features (official Surgery); fusionbench: L2-normalised (FusionBench)",
     "loss": "pseudo_confidence (official crosspseudoconf) or entropy",
     "objective": "entropy (the paper), pseudo_label (CE to experts' predictions), cross_entropy (data.shots labels)",
     "min_confidence": "pseudo_label: drop images the expert is less sure of (0 keeps all)",
@@ -128,19 +131,24 @@ DATA_COMMENTS = {"shots": "labeled images per class per task (few-shot supervise
 
 def header(name: str) -> tuple[str, int, str]:
     """A learned row's config header, its steps and their source, from its registry entry."""
-    import textwrap
     method = registry.get(name)
     note = "\n".join(textwrap.wrap(method.note, 100, initial_indent="# ", subsequent_indent="# "))
     return note, method.steps, method.steps_note
 
 
 def model_block(name: str, model: str, experts: str, n: int, big: bool, stem_of,
-                unseen: list[str] | None = None) -> str:
-    """The ``model:`` section of one method's config (``unseen``: tasks evaluated, not merged)."""
+                unseen: list[str] | None = None, overrides: dict[str, tuple[object, str]] | None = None) -> str:
+    """The ``model:`` section of one method's config (``unseen``: tasks evaluated, not merged;
+    ``overrides``: key -> (value, comment) replacing the row's defaults)."""
     method = registry.get(name)
     hp = method.defaults()
     if "per_task_backward" in hp:  # only where the method's constructor takes it
         hp["per_task_backward"] = big
+    overrides = overrides or {}
+    unknown = [k for k in overrides if k not in hp]
+    if unknown:
+        raise KeyError(f"{name} has no hyper-parameters {unknown}")
+    hp.update({k: v for k, (v, _) in overrides.items()})
     unseen_line = (f"\n    unseen_tasks: [{', '.join(unseen)}]"
                    "   # zero-shot heads only: evaluated, not merged, not adapted on" if unseen else "")
     pool = POOL.format(model=model, pretrained="openai", experts=experts, unseen=unseen_line)
@@ -149,6 +157,8 @@ def model_block(name: str, model: str, experts: str, n: int, big: bool, stem_of,
         if key == "init_from" and method.starts_from:
             value = f"runs/{stem_of(method.starts_from)}/checkpoints/last.ckpt"
             comment = f"the finished {method.starts_from} run (run its config first)"
+        elif key in overrides:
+            comment = overrides[key][1]
         elif key == "trim":
             comment = ("AdaMerging++: keep the top 20% of each task vector (TIES)" if value
                        else "AdaMerging++ sets 0.2")
@@ -212,18 +222,13 @@ def main() -> None:
                     defaults_note=note, steps=steps, steps_note=steps_note,
                     model_block=model_block(method, model, experts, n, big, stem_of),
                     tasks=", ".join(tasks), data_extra=data_extra(method), batch_comment=batch_comment(method))
-                if method in VAL_INTERVALS:
-                    every, why = VAL_INTERVALS[method]
+                official = registry.get(method).recipes.get("paper")
+                if official and official.val_every and not (official.model or official.data):
+                    # our defaults are the official recipe: evaluate when it does too (WEMoE: 500 and 1000)
                     line = next(x for x in text.splitlines() if x.startswith("  val_check_interval:"))
-                    text = text.replace(line, f"  val_check_interval: {every:<9}# {why}")
+                    text = text.replace(line, f"  val_check_interval: {official.val_every:<9}# {official.val_note}")
                 (ROOT / "configs" / name).write_text(text)
                 print("wrote", name)
-
-
-# Rows whose official script evaluates more than the last step: (interval, comment). Both figures
-# are reported; none is chosen on the test labels.
-VAL_INTERVALS = {"wemoe": (500, "evaluate at step 500 and at the end, as the official script "
-                                "(scripts/clip_dictmoe.py L115)")}
 
 
 # The AdaMerging paper's two other protocols on ViT-B/32 (layer-wise AdaMerging; run every method
@@ -314,7 +319,56 @@ def paper_configs() -> None:
             print("wrote", name)
 
 
+def _yaml(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def recipe_configs() -> None:
+    """configs/paper/ and configs/fusionbench/: every learned row's published recipes
+    (``Method.recipes``: the official code's and FusionBench's) for ViT-B/32 and ViT-L/14, 8 tasks."""
+    tasks = SUITES[COUNTS[8]]
+    rows = [n for n in registry.names("learned") if registry.get(n).recipes]
+    for key, model in MODELS.items():
+        for name in rows:
+            for folder, recipe in registry.get(name).recipes.items():
+                (ROOT / "configs" / folder).mkdir(exist_ok=True)
+                experts_dir = f"experts/{'fusionbench/' if folder == 'fusionbench' else ''}{model}"
+                experts = "\n".join(f"      {t}: {experts_dir}/{t}.safetensors" for t in tasks)
+
+                def stem_of(row: str, folder: str = folder) -> str:  # the run a row starts from: same folder
+                    return f"{folder}/clip-{key}_8tasks_{row.removeprefix('adamerging_')}"
+                pick = lambda v: v.get(model, v["*"]) if isinstance(v, dict) else v  # noqa: E731
+                data = {k: (pick(v), c) for k, (v, c) in recipe.data.items()}
+                steps = (recipe.steps or registry.get(name).steps) * (len(tasks) if data.get("task_steps", (0,))[0] else 1)
+                note = "\n".join(textwrap.wrap(recipe.note, 100, initial_indent="# ", subsequent_indent="# "))
+                if folder == "fusionbench":
+                    note += ("\n# Experts: FusionBench's tanganke/clip-vit-*_<task> fine-tunes, converted with\n"
+                             f"#   adamerge convert --fusionbench DIR --out experts/fusionbench/{model} (docs/offline.md);\n"
+                             "# heads: our zero-shot heads (FusionBench's templates may differ).")
+                file = f"{folder}/{stem_of(name).split('/', 1)[1]}.yaml"
+                text = TEMPLATE.format(
+                    title=file, method_doc=registry.get(name).description, n=8, model=model,
+                    pretrained="openai", name=file, stem=file.removesuffix(".yaml"), defaults_note=note,
+                    steps=steps, steps_note=recipe.steps_note or registry.get(name).steps_note,
+                    model_block=model_block(name, model, experts, 8, key == "vit-l-14", stem_of, overrides=recipe.model),
+                    tasks=", ".join(tasks), batch_comment=batch_comment(name),
+                    data_extra="".join(f"\n  {k}: {_yaml(v):<{max(25 - len(k), 1)}}# {c}"
+                                       for k, (v, c) in data.items() if k != "batch_size"))
+                replace = {"  batch_size:": (f"  batch_size: {_yaml(data['batch_size'][0]):<17}# {data['batch_size'][1]}"
+                                             if "batch_size" in data else None),
+                           "  val_check_interval:": (f"  val_check_interval: {recipe.val_every:<9}# {recipe.val_note}"
+                                                     if recipe.val_every else None),
+                           "  precision:": (f"  precision: {recipe.precision:<17}# the recipe's (needs a GPU; 32-true on a CPU)"
+                                            if recipe.precision else None)}
+                for start, line in replace.items():
+                    if line:
+                        text = text.replace(next(x for x in text.splitlines() if x.startswith(start)), line)
+                (ROOT / "configs" / file).write_text(text)
+                print("wrote", file)
+
+
 if __name__ == "__main__":
     main()
     protocol_configs()
     paper_configs()
+    recipe_configs()

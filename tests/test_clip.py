@@ -535,7 +535,8 @@ def test_clip_configs_are_consistent():
 
 def test_paper_configs_follow_the_official_recipe():
     """configs/paper/: batches of 2 x 16 per task, the official-equivalent trim, defaults otherwise."""
-    found = {p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "configs" / "paper").glob("*.yaml")}
+    found = {p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "configs" / "paper").glob("*.yaml")
+             if re.fullmatch(r"clip-vit-[bl]-\d+_8tasks_(taskwise|layerwise)(_pp)?\.yaml", p.name)}
     assert len(found) == 8
     for name, cfg in found.items():
         model = cfg["model"]
@@ -546,8 +547,37 @@ def test_paper_configs_follow_the_official_recipe():
         assert model["trim"] == (trim if name.endswith("_pp.yaml") else None), name
 
 
+def test_recipe_configs_set_the_published_recipes():
+    """configs/paper/ (the other learned rows' official code) and configs/fusionbench/ (issue 31)."""
+    def load(name):
+        cfg = yaml.safe_load((ROOT / "configs" / name).read_text())
+        return cfg, cfg["model"].get("init_args", cfg["model"])
+    for key in ("vit-b-32", "vit-l-14"):
+        cfg, model = load(f"paper/clip-{key}_8tasks_tinting.yaml")  # SyMerge: 500 epochs x a step per task
+        assert (cfg["data"]["task_steps"], cfg["data"]["batch_size"], cfg["trainer"]["max_steps"]) == (True, 32, 4000)
+        cfg, model = load(f"paper/clip-{key}_8tasks_adarank.yaml")
+        assert cfg["data"]["batch_size"] == (4 if key == "vit-l-14" else 16) and cfg["trainer"]["max_steps"] == 10000
+        assert model["clamp"] is False and model["initial_rank_ratio"] == 0.125
+        cfg, model = load(f"paper/clip-{key}_8tasks_wemoe.yaml")
+        assert cfg["trainer"]["val_check_interval"] == 500 and model["batch_reduce"] is False
+        cfg, model = load(f"fusionbench/clip-{key}_8tasks_layerwise.yaml")
+        assert (model["clamp"], model["split_qkv"], cfg["trainer"]["max_steps"]) == (False, True, 1000)
+        assert model["pool"]["init_args"]["experts"]["mnist"] == f"experts/fusionbench/{model['pool']['init_args']['model']}/mnist.safetensors"
+        cfg, model = load(f"fusionbench/clip-{key}_8tasks_layerwise_surgery.yaml")
+        assert model["feature_norm"] == "fusionbench" and cfg["trainer"]["val_check_interval"] == 200
+        for folder in ("paper", "fusionbench"):  # Surgery starts from the layer-wise run of its own folder
+            _, model = load(f"{folder}/clip-{key}_8tasks_layerwise_surgery.yaml")
+            stem = model["init_from"].removeprefix("runs/").removesuffix("/checkpoints/last.ckpt")
+            assert (ROOT / "configs" / f"{stem}.yaml").is_file() and stem.startswith(f"{folder}/")
+        cfg, model = load(f"fusionbench/clip-{key}_8tasks_wemoe.yaml")
+        assert (model["batch_reduce"], model["lr"], model["lr_schedule"]) == (True, 0.0001, "constant")
+
+
 @pytest.mark.parametrize("name", ["clip-vit-b-32_8tasks_layerwise.yaml", "clip-vit-l-14_20tasks_layerwise_pp.yaml",
-                                  "paper/clip-vit-b-32_8tasks_taskwise_pp.yaml",
+                                  "paper/clip-vit-b-32_8tasks_taskwise_pp.yaml", "paper/clip-vit-l-14_8tasks_tinting.yaml",
+                                  "paper/clip-vit-l-14_8tasks_adarank.yaml", "fusionbench/clip-vit-b-32_8tasks_layerwise.yaml",
+                                  "fusionbench/clip-vit-b-32_8tasks_layerwise_surgery.yaml",
+                                  "fusionbench/clip-vit-l-14_8tasks_wemoe.yaml",
                                   "clip-vit-b-32_8tasks_layerwise_surgery.yaml", "clip-vit-l-14_8tasks_tinting.yaml",
                                   "clip-vit-b-32_8tasks_wemoe.yaml", "clip-vit-l-14_8tasks_adarank.yaml",
                                   "clip-vit-b-32_8tasks_layerwise_fewshot.yaml",

@@ -4,6 +4,7 @@ checkpoint of another method, export the per-task parts, run in compare."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,11 +22,13 @@ from torch.func import functional_call
 from adamerge import AdaMerging, MultiTaskDataModule, Surgery, Tinting
 from adamerge.compare import CompareSettings, compare
 from adamerge.engine.objectives import confident_pseudo_label
+from adamerge.exported import ExportedModel
 from adamerge.io.checkpoints import load_state_dict, read_checkpoint
 from adamerge.io.export import export
 from adamerge.methods.adamerging import COEFFICIENTS_KEY
+from adamerge.models.clip import ZeroShotHead
 from adamerge.models.pool import PreloadedPool
-from adamerge.suites.synthetic import SuitePool, SuiteSource
+from adamerge.suites.synthetic import SuitePool, SuiteSource, TinyViT
 from test_adamerging import random_data, trainer
 from conftest import RandomPool
 
@@ -287,3 +290,104 @@ def test_pseudo_label_row_learns_on_the_tiny_pool(tmp_path):
     model = AdaMerging(tiny(), **hp)
     trainer(tmp_path, 40, [Rec()]).fit(model, MultiTaskDataModule(SuiteSource("tiny"), batch_size=16))
     assert sum(seen[-5:]) / 5 < 0.9 * sum(seen[:5]) / 5, seen
+
+
+# ---------------------------------------------------------------- feature_norm: fusionbench
+class RawViT(TinyViT):
+    """The test TinyViT with an output that is not L2-normalised (a norm of 1 to 5 per image, as
+    CLIP's image embedding is not): what the encoder gives decides what ``feature_norm`` does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * (1.0 + 4.0 * x.flatten(1).mean(1, keepdim=True))
+
+
+def raw_clip_like_pool(unseen: bool = False) -> PreloadedPool:
+    """:class:`RandomPool` on :class:`RawViT` with zero-shot heads (which normalise their input);
+    ``unseen``: one more task ``u`` evaluated only."""
+    loaded = RandomPool().load()
+    enc = RawViT(image_size=8, patch=4, dim=16, depth=1, heads=2, out_dim=16)
+    enc.load_state_dict(loaded.encoder.state_dict())
+    heads = {t: ZeroShotHead(h.weight.detach()) for t, h in loaded.heads.items()}
+    extra = {"u": ZeroShotHead(10 * torch.randn(5, 16, generator=torch.Generator().manual_seed(3)))} if unseen else {}
+    return PreloadedPool(dataclasses.replace(loaded, encoder=enc, heads=heads, unseen_heads=extra))
+
+
+def randomize_up(model: Surgery, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.task_modules.values():
+            m.up.weight.copy_(0.3 * torch.randn(m.up.weight.shape, generator=g))
+
+
+def test_surgery_fusionbench_feature_norm_feeds_the_heads_normalised_features_not_renormalised():
+    pool = raw_clip_like_pool()
+    fb, plain = Surgery(pool, feature_norm="fusionbench"), Surgery(pool)
+    x = random_data().dataset("a", "test")[:8][0]
+    params = fb.merged.merged_parameters()
+    with torch.no_grad():
+        f = functional_call(fb.merged.module, params, (x,), strict=False)
+        assert not torch.allclose(f.norm(dim=-1), torch.ones(8))  # the encoder's output is raw
+        n = F.normalize(f, dim=-1)
+        for t in fb.task_names:  # up zero: the adapter gives the merged model's normalised features
+            assert torch.allclose(fb.task_modules[t](f), n, atol=1e-6)
+            assert torch.allclose(plain.task_modules[t](f), f, atol=1e-6)
+            # and the zero-shot head sees them as they are (its normalisation is a no-op here)
+            assert torch.allclose(fb.task_logits({t: x}, params)[t], plain.task_logits({t: x}, params)[t], atol=1e-5)
+        randomize_up(fb)
+        for t in fb.task_names:  # trained adapters: logit_scale * text @ (n - up(relu(down n))), no renormalising
+            a = fb.task_modules[t]
+            s = n - torch.relu(n @ a.down.weight.T) @ a.up.weight.T
+            w = fb.heads[t].linear.weight
+            got = fb.task_logits({t: x}, params)[t]
+            assert torch.allclose(got, s @ w.T, atol=1e-5)
+            assert not torch.allclose(got, F.normalize(s, dim=-1) @ w.T, atol=1e-3)
+
+
+def test_surgery_fusionbench_l1_loss_is_between_normalised_merged_and_expert_features():
+    pool = raw_clip_like_pool()
+    loaded = pool.load()
+    data = random_data()
+    model = Surgery(pool, feature_norm="fusionbench")
+    randomize_up(model, seed=1)
+    model.use_adaptation_data({t: data.dataset(t, "test") for t in model.task_names})
+    idx = torch.tensor([3, 0, 11, 7])
+    images = {t: data.dataset(t, "test")[idx][0] for t in model.task_names}
+    indices = {t: idx for t in model.task_names}
+    params = model.merged.merged_parameters()
+    with torch.no_grad():
+        losses = model.task_losses(images, indices, params)
+        base = dict(loaded.encoder.named_parameters())
+        for k, t in enumerate(model.task_names):
+            expert = {n: base[n] + loaded.task_vectors.tensors[j][k] for j, n in enumerate(loaded.task_vectors.names)}
+            e = F.normalize(functional_call(loaded.encoder, expert, (images[t],), strict=False), dim=-1)
+            m = F.normalize(functional_call(loaded.encoder, params, (images[t],), strict=False), dim=-1)
+            a = model.task_modules[t]
+            want = (m - torch.relu(m @ a.down.weight.T) @ a.up.weight.T - e).abs().mean()
+            assert losses[t].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7), t
+            raw = (functional_call(loaded.encoder, expert, (images[t],), strict=False) - a(m)).abs().mean()
+            assert abs(losses[t].item() - raw.item()) > 1e-3  # the expert side is normalised too
+
+
+def test_surgery_feature_norm_rejects_an_unknown_value_naming_the_key():
+    with pytest.raises(ValueError, match=r"model\.feature_norm must be one of none, fusionbench, got 'l2'"):
+        Surgery(RandomPool(), feature_norm="l2")
+
+
+def test_surgery_fusionbench_export_gives_the_module_logits_and_checkpoints_only_weights(tmp_path):
+    pool = raw_clip_like_pool(unseen=True)
+    model = Surgery(pool, feature_norm="fusionbench", lr=5e-2)
+    tr = trainer(tmp_path, 4)
+    tr.fit(model, MultiTaskDataModule(random_data(("a", "b", "c", "u")), batch_size=8))
+    tr.save_checkpoint(tmp_path / "s.ckpt")
+    assert set(read_checkpoint(tmp_path / "s.ckpt")["state_dict"]) == {COEFFICIENTS_KEY} | {
+        f"task_modules.{t}.{p}.weight" for t in "abc" for p in ("down", "up")}
+    paths = export(Surgery(pool, feature_norm="fusionbench"), tmp_path / "s.ckpt", tmp_path / "out")
+    assert load_state_dict(paths["task_modules"])["a.normalize_input"].item() == 1
+    enc = RawViT(image_size=8, patch=4, dim=16, depth=1, heads=2, out_dim=16)
+    exported = ExportedModel.from_folder(tmp_path / "out", encoder=enc)
+    x = random_data().dataset("b", "test")[:6][0]
+    params = model.merged.merged_parameters()
+    with torch.no_grad():
+        for t in ("a", "b", "c", "u"):  # adapted tasks and the unseen one (its head normalises)
+            want = model.task_logits({t: x}, params)[t]
+            assert torch.allclose(exported(x, t), want, atol=1e-5), t

@@ -45,7 +45,8 @@ def parser(prog: str, demo: bool) -> argparse.ArgumentParser:
                    help=f"methods to run: names from the list above, or '{registry.ALL}' (default: "
                         "those marked demo); --methods alone lists every method with its hyper-parameters")
     p.add_argument("--steps", type=int, default=None,
-                   help="steps of learned methods (default: 500 for the demo, trainer.max_steps of the config)")
+                   help="steps of learned methods (default: 500 for the demo, trainer.max_steps of the config; "
+                        "--protocol paper: each row's official count)")
     p.add_argument("--val-split", default="val",
                    help="labeled split on which static methods pick their tuned hyper-parameters "
                         "(task arithmetic / TIES: the scaling) from a grid ('none': use the defaults, "
@@ -56,10 +57,12 @@ def parser(prog: str, demo: bool) -> argparse.ArgumentParser:
                    help="fixed TIES scaling (same as --hparam ties.scaling=X)")
     p.add_argument("--protocol", choices=["ours", "paper"], default="ours",
                    help="ours: our defaults (scalings picked on --val-split, TIES disjoint mean, one "
-                        "batch of 16 per task per step); paper: the official AdaMerging code's recipe "
-                        "(task arithmetic and TIES at a fixed 0.3, TIES as the disjoint sum, two "
-                        "batches of 16 per task per step, AdaMerging++ with the official-equivalent "
-                        "trim); --hparam still overrides. docs/fidelity.md lists each difference")
+                        "batch of 16 per task per step, --steps for every learned row); paper: the official "
+                        "recipes (task arithmetic and TIES at a fixed 0.3, TIES as the disjoint sum, "
+                        "AdaMerging++ with the official-equivalent trim, and each learned row with its own "
+                        "official batch size and steps: AdaMerging 32 (two of 16) x 500, WEMoE 16 x 1000, "
+                        "AdaRank 16 x 10000 (ViT-L-14: 4), ...; see docs/usage.md); --hparam and --steps "
+                        "still override. docs/fidelity.md lists each difference")
     p.add_argument("--hparam", nargs="+", default=[], metavar="METHOD.KEY=VALUE",
                    help="set a method's hyper-parameter (JSON value), e.g. --hparam ties.keep=0.1 "
                         "adamerging_layerwise.lr=0.002; see --methods for the keys")
@@ -101,7 +104,9 @@ def hparam_overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
-PAPER_BATCH_SIZE = 32  # two batches of 16 per task per step (official: `if i > 0: break`)
+# --protocol paper: the data module's batch (AdaMerging's: two batches of 16 per task per step, official
+# `if i > 0: break`); each learned row runs with its own (paper_schedules)
+PAPER_BATCH_SIZE = registry.PAPER_BATCH
 
 
 def paper_protocol(loaded: Any, hparams: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -123,6 +128,22 @@ def paper_protocol(loaded: Any, hparams: dict[str, dict[str, Any]]) -> dict[str,
             out.setdefault(name, {})[key] = value
     for method, values in hparams.items():
         out.setdefault(method, {}).update(values)
+    return out
+
+
+def paper_schedules(loaded: Any, methods: Sequence[str], steps: int | None = None) -> dict[str, dict[str, int]]:
+    """``{row: {"batch_size", "steps"}}`` of the official recipe of every learned row of ``methods``
+    (and of the rows they start from) on ``loaded``'s architecture (``Method.paper_schedule``: the
+    open_clip model name, e.g. AdaRank's batch 4 on ViT-L-14; any other pool: the row's ``"*"``
+    value); ``steps`` (``--steps``) replaces every row's steps. ``--protocol paper`` runs each row so
+    (``CompareSettings.schedules``)."""
+    recipe = getattr(loaded, "encoder_recipe", None) or {}
+    model = recipe.get("model") if recipe.get("kind") == "open_clip" else None
+    out = {}
+    for name in registry.with_prerequisites(list(methods)):
+        method = registry.get(name)
+        if method.kind == "learned":
+            out[name] = {**method.paper_schedule(model), **({"steps": steps} if steps else {})}
     return out
 
 
@@ -161,11 +182,14 @@ def compare_main(args: Sequence[str]) -> None:
                       subclass_mode_model=names_model_class(rest))
     model, dm = cli.model, cli.datamodule
     hparams = config_hparams(model, hparams)
+    schedules: dict[str, dict[str, int]] = {}
     if ns.protocol == "paper":
         hparams = paper_protocol(model.loaded, hparams)
         dm = dm.with_options(batch_size=PAPER_BATCH_SIZE)
-    settings = CompareSettings(steps=ns.steps or int(cli.trainer.max_steps),
+        schedules = paper_schedules(model.loaded, methods, ns.steps)
+    default_steps = registry.PAPER_STEPS if ns.protocol == "paper" else int(cli.trainer.max_steps)
+    settings = CompareSettings(steps=ns.steps or default_steps,
                                val_split=None if ns.val_split == "none" else ns.val_split,
-                               hparams=hparams, accelerator="auto")
-    settings.extra = {"protocol": ns.protocol}
+                               hparams=hparams, accelerator="auto", schedules=schedules)
+    settings.extra = {"protocol": ns.protocol, **({"paper_schedules": schedules} if schedules else {})}
     compare(model.loaded, dm, Path(ns.out), settings, methods, suite="custom")

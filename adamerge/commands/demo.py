@@ -13,7 +13,7 @@ from ..data.datamodule import MultiTaskDataModule
 from ..methods import registry
 from ..options import parse_overrides
 from ..suites.synthetic import SuitePool, SuiteSource
-from .compare import PAPER_BATCH_SIZE, hparam_overrides, paper_protocol, parser
+from .compare import PAPER_BATCH_SIZE, hparam_overrides, paper_protocol, paper_schedules, parser
 
 
 def demo_main(args: Sequence[str]) -> None:
@@ -27,9 +27,11 @@ def demo_main(args: Sequence[str]) -> None:
                                hparams=hparam_overrides(ns))
     settings.check()
     pool = SuitePool("demo", cache_dir=ns.cache_dir, overrides=overrides, unseen_tasks=ns.unseen)
-    settings.extra = {"suite_key": pool.spec.key(), **({"suite_overrides": overrides} if overrides else {}),
-                      **({"protocol": "paper"} if ns.protocol == "paper" else {})}
     loaded = pool.load()
+    schedules = paper_schedules(loaded, methods, ns.steps) if ns.protocol == "paper" else {}
+    settings.extra = {"suite_key": pool.spec.key(), **({"suite_overrides": overrides} if overrides else {}),
+                      **({"protocol": "paper", "paper_schedules": schedules} if ns.protocol == "paper" else {})}
+    settings.schedules = schedules  # --protocol paper: each learned row's own batch size and steps
     if ns.protocol == "paper":
         settings.hparams = paper_protocol(loaded, settings.hparams)
     dm = MultiTaskDataModule(SuiteSource("demo", overrides=overrides),
@@ -48,8 +50,11 @@ def text_demo(ns) -> None:
                                hparams=hparam_overrides(ns))
     settings.check()
     pool = TextSuitePool("demo", cache_dir=ns.cache_dir, unseen_tasks=ns.unseen)
-    settings.extra = {"suite_key": pool.spec.key(), **({"protocol": "paper"} if ns.protocol == "paper" else {})}
     loaded = pool.load()
+    schedules = paper_schedules(loaded, methods, ns.steps) if ns.protocol == "paper" else {}
+    settings.extra = {"suite_key": pool.spec.key(),
+                      **({"protocol": "paper", "paper_schedules": schedules} if ns.protocol == "paper" else {})}
+    settings.schedules = schedules
     if ns.protocol == "paper":
         settings.hparams = paper_protocol(loaded, settings.hparams)
     dm = MultiTaskDataModule(TextSuiteSource("demo", cache_dir=ns.cache_dir),

@@ -287,10 +287,17 @@ class AdaptationStream(IterableDataset):
 
     Each task walks through its own seeded permutations (a new one per pass), so smaller tasks
     cycle. With ``world_size > 1`` each rank yields its own contiguous share of every batch.
+
+    ``task_steps=True``: the batch at step ``s`` holds only the task at position ``s mod T``
+    (``T`` tasks, in the order of ``datasets``), and that task's batch is its ``s // T``-th:
+    the same images as its part of the all-task batch at step ``s // T`` (see :meth:`task_at`).
+    Each task thus walks its own permutations by its own count of steps, every ``T`` steps
+    visit each task once, resuming at any step is exact, and :meth:`units` is unchanged.
     """
 
     def __init__(self, datasets: Mapping[str, Dataset], batch_size: int, seed: int = 0,
-                 start_step: int = 0, rank: int = 0, world_size: int = 1, labeled: bool = False) -> None:
+                 start_step: int = 0, rank: int = 0, world_size: int = 1, labeled: bool = False,
+                 task_steps: bool = False) -> None:
         self.datasets = dict(datasets)
         self.labels = {t: labels_of(ds) for t, ds in self.datasets.items()} if labeled else None
         for task, ds in self.datasets.items():
@@ -300,6 +307,12 @@ class AdaptationStream(IterableDataset):
             raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} devices")
         self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
         self.rank, self.world_size = rank, world_size
+        self.task_steps = task_steps
+
+    def task_at(self, step: int) -> tuple[int, int]:
+        """With ``task_steps``: ``(task position, that task's own step)`` of the batch at ``step``,
+        i.e. ``(step mod T, step // T)``."""
+        return step % len(self.datasets), step // len(self.datasets)
 
     def permutation(self, task_pos: int, n: int, epoch: int) -> torch.Tensor:
         """The order in which pass ``epoch`` visits the ``n`` images of the task at ``task_pos``."""
@@ -345,7 +358,11 @@ class AdaptationStream(IterableDataset):
         share = self.batch_size // self.world_size
         lo = self.rank * share
         out = {}
-        for pos, (task, ds) in enumerate(self.datasets.items()):
+        tasks = list(enumerate(self.datasets.items()))
+        if self.task_steps:  # one task per step, in turn, each at its own count of steps
+            pos, step = self.task_at(step)
+            tasks = [tasks[pos]]
+        for pos, (task, ds) in tasks:
             idx = self.indices(pos, len(ds), step)[lo:lo + share]
             index = torch.tensor(idx, dtype=torch.long)
             out[task] = (torch.stack([image_of(ds[i]) for i in idx]), index)
@@ -385,13 +402,20 @@ class MultiTaskDataModule(L.LightningDataModule):
             ``severity`` 1-5; ``None``: clean images.
         eval_corruption: corruption of the evaluation images; ``same`` (default) uses
             ``corruption``, ``None`` keeps them clean. ``eval_severity`` (default: ``severity``).
+        task_steps: one optimizer step per task batch, tasks in turn (SyMerge/Tinting's and
+            FusionBench Surgery's schedule): the batch of step ``s`` holds only the task at
+            position ``s mod T`` of :meth:`task_names` (``T`` tasks), with the images that task
+            has in the all-task batch of step ``s // T`` (:class:`AdaptationStream`).
+            ``trainer.max_steps`` then counts single-task steps (``500 x T`` for 500 rounds).
+            ``False`` (default): every step holds every task's batch.
     """
 
     def __init__(self, source: DatasetSource, batch_size: int = 16, eval_batch_size: int = 128,
                  adapt_split: str = "test", eval_split: str = "test", num_workers: int = 0,
                  seed: int = 0, max_eval_samples: int | None = None, shots: int | None = None,
                  shots_split: str | None = None, corruption: str | None = None, severity: int = 3,
-                 eval_corruption: str | None = "same", eval_severity: int | None = None) -> None:
+                 eval_corruption: str | None = "same", eval_severity: int | None = None,
+                 task_steps: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -402,6 +426,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         if shots is not None and shots < 1:
             raise ValueError(f"data.shots must be >= 1 (labeled images per class), got {shots}")
         self.shots, self.shots_split = shots, shots_split
+        self.task_steps = bool(task_steps)
         from .corruptions import CorruptedDataset
         for name, sev in ((corruption, severity), (None if eval_corruption == "same" else eval_corruption,
                                                    eval_severity or severity)):
@@ -527,7 +552,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return AdaptationStream({t: self.adaptation_dataset(t) for t in self.task_names()},
                                 self.batch_size, seed=self.seed, start_step=self._start_step(),
-                                rank=rank, world_size=world, labeled=self.labeled)
+                                rank=rank, world_size=world, labeled=self.labeled,
+                                task_steps=self.task_steps)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.adaptation_stream(), batch_size=None, num_workers=self.num_workers,

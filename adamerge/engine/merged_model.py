@@ -5,12 +5,13 @@ The base module is frozen and never copied or modified: it is called with
 autograd node (:class:`_Merge`): per parameter one matrix-vector product over the stacked task
 vectors (on the CPU, large parameters as one batched product over column blocks; into reused
 buffers during training); autograd records one node, not P x K, and no gradient is ever
-computed for a frozen tensor.
+computed for a frozen tensor. With ``split_qkv`` a fused q/k/v parameter (open_clip's
+``in_proj_weight``) is merged as three slices along dim 0, each with its own coefficient row.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +20,12 @@ from torch.func import functional_call
 from .task_vectors import TaskVectors
 
 Granularity = Literal["taskwise", "layerwise"]
+
+# Fused q/k/v parameters (``split_qkv``): q, k and v stacked along dim 0, in that order.
+# nn.MultiheadAttention / open_clip: ``attn.in_proj_weight`` [3D, D], ``attn.in_proj_bias`` [3D];
+# timm and the built-in suites: the ``qkv`` nn.Linear.
+QKV_SUFFIXES = ("in_proj_weight", "in_proj_bias", "qkv.weight", "qkv.bias")
+QKV_PARTS = ("q", "k", "v")
 
 # Parameters of at least this many values are merged in blocks on the CPU (see _blocks).
 BLOCK_MIN_NUMEL = 1 << 16
@@ -71,47 +78,86 @@ def _project(flat_tau: torch.Tensor, flat_g: torch.Tensor) -> torch.Tensor:
     return torch.bmm(flat_g.view(m, 1, -1), blocks.transpose(1, 2)).sum(0).view(k)
 
 
+def _chunk_slices(numel: int, chunks: int) -> list[slice]:
+    """The ``chunks`` equal consecutive slices of a flat parameter (a chunk of dim 0 of the
+    parameter is a contiguous range of its flat view)."""
+    n = numel // chunks
+    return [slice(j * n, (j + 1) * n) for j in range(chunks)]
+
+
 class _Merge(torch.autograd.Function):
     """Fused merge of all parameters; the only differentiable input is the coefficient matrix.
 
     ``outs`` (optional) are reusable flat buffers, one per parameter, written in place: a training
-    loop then allocates no parameter-sized tensor per step for the merge.
+    loop then allocates no parameter-sized tensor per step for the merge. ``chunks`` (optional,
+    one count per parameter): parameter ``p`` is merged as ``chunks[p]`` equal slices along its
+    dim 0, slice ``j`` with coefficient row ``rows[p] + j`` (views: nothing is copied).
     """
 
     @staticmethod
     def forward(ctx: Any, coeffs: torch.Tensor, rows: torch.Tensor, bases: tuple[torch.Tensor, ...],
-                taus: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...] | None = None
-                ) -> tuple[torch.Tensor, ...]:
+                taus: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...] | None = None,
+                chunks: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
         ctx.taus, ctx.rows, ctx.coeff_shape = taus, rows, coeffs.shape
         results = []
         rows_list = rows.tolist()
+        ctx.rows_list, ctx.chunks = rows_list, chunks
         for p, (row, base, tau) in enumerate(zip(rows_list, bases, taus)):
             flat_tau = tau.reshape(tau.shape[0], -1)
             if flat_tau.device != base.device:  # task vectors streamed from (pinned) CPU memory
                 flat_tau = flat_tau.to(base.device, non_blocking=True)
             flat_base = base.reshape(-1)
             out = outs[p] if outs is not None else torch.empty_like(flat_base)
-            _combine(flat_base, flat_tau, coeffs[row].to(flat_tau.dtype), out)
+            if chunks is None or chunks[p] == 1:
+                _combine(flat_base, flat_tau, coeffs[row].to(flat_tau.dtype), out)
+            else:
+                for j, s in enumerate(_chunk_slices(flat_base.numel(), chunks[p])):
+                    _combine(flat_base[s], flat_tau[:, s], coeffs[row + j].to(flat_tau.dtype), out[s])
             results.append(out.view(base.shape))
         return tuple(results)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
-        # d loss / d lambda[row(p), k] = <d loss / d theta_p, tau_k,p>
-        per_param, used_rows = [], []
+        # d loss / d lambda[row(p), k] = <d loss / d theta_p, tau_k,p> (per chunk: over its slice)
+        per_row, used_rows = [], []
         for p, (g, tau) in enumerate(zip(grads, ctx.taus)):
             if g is None:
                 continue
             flat_tau = tau.reshape(tau.shape[0], -1)
             if flat_tau.device != g.device:
                 flat_tau = flat_tau.to(g.device, non_blocking=True)
-            per_param.append(_project(flat_tau, g.reshape(-1).to(flat_tau.dtype)).float())
-            used_rows.append(p)
+            flat_g = g.reshape(-1).to(flat_tau.dtype)
+            if ctx.chunks is None or ctx.chunks[p] == 1:
+                per_row.append(_project(flat_tau, flat_g).float())
+                used_rows.append(ctx.rows_list[p])
+            else:
+                for j, s in enumerate(_chunk_slices(flat_g.numel(), ctx.chunks[p])):
+                    per_row.append(_project(flat_tau[:, s], flat_g[s]).float())
+                    used_rows.append(ctx.rows_list[p] + j)
         grad = torch.zeros(ctx.coeff_shape, dtype=torch.float32, device=ctx.rows.device)
-        if per_param:
-            index = ctx.rows[torch.tensor(used_rows, device=ctx.rows.device)]
-            grad.index_add_(0, index, torch.stack(per_param))
-        return grad, None, None, None, None
+        if per_row:
+            index = torch.tensor(used_rows, device=ctx.rows.device)
+            grad.index_add_(0, index, torch.stack(per_row))
+        return grad, None, None, None, None, None
+
+
+def fused_qkv_chunks(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """Coefficient rows per parameter under ``split_qkv``: 3 for a fused q/k/v parameter (a name
+    ending in one of :data:`QKV_SUFFIXES`), 1 for every other. One-line errors for a fused name
+    whose dim 0 is not a multiple of 3, and for a model with no fused q/k/v parameter."""
+    chunks = []
+    for name, shape in zip(names, shapes):
+        fused = any(name == s or name.endswith("." + s) for s in QKV_SUFFIXES)
+        if fused and (len(shape) == 0 or shape[0] % 3):
+            raise ValueError(f"split_qkv: {name!r} has shape {tuple(shape)}, its dim 0 is not q, k and v "
+                             "of equal size (not a multiple of 3)")
+        chunks.append(3 if fused else 1)
+    if 3 not in chunks:
+        shown = ", ".join(list(names)[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(f"split_qkv: none of the {len(names)} merged parameters ({shown}) is a fused q/k/v "
+                         f"projection (a name ending in {', '.join(QKV_SUFFIXES)}); separate q/k/v "
+                         "tensors already get one row each: drop split_qkv")
+    return tuple(chunks)
 
 
 class MergedModel(nn.Module):
@@ -124,6 +170,11 @@ class MergedModel(nn.Module):
         task_vectors: stacked task vectors whose names are parameters of ``module``.
         granularity: ``"taskwise"`` (coefficients ``[1, K]``) or ``"layerwise"`` (``[P, K]``,
             one row per parameter tensor, as in the AdaMerging paper).
+        split_qkv: layer-wise only: three rows (q, k, v) for each fused q/k/v parameter
+            (:data:`QKV_SUFFIXES`, e.g. open_clip's ``attn.in_proj_weight`` / ``in_proj_bias``),
+            one per equal third along dim 0, as a model with separate ``q_proj`` / ``k_proj`` /
+            ``v_proj`` tensors has (Hugging Face CLIP, FusionBench). The rows of a parameter are
+            consecutive, in parameter order (:meth:`row_names`); ``False`` (default): one row.
         prior: initial value of every coefficient.
         clamp: clamp the coefficients to ``[0, 1]`` when merging (gradients outside are zero).
         offload: keep the task vectors where they are (e.g. pinned CPU memory) and stream them
@@ -132,10 +183,12 @@ class MergedModel(nn.Module):
 
     def __init__(self, module: nn.Module, task_vectors: TaskVectors,
                  granularity: Granularity = "layerwise", prior: float = 0.3, clamp: bool = True,
-                 offload: bool = False) -> None:
+                 offload: bool = False, split_qkv: bool = False) -> None:
         super().__init__()
         if granularity not in ("taskwise", "layerwise"):
             raise ValueError(f"granularity must be 'taskwise' or 'layerwise', got {granularity!r}")
+        if split_qkv and granularity != "layerwise":
+            raise ValueError(f"split_qkv needs granularity 'layerwise' (q/k/v rows per parameter), got {granularity!r}")
         self.task_vectors = self._adopt(module, task_vectors)
         module.requires_grad_(False)
         module.eval()
@@ -143,10 +196,20 @@ class MergedModel(nn.Module):
         self.granularity = granularity
         self.clamp = clamp
         self.offload = offload
-        n_rows = task_vectors.num_params if granularity == "layerwise" else 1
+        self.split_qkv = split_qkv
+        # rows per parameter (split_qkv); rows[p] is then the row of the first chunk of parameter p
+        self.row_chunks: tuple[int, ...] | None = fused_qkv_chunks(
+            task_vectors.names, [t.shape[1:] for t in task_vectors.tensors]) if split_qkv else None
+        if self.row_chunks is not None:
+            firsts = [0]
+            for c in self.row_chunks[:-1]:
+                firsts.append(firsts[-1] + c)
+            rows, n_rows = torch.tensor(firsts, dtype=torch.long), sum(self.row_chunks)
+        else:
+            n_rows = task_vectors.num_params if granularity == "layerwise" else 1
+            rows = torch.arange(task_vectors.num_params) if granularity == "layerwise" else \
+                torch.zeros(task_vectors.num_params, dtype=torch.long)
         self.coefficients = nn.Parameter(torch.full((n_rows, task_vectors.num_tasks), float(prior)))
-        rows = torch.arange(task_vectors.num_params) if granularity == "layerwise" else \
-            torch.zeros(task_vectors.num_params, dtype=torch.long)
         self.register_buffer("rows", rows, persistent=False)
         self._merge_buffers: tuple[torch.Tensor, ...] | None = None  # reused by training merges
 
@@ -195,7 +258,8 @@ class MergedModel(nn.Module):
         params = dict(self.module.named_parameters())
         bases = tuple(params[n] for n in self.task_vectors.names)
         outs = self._step_buffers(bases) if reuse_buffers else None
-        merged = _Merge.apply(self.lambdas(), self.rows, bases, tuple(self.task_vectors.tensors), outs)
+        merged = _Merge.apply(self.lambdas(), self.rows, bases, tuple(self.task_vectors.tensors), outs,
+                              self.row_chunks)
         return dict(zip(self.task_vectors.names, merged))
 
     def _step_buffers(self, bases: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -220,7 +284,17 @@ class MergedModel(nn.Module):
         return {k: (merged[k] if k in merged else v).detach().contiguous().clone()
                 for k, v in self.module.state_dict().items()}
 
+    def row_names(self) -> list[str]:
+        """What each coefficient row merges: ``["*"]`` task-wise, else the parameter names, a
+        fused q/k/v parameter's rows as ``name[q]``, ``name[k]``, ``name[v]`` (``split_qkv``)."""
+        if self.granularity != "layerwise":
+            return ["*"]
+        if self.row_chunks is None:
+            return list(self.task_vectors.names)
+        return [f"{n}[{part}]" if c == 3 else n for n, c in zip(self.task_vectors.names, self.row_chunks)
+                for part in (QKV_PARTS if c == 3 else ("",))]
+
     def coefficient_table(self) -> dict[str, list[float]]:
-        """Effective coefficients per task (one value per row)."""
+        """Effective coefficients per task (one value per row, in :meth:`row_names` order)."""
         lam = self.lambdas().detach().float().cpu()
         return {t: lam[:, k].tolist() for k, t in enumerate(self.task_names)}

@@ -121,8 +121,7 @@ def export(model, ckpt_path: str | Path, out: str | Path, row: str | None = None
     paths["manifest"] = out / "export.json"
     with atomic_write(paths["manifest"]) as tmp:  # what adamerge.exported needs to use the folder
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    table = {"granularity": merged.granularity, "parameters": list(merged.task_vectors.names)
-             if merged.granularity == "layerwise" else ["*"],
+    table = {"granularity": merged.granularity, "parameters": merged.row_names(),
              "coefficients": merged.coefficient_table()}
     with atomic_write(paths["coefficients"]) as tmp:
         tmp.write_text(json.dumps(table, indent=1))

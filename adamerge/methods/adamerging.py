@@ -134,6 +134,11 @@ class AdaMerging(L.LightningModule):
         pool: where the base encoder, the fine-tuned experts and the task heads come from.
         granularity: ``taskwise`` (one coefficient per task) or ``layerwise`` (one per task per
             parameter tensor).
+        split_qkv: ``layerwise`` only: three coefficient rows (q, k, v, equal thirds along dim 0)
+            for each fused q/k/v parameter (open_clip's ``attn.in_proj_weight`` /
+            ``in_proj_bias``, timm's ``qkv``), as FusionBench's layer-wise AdaMerging has on
+            Hugging Face CLIP's separate ``q_proj`` / ``k_proj`` / ``v_proj``. Changes the
+            coefficient (and checkpoint) shape; ``False`` (default): one row per tensor.
         prior: initial coefficient (the paper uses 0.3).
         clamp: clamp coefficients to [0, 1] when merging.
         lr: Adam learning rate (the paper uses 1e-3).
@@ -172,8 +177,8 @@ class AdaMerging(L.LightningModule):
     # Hyper-parameters that make a registry row what it is (``adamerging_layerwise`` vs
     # ``adamerging_layerwise_pp``): a module is a row only if it keeps the row's value of each,
     # and ``compare --config`` never carries them from a config to another row.
-    identity: tuple[str, ...] = ("granularity", "trim", "preprocess", "preprocess_options", "objective",
-                                 "learn_coefficients", "init_from")
+    identity: tuple[str, ...] = ("granularity", "split_qkv", "trim", "preprocess", "preprocess_options",
+                                 "objective", "learn_coefficients", "init_from")
     objectives: Mapping[str, Objective] = OBJECTIVES  # what ``objective`` may name
 
     def __init__(self, pool: ModelPool, granularity: Granularity = "layerwise", prior: float = 0.3,
@@ -185,7 +190,7 @@ class AdaMerging(L.LightningModule):
                  init_from: str | None = None,
                  objective: Literal["entropy", "pseudo_label", "cross_entropy"] = "entropy",
                  min_confidence: float = 0.0, expert_chunk: int = 64, expert_weights_mb: int = 4096,
-                 _parts: MethodParts | None = None) -> None:
+                 split_qkv: bool = False, _parts: MethodParts | None = None) -> None:
         super().__init__()
         # ``_parts``: a method's own objective, merge and per-task modules (adamerge.methods.parts);
         # hidden from the config schema (jsonargparse skips optional ``_`` arguments)
@@ -200,6 +205,9 @@ class AdaMerging(L.LightningModule):
                              f"clamped there), got {prior}")
         if trim is not None and not 0.0 < trim <= 1.0:
             raise ValueError(f"model.trim must be in (0, 1] (the fraction of each task vector kept), got {trim}")
+        if split_qkv and granularity != "layerwise":
+            raise ValueError(f"model.split_qkv gives fused q/k/v parameters three rows: it needs "
+                             f"model.granularity: layerwise, got {granularity!r}")
         self.objective_part = parts.objective
         self.objective, self.loss_name = parts.objective.name, parts.objective.loss_name
         self.needs_experts = parts.objective.needs_experts
@@ -213,8 +221,13 @@ class AdaMerging(L.LightningModule):
         self.loaded = loaded
         tv = prepared_task_vectors(loaded.task_vectors, trim, preprocess, preprocess_options,
                                    task_vector_dtype, offload)
+        if split_qkv and (parts.merge is not None or not isinstance(tv, TaskVectors)):
+            what = f"{type(self).__name__} builds its own merge" if parts.merge is not None else \
+                "this pool's task vectors are low-rank (LoRA)"
+            raise ValueError(f"model.split_qkv is an option of the plain fused merge; {what}: drop model.split_qkv")
+        qkv = {"split_qkv": True} if split_qkv else {}  # builders without the option never see it
         self.merged = (parts.merge or plain_merge)(loaded.encoder, tv, layout=loaded.layout, granularity=granularity,
-                                                   prior=prior, clamp=clamp, offload=offload)
+                                                   prior=prior, clamp=clamp, offload=offload, **qkv)
         self.merged.coefficients.requires_grad_(learn_coefficients)
         # heads of every evaluated task: the merged ones, then the unseen ones (no expert)
         self.heads = nn.ModuleDict({t: h.requires_grad_(False)
@@ -411,6 +424,13 @@ class AdaMerging(L.LightningModule):
 
     # ------------------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # ``data.task_steps``: each step's batch holds one task (tasks in turn); otherwise every task
+        if getattr(getattr(self._trainer, "datamodule", None), "task_steps", False):
+            present = [t for t in self.task_names if t in batch]
+            if len(present) != 1:
+                raise ValueError(f"data.task_steps: a training batch must hold exactly one of the tasks "
+                                 f"{self.task_names}; got {list(batch)}")
+            return self.adaptation_step(batch, int(self.global_step), every_task=False)
         return self.adaptation_step(batch, int(self.global_step))
 
     def adaptation_step(self, batch: dict[str, Any], step: int, every_task: bool = True) -> torch.Tensor:
@@ -418,7 +438,9 @@ class AdaMerging(L.LightningModule):
         to back-propagate: what ``fit`` (:meth:`training_step`) and ``adamerge online``
         (:func:`adamerge.online.run_online`) both run, with the same checks. ``step``: the index
         of the step (methods with per-step randomness, e.g. Twin-Merging's dropout, key on it).
-        ``every_task=False`` (online) accepts a batch without some tasks (their stream ended)."""
+        ``every_task=False`` accepts a batch without some tasks: online (their stream ended) and
+        ``fit`` with ``data.task_steps`` (one task per step); the loss and the logged per-task
+        losses are then those of the tasks present."""
         images, indices, labels = self._batch(batch, every_task)
         params = self._train_params()
         if not self.per_task_backward:
@@ -659,7 +681,8 @@ class AdaMerging(L.LightningModule):
         self.features_part.forget_merged()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.guard.for_saving(checkpoint, self.global_step, {"granularity": self.merged.granularity})
+        split = {"split_qkv": True} if getattr(self.merged, "row_chunks", None) is not None else {}
+        self.guard.for_saving(checkpoint, self.global_step, {"granularity": self.merged.granularity, **split})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         path = self._trainer.ckpt_path if self._trainer is not None else None

@@ -110,8 +110,10 @@ def check_checkpoint(checkpoint: dict[str, Any], fingerprint: dict,
                              f"expects {len(expected)} learned tensors")
         found = tuple(state[key].shape)
         if found != tuple(shape):
-            what = f"{meta.get('granularity')} coefficients" if key == COEFFICIENTS_KEY else repr(key)
-            fix = "use the same granularity" if key == COEFFICIENTS_KEY else "use the same method settings"
+            split = " with split q/k/v rows" if meta.get("split_qkv") else ""
+            what = f"{meta.get('granularity')} coefficients{split}" if key == COEFFICIENTS_KEY else repr(key)
+            fix = ("use the same granularity and model.split_qkv" if key == COEFFICIENTS_KEY
+                   else "use the same method settings")
             raise ValueError(f"{source} holds {what} of shape {found}, this run expects "
                              f"{tuple(shape)}: {fix}")
     extra = [k for k in state if k not in expected]

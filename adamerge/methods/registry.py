@@ -51,10 +51,44 @@ KINDS: tuple[str, ...] = ("static", "per_task", "fitted", "learned")
 ALL = "all"  # the --methods value that selects every registered method
 # Method.paper value: the trim fraction the official AdaMerging++ keeps of this pool's task vectors
 OFFICIAL_TRIM = "official"
+# --protocol paper: the official AdaMerging schedule (EnnengYang/AdaMerging src/main_layer_wise_adamerging.py
+# L151-152, L166-182; docs/fidelity.md): 500 steps, two batches of 16 per task per step (`if i > 0: break`),
+# i.e. one batch of 32; the Method.paper_batch / paper_steps of a learned row without an official value of its own
+PAPER_BATCH = 32
+PAPER_STEPS = 500
+_PAPER_DEFAULT_NOTE = "no official schedule of its own recorded: AdaMerging's (batch 32 = two of 16, 500 steps)"
 
 # Arguments of a builder that are inputs, not hyper-parameters.
 _INPUTS = {"static": ("task_vectors", "base"), "per_task": ("loaded",), "fitted": ("loaded", "data"),
            "learned": ("pool",)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A published recipe of a learned row, written as a config by ``scripts/make_clip_configs.py``
+    (``configs/<folder>/clip-<model>_8tasks_<row>.yaml``; the folder is the key in
+    ``Method.recipes``: ``paper`` for the official code's, ``fusionbench`` for FusionBench's).
+
+    Attributes:
+        note: the config's header: what the recipe is and where it comes from.
+        model: hyper-parameter -> ``(value, comment)`` replacing the row's defaults.
+        data: data-module setting -> ``(value, comment)``; a value may be ``{open_clip model name:
+            value, "*": value}`` where the recipe differs by architecture.
+        steps: ``trainer.max_steps`` (``None``: the row's ``steps``); with ``data.task_steps`` on,
+            steps over all tasks, written as ``steps x T`` single-task steps. ``steps_note``: its source.
+        val_every: ``trainer.val_check_interval`` when the recipe evaluates before the end (``None``:
+            once, at the end); ``val_note``: its source.
+        precision: the recipe's ``trainer.precision`` (``None``: ours, ``32-true``).
+    """
+
+    note: str
+    model: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
+    data: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
+    steps: int | None = None
+    steps_note: str = ""
+    val_every: int | None = None
+    val_note: str = ""
+    precision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +131,16 @@ class Method:
         paper: the hyper-parameters of the official code's recipe behind the published numbers,
             where they differ from ours (``--protocol paper``; fixed, never tuned). The value
             :data:`OFFICIAL_TRIM` is resolved per pool (:func:`adamerge.commands.compare.paper_protocol`).
+        paper_batch: learned methods: images per task per step of the official recipe (``--protocol
+            paper`` runs the row with it); an int, or ``{open_clip model name: value, "*": value
+            for any other pool}`` where the official configs differ by architecture (AdaRank).
+            Default :data:`PAPER_BATCH`, AdaMerging's.
+        paper_steps: learned methods: optimizer steps of the official recipe under ``--protocol
+            paper`` (``--steps`` overrides); int or mapping as ``paper_batch``. Default
+            :data:`PAPER_STEPS`, AdaMerging's.
+        paper_note: where ``paper_batch`` and ``paper_steps`` come from (file and line of the official
+            code; docs/fidelity.md), or why the row keeps AdaMerging's.
+        recipes: learned methods: published recipes as generated configs, by folder (:class:`Recipe`).
     """
 
     name: str
@@ -118,6 +162,10 @@ class Method:
     note: str = ""
     steps: int = 500
     steps_note: str = "paper: 500"
+    paper_batch: int | Mapping[str, int] = PAPER_BATCH
+    paper_steps: int | Mapping[str, int] = PAPER_STEPS
+    paper_note: str = _PAPER_DEFAULT_NOTE
+    recipes: Mapping[str, Recipe] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.name == ALL:
@@ -125,7 +173,7 @@ class Method:
         if self.kind not in KINDS:
             raise ValueError(f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         known = self.builder_defaults()
-        for key in [*self.hparams, *self.tune, *self.paper]:
+        for key in [*self.hparams, *self.tune, *self.paper, *(k for r in self.recipes.values() for k in r.model)]:
             if key not in known:
                 raise ValueError(f"method {self.name!r}: {key!r} is not an argument of "
                                  f"{self.build.__qualname__} (arguments: {sorted(known)})")
@@ -134,8 +182,25 @@ class Method:
                              "init_from argument")
         if self.bench and self.kind != "learned":
             raise ValueError(f"method {self.name!r}: only learned methods have a step to bench")
+        if self.recipes and self.kind != "learned":
+            raise ValueError(f"method {self.name!r}: recipes (generated configs) apply to learned methods only")
         if self.data and self.kind != "learned":
             raise ValueError(f"method {self.name!r}: data settings apply to learned methods only")
+        for label, value in (("paper_batch", self.paper_batch), ("paper_steps", self.paper_steps)):
+            values = list(value.values()) if isinstance(value, Mapping) else [value]
+            if isinstance(value, Mapping) and "*" not in value:
+                raise ValueError(f"method {self.name!r}: {label} needs a '*' entry (any other pool)")
+            if not all(isinstance(v, int) and v >= 1 for v in values):
+                raise ValueError(f"method {self.name!r}: {label} must be positive integers, got {value!r}")
+
+    def paper_schedule(self, model: str | None = None) -> dict[str, int]:
+        """``{"batch_size", "steps"}`` of the official recipe (``--protocol paper``) on the open_clip
+        architecture ``model`` (e.g. ``"ViT-L-14"``; ``None``: any other pool, the ``"*"`` values)."""
+        def pick(value: int | Mapping[str, int]) -> int:
+            if not isinstance(value, Mapping):
+                return value
+            return value.get(model, value["*"]) if model is not None else value["*"]
+        return {"batch_size": pick(self.paper_batch), "steps": pick(self.paper_steps)}
 
     def profile(self) -> dict[str, str]:
         """``{"models", "storage", "data"}``: the report's columns of what a method keeps and uses."""
@@ -184,6 +249,13 @@ _SURGERY_NOTE = ("Representation Surgery (Yang et al., ICML 2024; EnnengYang/Rep
                  "adapter per task on the encoder output, L1 to the expert's features, Adam lr 1e-3; the "
                  "coefficients stay fixed. Schedule differences from the official code: docs/fidelity.md.")
 _SURGERY_STEPS = (1000, "official: 500 x 8 tasks x 2 one-task steps; FusionBench: 1000")
+_ADAMERGING_PAPER = ("EnnengYang/AdaMerging src/main_layer_wise_adamerging.py L151-152 (500 epochs = 500 steps), "
+                     "L166-182 (two batches of 16 per task per step: one of 32); the same in "
+                     "main_task_wise_adamerging.py L185 and both ++ scripts")
+_SURGERY_PAPER = ("EnnengYang/RepresentationSurgery src/main_AdaMerging_with_surgery.py L105-129: 500 iterations x "
+                  "2 batches of 16 per task, one step per task batch: 1000 updates of 16 images per adapter")
+_TWIN_PAPER = ("AdaMerging's (32, 500): the official router trainer (LZY-the-boys/Twin-Merging router.py L168-199) "
+               "runs 50 epochs over up to 5,500 examples per task, no step count or vision batch to take")
 _TWIN_NOTE = ("Twin-Merging (Lu et al., NeurIPS 2024; LZY-the-boys/Twin-Merging): task arithmetic 0.29 as the "
               "shared expert, each expert's exclusive part truncated to 10% of its rank, mixed per input by a "
               "router on the shared model's features, trained on task identity (Adam lr 5e-4). Differences: "
@@ -244,16 +316,22 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            "AdaMerging, task-wise: one coefficient per task (entropy on unlabeled test batches)",
            AdaMerging, {"granularity": "taskwise"}, source="Yang et al., ICLR 2024 (AdaMerging)",
            text=True,
-           note=_ADAMERGING_NOTE),
+           note=_ADAMERGING_NOTE, paper_note=_ADAMERGING_PAPER),
     Method("adamerging_layerwise", "learned",
            "AdaMerging, layer-wise: one coefficient per task per parameter tensor (entropy)", AdaMerging,
            {"granularity": "layerwise"}, source="Yang et al., ICLR 2024 (AdaMerging)", text=True,
-           note=_ADAMERGING_NOTE),
+           note=_ADAMERGING_NOTE, paper_note=_ADAMERGING_PAPER,
+           recipes={"fusionbench": Recipe(
+               "FusionBench's layer-wise AdaMerging (fusion_bench/method/adamerging/layer_wise_adamerging.py): prior "
+               "0.3, unclamped, one row per HF CLIP tensor (q/k/v apart), Adam 1e-3, batch 16, 1000 steps.",
+               model={"clamp": (False, "FusionBench: clamp_weights false (config/method/adamerging/clip.yaml L11)"),
+                      "split_qkv": (True, "FusionBench: HF CLIP's q_proj, k_proj, v_proj are three rows")},
+               steps=1000, steps_note="FusionBench: max_steps 1000 (clip.yaml L19)")}),
     Method("adamerging_layerwise_pp", "learned",
            "AdaMerging++: layer-wise on TIES-trimmed task vectors (top 20%)", AdaMerging,
            {"granularity": "layerwise", "trim": 0.2}, paper={"trim": OFFICIAL_TRIM}, demo=False,
            source="Yang et al., ICLR 2024 (AdaMerging++)",
-           note=_ADAMERGING_NOTE),
+           note=_ADAMERGING_NOTE, paper_note=_ADAMERGING_PAPER),
     Method("adamerging_layerwise_dare", "learned",
            "AdaMerging layer-wise on DARE task vectors (p 0.5, rescaled by 2)", AdaMerging,
            {"granularity": "layerwise", "preprocess": "dare"}, demo=False,
@@ -276,7 +354,9 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            {"granularity": "layerwise", "objective": "cross_entropy"},
            data={"shots": 4, "shots_split": "train"}, uses="4 labeled train images per class", demo=False,
            source="objective: aTLAS few-shot (Zhang et al., NeurIPS 2024); coefficients as AdaMerging",
-           note=_ADAMERGING_NOTE),
+           note=_ADAMERGING_NOTE,
+           paper_note=("AdaMerging's (32, 500): aTLAS (fredzzhang/atlas src/learn_few_shots.py L421) trains 10 epochs "
+                       "of batch 128 over the shots of one target task, no 8-task recipe to take a step count from")),
     Method("wemoe", "learned",
            "WEMoE: task arithmetic (0.3) outside the MLPs; each MLP mixes its task vectors per "
            "sample by a trained router (entropy)", WEMoE, bench=True, demo=False, models="per input",
@@ -285,7 +365,21 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            note=("WEMoE (Tang et al., ICML 2024; tanganke/weight-ensembling_MoE): task arithmetic 0.3 outside the "
                  "MLPs, a router per block mixing the MLP task vectors per sample, Adam lr 1e-3 + cosine, entropy. "
                  "Differences from the official code: docs/fidelity.md."),
-           steps=1000, steps_note="official: 1000 (scripts/clip_dictmoe.py)"),
+           steps=1000, steps_note="official: 1000 (scripts/clip_dictmoe.py)",
+           paper_batch=16, paper_steps=1000,
+           paper_note=("tanganke/weight-ensembling_MoE scripts/clip_dictmoe.py L75-101: 1000 steps, tta_batch_size 16 "
+                       "per task, one step"),
+           recipes={"paper": Recipe(
+               "The official recipe of WEMoE (tanganke/weight-ensembling_MoE scripts/clip_dictmoe.py), our defaults "
+               "already: per-sample routing, Adam 1e-3 cosine over 1000 steps, batch 16; evaluated at 500 and 1000.",
+               val_every=500, val_note="evaluate at step 500 and at the end, as the official script (scripts/clip_dictmoe.py L115)"),
+               "fusionbench": Recipe(
+               "FusionBench's WEMoE (fusion_bench/method/we_moe/): routing reduced over each task batch in training "
+               "(per sample at evaluation), Adam 1e-4 without schedule, 1000 steps of 16 images per task.",
+               model={"lr": (0.0001, "FusionBench: lr 1e-4 (config/method/wemoe/weight_ensembling_moe.yaml L11)"),
+                      "lr_schedule": ("constant", "FusionBench: no schedule"),
+                      "batch_reduce": (True, "FusionBench: batch_reduce true (L8), in training only")},
+               steps=1000, steps_note="FusionBench: max_steps 1000 (L17)")}),
     Method("twin_merging", "learned",
            "Twin-Merging: task arithmetic (0.29) as shared expert + each expert's exclusive part (10%-rank "
            "SVD) in the linear layers, mixed per input by a router trained on task identity", TwinMerging,
@@ -294,25 +388,40 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            uses="task identity of 16 train images per class (no class labels)",
            source="Lu et al., NeurIPS 2024 (Twin-Merging); LZY-the-boys/Twin-Merging discriminative/"
                   "twin_merge.py, router.py, sparsify.py",
-           note=_TWIN_NOTE, steps_note="ours; official: 50 epochs of its router trainer"),
+           note=_TWIN_NOTE, steps_note="ours; official: 50 epochs of its router trainer",
+           paper_note=_TWIN_PAPER),
     Method("twin_merging_entropy", "learned",
            "Twin-Merging with its router trained by the heads' entropy on unlabeled test batches", TwinMerging,
            {"objective": "entropy"}, demo=False, models="per input",
            storage="K rank-10% exclusive parts per linear layer + a router MLP",
            source="Twin-Merging (Lu et al., NeurIPS 2024) with AdaMerging's entropy objective: our row",
-           note=_TWIN_NOTE, steps_note="ours; official: 50 epochs of its router trainer"),
+           note=_TWIN_NOTE, steps_note="ours; official: 50 epochs of its router trainer",
+           paper_note=_TWIN_PAPER),
     Method("task_arithmetic_surgery", "learned",
            "Representation Surgery on task arithmetic (scaling 0.3): per-task feature adapters, L1 "
            "to the experts' features", Surgery, {"granularity": "taskwise", "prior": 0.3}, demo=False,
            storage="K feature adapters (rank 16)", uses="unlabeled test images + the experts",
            source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery",
-           note=_SURGERY_NOTE, steps=_SURGERY_STEPS[0], steps_note=_SURGERY_STEPS[1]),
+           note=_SURGERY_NOTE, steps=_SURGERY_STEPS[0], steps_note=_SURGERY_STEPS[1],
+           paper_batch=16, paper_steps=1000, paper_note=_SURGERY_PAPER),
     Method("adamerging_layerwise_surgery", "learned",
            "Representation Surgery on the coefficients of a finished layer-wise AdaMerging run",
            Surgery, {"granularity": "layerwise"}, starts_from="adamerging_layerwise", demo=False,
            storage="K feature adapters (rank 16)", uses="unlabeled test images + the experts",
            source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery",
-           note=_SURGERY_NOTE, steps=_SURGERY_STEPS[0], steps_note=_SURGERY_STEPS[1]),
+           note=_SURGERY_NOTE, steps=_SURGERY_STEPS[0], steps_note=_SURGERY_STEPS[1],
+           paper_batch=16, paper_steps=1000, paper_note=_SURGERY_PAPER,
+           recipes={"paper": Recipe(
+               "The official recipe of Representation Surgery (EnnengYang/RepresentationSurgery "
+               "src/main_AdaMerging_with_surgery.py), our defaults already: 1000 updates of 16 images per adapter, "
+               "on the official recipe's layer-wise AdaMerging (configs/paper/*_layerwise.yaml first).",
+               steps_note="official: 500 iterations x 2 batches of 16, a step per task batch"),
+               "fusionbench": Recipe(
+               "FusionBench's Surgery (fusion_bench/method/surgery/clip_layer_wise_adamerging_surgery.py) on its "
+               "layer-wise AdaMerging (configs/fusionbench/*_layerwise.yaml first): L2-normalised features.",
+               model={"feature_norm": ("fusionbench", "FusionBench: L2-normalised features into the adapters and the L1 loss")},
+               steps=1000, steps_note="FusionBench: surgery_steps 1000 (config/method/surgery/adamerging_surgery.yaml L26)",
+               val_every=200, val_note="FusionBench: eval_iterations 200 (L25)")}),
     Method("tinting", "learned",
            "Model Tinting: layer-wise coefficients + a trainable head per task, CE to confident "
            "expert pseudo-labels", Tinting, bench=True, demo=False, storage="K tinted heads",
@@ -320,7 +429,16 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            source="Model Tinting / SyMerge; AIM-SKKU/SyMerge src/main_symerge.py",
            note=("Model Tinting (AIM-SKKU/SyMerge, src/main_symerge.py): layer-wise coefficients + one trainable "
                  "head per task, CE to confident expert pseudo-labels, Adam lr 1e-2. Differences from the official "
-                 "schedule: docs/fidelity.md."), steps_note="official: 500 epochs of one step per task"),
+                 "schedule: docs/fidelity.md."), steps_note="official: 500 epochs of one step per task",
+           paper_batch=32, paper_steps=500,
+           paper_note=("AIM-SKKU/SyMerge configs/symerge.yaml L30-31: epochs 500, batch_size 32; src/main_symerge.py L288-300 "
+                       "(one step per task batch there, one step on every task's batch here)"),
+           recipes={"paper": Recipe(
+               "The official recipe of Model Tinting / SyMerge (AIM-SKKU/SyMerge src/main_symerge.py L288-300): 500 "
+               "epochs, each one optimizer step per task batch of 32, under AMP (16-mixed needs a GPU).",
+               data={"batch_size": (32, "official: batch_size 32 (configs/symerge.yaml)"),
+                     "task_steps": (True, "official: one optimizer step per task batch, tasks in turn")},
+               steps=500, steps_note="official: 500 epochs x one step per task", precision="16-mixed")}),
     Method("adarank", "learned",
            "AdaRank: layer-wise coefficients + learned masks over the singular components of each "
            "task vector's attention/MLP matrices (entropy, straight-through)", AdaRank, bench=True, demo=False,
@@ -329,7 +447,21 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            note=("AdaRank (Lee et al., 2025; david3684/AdaRank): layer-wise coefficients + straight-through masks "
                  "over the singular components of the blocks' attention/MLP task vectors, entropy, Adam lr 1e-3. "
                  "Differences from the official code (CART variant, oracle step selection): docs/fidelity.md."),
-           steps=10000, steps_note="official: 10000 (configs/hydra_default.yaml)"),
+           steps=10000, steps_note="official: 10000 (configs/hydra_default.yaml)",
+           paper_batch={"*": 16, "ViT-L-14": 4}, paper_steps=10000,
+           paper_note=("david3684/AdaRank vision/configs/adarank_B_T8/adarank_TA.yaml L27-29: tta_batch_size 16, "
+                       "tta_steps 10000; adarank_L_T8/adarank_TA.yaml L41, L44: ViT-L-14 batch 4, 10000 steps. The "
+                       "8-task configs: the 14/20-task ones differ (L/14, 14 tasks: batch 2, 100000 steps) and are "
+                       "not applied"),
+           recipes={"paper": Recipe(
+               "The official recipe of AdaRank (david3684/AdaRank vision/configs/adarank_*_T8/adarank_TA.yaml): 10000 "
+               "steps, unclamped coefficients, bf16 (GPU); its best-step selection on test labels is not reproduced.",
+               model={"initial_rank_ratio": (0.125, "official: mask logits 0 (mask_init), i.e. 1/K kept at K = 8"),
+                      "clamp": (False, "official: coefficients unclamped")},
+               data={"batch_size": ({"*": 16, "ViT-L-14": 4}, "official: 16 (ViT-B/32 config), 4 (ViT-L/14 config)")},
+               steps=10000, steps_note="official: 10000 (adarank_TA.yaml); no oracle selection",
+               val_every=500, val_note="the accuracy curve every 500 steps (logged, not used to pick)",
+               precision="bf16-mixed")}),
 )})
 
 

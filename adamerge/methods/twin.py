@@ -155,6 +155,7 @@ class TwinRouting:
         self.weights: torch.Tensor | None = None
         self.shared = False  # a shared-expert pass is running: routed layers are plain
         self.auto = False    # the weights were set by the encoder's own first pass
+        self.groups: tuple[int, ...] | None = None  # routed per sample (RoutedLinear's batch groups)
 
 
 class TwinLinear(RoutedLinear):
