@@ -96,7 +96,7 @@ COMMENTS = {
     "scaling": "task arithmetic outside the routed MLPs (official 0.3)",
     "init_lambda": "routers' output bias at the start: the MLPs start near task arithmetic",
     "router_hidden_layers": "2: Linear(D, D), ReLU, Linear(D, K) per block (official)",
-    "lr_schedule": "cosine over max_steps (official) or constant (FusionBench)",
+    "lr_schedule": "constant, or cosine: annealed to 0 over max_steps",
     "mlps": "null: every MLP (c_fc/c_proj pairs) is routed",
     "batch_first": "open_clip >= 2.23 runs its transformer batch-first",
     "routing_block_numel": "null: 2^21 values per block on CPU, 2^26 on GPU",
@@ -113,10 +113,15 @@ COMMENTS = {
     "router_dropout": "official 0.5",
     "preprocess": "learn on transformed task vectors: ties, dare, breadcrumbs, consensus, tsv_m",
     "preprocess_options": "the transform's options (null: its defaults)",
+    "optimizer": "adam (the paper) or adamw (decoupled weight decay)",
+    "weight_decay": "the optimizer's weight decay (0: none)",
+    "adapt_tasks": "merged: adapt on the tasks with an expert; unseen: the pool's unseen_tasks only; all: both",
 }
 
 # Comments of a method class's own meaning of a shared argument name (class name -> key -> comment).
 CLASS_COMMENTS = {
+    "AdaMerging": {"lr": "learning rate of model.optimizer"},
+    "WEMoE": {"lr_schedule": "cosine over max_steps (official) or constant (FusionBench)"},
     "TwinMerging": {
         "scaling": "task arithmetic of the shared expert (official 0.29)",
         "objective": "task_id: the router learns each image's task (official); entropy: the heads' entropy",
@@ -149,8 +154,10 @@ def model_block(name: str, model: str, experts: str, n: int, big: bool, stem_of,
     if unknown:
         raise KeyError(f"{name} has no hyper-parameters {unknown}")
     hp.update({k: v for k, (v, _) in overrides.items()})
-    unseen_line = (f"\n    unseen_tasks: [{', '.join(unseen)}]"
-                   "   # zero-shot heads only: evaluated, not merged, not adapted on" if unseen else "")
+    adapted = hp.get("adapt_tasks", "merged") != "merged"  # the unseen tasks are adapted on (aTLAS's target)
+    unseen_line = (f"\n    unseen_tasks: [{', '.join(unseen)}]" + (
+        "   # the target: zero-shot head, no expert (its task vector unused); adapted on (model.adapt_tasks)"
+        if adapted else "   # zero-shot heads only: evaluated, not merged, not adapted on") if unseen else "")
     pool = POOL.format(model=model, pretrained="openai", experts=experts, unseen=unseen_line)
     lines = []
     for key, value in hp.items():
@@ -333,10 +340,11 @@ def recipe_configs() -> None:
             for folder, recipe in registry.get(name).recipes.items():
                 (ROOT / "configs" / folder).mkdir(exist_ok=True)
                 experts_dir = f"experts/{'fusionbench/' if folder == 'fusionbench' else ''}{model}"
-                experts = "\n".join(f"      {t}: {experts_dir}/{t}.safetensors" for t in tasks)
+                experts = "\n".join(f"      {t}: {experts_dir}/{t}.safetensors" for t in tasks if t not in recipe.unseen)
 
                 def stem_of(row: str, folder: str = folder) -> str:  # the run a row starts from: same folder
                     return f"{folder}/clip-{key}_8tasks_{row.removeprefix('adamerging_')}"
+                stem = f"clip-{key}_8tasks_{recipe.stem}" if recipe.stem else stem_of(name).split("/", 1)[1]
                 pick = lambda v: v.get(model, v["*"]) if isinstance(v, dict) else v  # noqa: E731
                 data = {k: (pick(v), c) for k, (v, c) in recipe.data.items()}
                 steps = (recipe.steps or registry.get(name).steps) * (len(tasks) if data.get("task_steps", (0,))[0] else 1)
@@ -345,12 +353,13 @@ def recipe_configs() -> None:
                     note += ("\n# Experts: FusionBench's tanganke/clip-vit-*_<task> fine-tunes, converted with\n"
                              f"#   adamerge convert --fusionbench DIR --out experts/fusionbench/{model} (docs/offline.md);\n"
                              "# heads: our zero-shot heads (FusionBench's templates may differ).")
-                file = f"{folder}/{stem_of(name).split('/', 1)[1]}.yaml"
+                file = f"{folder}/{stem}.yaml"
                 text = TEMPLATE.format(
                     title=file, method_doc=registry.get(name).description, n=8, model=model,
                     pretrained="openai", name=file, stem=file.removesuffix(".yaml"), defaults_note=note,
                     steps=steps, steps_note=recipe.steps_note or registry.get(name).steps_note,
-                    model_block=model_block(name, model, experts, 8, key == "vit-l-14", stem_of, overrides=recipe.model),
+                    model_block=model_block(name, model, experts, 8, key == "vit-l-14", stem_of,
+                                            unseen=list(recipe.unseen), overrides=recipe.model),
                     tasks=", ".join(tasks), batch_comment=batch_comment(name),
                     data_extra="".join(f"\n  {k}: {_yaml(v):<{max(25 - len(k), 1)}}# {c}"
                                        for k, (v, c) in data.items() if k != "batch_size"))
@@ -363,6 +372,10 @@ def recipe_configs() -> None:
                 for start, line in replace.items():
                     if line:
                         text = text.replace(next(x for x in text.splitlines() if x.startswith(start)), line)
+                if recipe.gradient_clip_val is not None:  # after the precision line
+                    line = next(x for x in text.splitlines() if x.startswith("  precision:"))
+                    text = text.replace(line, f"{line}\n  gradient_clip_val: {recipe.gradient_clip_val:<10}"
+                                              "# the recipe's gradient-norm clipping")
                 (ROOT / "configs" / file).write_text(text)
                 print("wrote", file)
 

@@ -441,25 +441,39 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._cache: dict[tuple[str, str], Dataset] = {}
         self._tasks: list[str] | None = None
         self._unseen: list[str] = []
+        self._adapted: list[str] | None = None  # the stream's tasks when not the merged ones
 
     def task_names(self) -> list[str]:
-        """The tasks adapted on: those of the model pool once :meth:`select_tasks` ran, else the source's."""
+        """The merged tasks: those of the model pool once :meth:`select_tasks` ran, else the source's
+        (the tasks adapted on, unless :meth:`select_tasks` named others: :meth:`adaptation_task_names`)."""
         return list(self._tasks) if self._tasks is not None else self.source.task_names()
 
     def eval_task_names(self) -> list[str]:
         """The tasks validate/test score: :meth:`task_names`, then the pool's unseen tasks."""
         return self.task_names() + self._unseen
 
-    def select_tasks(self, tasks: Sequence[str], unseen: Sequence[str] = ()) -> None:
+    def adaptation_task_names(self) -> list[str]:
+        """The tasks the adaptation stream holds: :meth:`task_names` unless :meth:`select_tasks`
+        was given ``adapted`` (a model's ``adapt_tasks: unseen`` or ``all``)."""
+        return list(self._adapted) if self._adapted is not None else self.task_names()
+
+    def select_tasks(self, tasks: Sequence[str], unseen: Sequence[str] = (),
+                     adapted: Sequence[str] | None = None) -> None:
         """Adapt on exactly ``tasks``, in this order (the model pool's), and evaluate on them and on
-        ``unseen`` (tasks with a head but no expert); each must be in the source."""
+        ``unseen`` (tasks with a head but no expert); each must be in the source. ``adapted``: the
+        tasks the adaptation stream holds instead of ``tasks`` (some of ``tasks`` + ``unseen``)."""
         known = self.source.task_names()
         missing = [t for t in [*tasks, *unseen] if t not in known]
         if missing:
             hints = [f"{t!r} -> {near!r}" for t in missing if (near := suggest(t, known)) is not None]
             raise ValueError(f"no data for tasks {missing} in {type(self.source).__name__} (its tasks: "
                              f"{', '.join(known)})" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+        stray = [t for t in adapted or () if t not in [*tasks, *unseen]]
+        if stray or (adapted is not None and not adapted):
+            raise ValueError(f"adaptation tasks {list(adapted or ())} must be some of the evaluated tasks "
+                             f"{[*tasks, *unseen]}")
         self._tasks, self._unseen = list(tasks), list(unseen)
+        self._adapted = None if adapted is None else list(adapted)
 
     def check(self, num_classes: Mapping[str, int], splits: Sequence[str]) -> None:
         """Fail early, before any step, on empty splits and on labels the heads cannot have.
@@ -471,8 +485,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         """
         for task in self.eval_task_names():
             for split in dict.fromkeys(splits):
-                if task in self._unseen and split != self.eval_split:
-                    continue  # unseen tasks are only evaluated
+                if split != self.eval_split and task not in self.adaptation_task_names():
+                    continue  # tasks not adapted on (the unseen ones, by default) are only evaluated
                 ds = self.dataset(task, split)
                 if len(ds) == 0:
                     raise ValueError(f"task {task!r}: the {split!r} split is empty")
@@ -550,7 +564,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         """This rank's stream of adaptation batches, from the trainer's step (0 without one)."""
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return AdaptationStream({t: self.adaptation_dataset(t) for t in self.task_names()},
+        return AdaptationStream({t: self.adaptation_dataset(t) for t in self.adaptation_task_names()},
                                 self.batch_size, seed=self.seed, start_step=self._start_step(),
                                 rank=rank, world_size=world, labeled=self.labeled,
                                 task_steps=self.task_steps)

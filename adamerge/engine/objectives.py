@@ -10,10 +10,26 @@ import torch
 import torch.nn.functional as F
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean Shannon entropy (nats) of ``softmax(logits)`` over the batch (AdaMerging's objective)."""
+def entropy(logits: torch.Tensor, batch_mean: bool = False) -> torch.Tensor:
+    """Mean Shannon entropy (nats) of ``softmax(logits)`` over the batch (AdaMerging's objective).
+
+    ``batch_mean``: the entropy of ``softmax`` of the batch-*mean* logits instead
+    (:func:`entropy_of_mean`)."""
+    if batch_mean:
+        logits = logits.float().mean(0, keepdim=True)
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1).mean()
+
+
+def entropy_of_mean(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of ``softmax`` of the batch-mean logits ``[B, C] -> [1, C]``:
+    FusionBench's text AdaMerging objective (``logits.mean(dim=0, keepdim=True)`` then
+    ``entropy_loss``, fusion_bench/method/adamerging/gpt2_layer_wise_adamerging.py:296-297 and
+    flan_t5_layer_wise_adamerging.py:277-278 @54c9e8c; its ``entropy_loss`` adds ``1e-8`` inside
+    the log, this is exact). Unlike :func:`entropy` (the mean of the per-example entropies) it
+    is low only when the batch's *average* logits favour one class: a batch of confident
+    examples that disagree has a high entropy of the mean and a low mean entropy."""
+    return entropy(logits, batch_mean=True)
 
 
 def feature_l1(features: torch.Tensor, expert_features: torch.Tensor) -> torch.Tensor:

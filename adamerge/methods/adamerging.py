@@ -29,6 +29,15 @@ from .checkpoint_guard import COEFFICIENTS_KEY, CheckpointGuard
 from .parts import MethodParts, Objective, pick_objective
 
 TASK_MODULES = "task_modules"  # state-dict prefix of the learned per-task modules
+# ``model.optimizer``: the optimizer class over the learned tensors
+OPTIMIZERS: Mapping[str, type[torch.optim.Optimizer]] = MappingProxyType(
+    {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW})
+# ``model.lr_schedule``: the per-step scheduler over a run of ``total_steps`` steps (``None``: constant)
+LR_SCHEDULES: Mapping[str, Any] = MappingProxyType({
+    "constant": None,
+    "cosine": lambda optimizer, total_steps: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps),
+})
+ADAPT_TASKS = ("merged", "unseen", "all")  # ``model.adapt_tasks``
 
 
 def images_of(batch: Any) -> torch.Tensor:
@@ -75,8 +84,28 @@ def _cross_entropy(m: "AdaMerging", images, indices, params, labels=None) -> dic
     return {t: F.cross_entropy(z.float(), labels[t].to(z.device)) for t, z in m.task_logits(images, params).items()}
 
 
+def _entropy_of_mean(m: "AdaMerging", images, indices, params, labels=None) -> dict[str, torch.Tensor]:
+    """Entropy of each head's batch-mean logits (FusionBench's GPT-2 / Flan-T5 AdaMerging;
+    :func:`adamerge.engine.objectives.entropy_of_mean`)."""
+    return {t: entropy(z, batch_mean=True) for t, z in m.task_logits(images, params).items()}
+
+
+def _vocab_entropy_of_mean(m: "AdaMerging", images, indices, params, labels=None) -> dict[str, torch.Tensor]:
+    """Entropy of the batch-mean next-token logits over the whole vocabulary, before the label
+    words are picked (FusionBench's Flan-T5 AdaMerging); language-model pools only, whose
+    features are those logits (heads with ``vocabulary_features``, e.g. ``VerbaliserHead``)."""
+    other = [t for t in images if not getattr(m.heads[t], "vocabulary_features", False)]
+    if other:
+        raise ValueError(f"objective 'vocab_entropy_of_mean' needs a language-model pool (HFLanguageModelPool, "
+                         f"whose features are the next-token logits over the vocabulary); the heads of tasks "
+                         f"{other} read other features: use entropy_of_mean")
+    return {t: entropy(f, batch_mean=True) for t, f in m.features(images, params).items()}
+
+
 OBJECTIVES: Mapping[str, Objective] = MappingProxyType({o.name: o for o in (
     Objective("entropy", "entropy", _entropy),
+    Objective("entropy_of_mean", "entropy_of_mean", _entropy_of_mean),
+    Objective("vocab_entropy_of_mean", "vocab_entropy_of_mean", _vocab_entropy_of_mean),
     Objective("pseudo_label", "pseudo_ce", _pseudo_label, needs_experts=True),
     Objective("cross_entropy", "ce", _cross_entropy, needs_labels=True),
 )})
@@ -141,7 +170,7 @@ class AdaMerging(L.LightningModule):
             coefficient (and checkpoint) shape; ``False`` (default): one row per tensor.
         prior: initial coefficient (the paper uses 0.3).
         clamp: clamp coefficients to [0, 1] when merging.
-        lr: Adam learning rate (the paper uses 1e-3).
+        lr: learning rate of the optimizer (the paper: Adam 1e-3).
         per_task_backward: back-propagate task by task through the shared merged weights, so
             peak activation memory is that of one task's batch instead of all K.
         trim: AdaMerging++: keep this fraction of each task vector's largest magnitudes, elect
@@ -162,7 +191,9 @@ class AdaMerging(L.LightningModule):
             head's predictions (the paper), or ``pseudo_label``: cross-entropy to each task
             expert's predicted class of the same image (experts' features cached per image).
             ``cross_entropy``: supervised cross-entropy to the labels of a few labeled images per
-            class (aTLAS few-shot; set ``data.shots``).
+            class (aTLAS few-shot; set ``data.shots``). ``entropy_of_mean``: the entropy of each
+            task's batch-mean logits (FusionBench's text recipe); ``vocab_entropy_of_mean``: the
+            same over a language model's whole vocabulary rather than the label words.
         min_confidence: ``pseudo_label`` only: drop images whose expert top softmax probability is
             below this (0 keeps every image).
         expert_chunk: objectives that read the experts' features (``pseudo_label``, Surgery,
@@ -171,6 +202,19 @@ class AdaMerging(L.LightningModule):
             came in under ``fit``; elsewhere in chunks of this many dataset indices.
         expert_weights_mb: memory for the experts' formed weights (``base + tau_k``) kept between
             feature-cache misses; experts that do not fit are formed again at each miss.
+        optimizer: ``adam`` (default, the paper) or ``adamw`` (decoupled weight decay; aTLAS).
+        weight_decay: the optimizer's weight decay (``adam``: an L2 term in the gradient;
+            ``adamw``: decoupled, as aTLAS's 0.1). Default 0.
+        lr_schedule: ``constant`` (default) or ``cosine``: annealed per step from ``lr`` to 0
+            over the run's ``trainer.max_steps`` (``online``: over its stream's steps), without
+            warm-up (WEMoE's and aTLAS's). Gradient-norm clipping is Lightning's
+            ``trainer.gradient_clip_val``.
+        adapt_tasks: which tasks the adaptation stream and the objective cover: ``merged``
+            (default: the tasks with an expert), ``unseen`` (only the pool's ``unseen_tasks``:
+            aTLAS few-shot learns coefficients over the *other* tasks' vectors on its target
+            task's labeled shots, the target's own vector never loaded) or ``all`` (both). The
+            unseen tasks' losses use their frozen heads; objectives that read the experts
+            (``pseudo_label``) cannot cover a task without one.
     """
 
     method = "adamerging"       # the method identity written into checkpoints and exports
@@ -188,9 +232,13 @@ class AdaMerging(L.LightningModule):
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
                  offload: bool = False, learn_coefficients: bool = True,
                  init_from: str | None = None,
-                 objective: Literal["entropy", "pseudo_label", "cross_entropy"] = "entropy",
+                 objective: Literal["entropy", "entropy_of_mean", "vocab_entropy_of_mean", "pseudo_label",
+                                    "cross_entropy"] = "entropy",
                  min_confidence: float = 0.0, expert_chunk: int = 64, expert_weights_mb: int = 4096,
-                 split_qkv: bool = False, _parts: MethodParts | None = None) -> None:
+                 split_qkv: bool = False, optimizer: Literal["adam", "adamw"] = "adam",
+                 weight_decay: float = 0.0, lr_schedule: Literal["constant", "cosine"] = "constant",
+                 adapt_tasks: Literal["merged", "unseen", "all"] = "merged",
+                 _parts: MethodParts | None = None) -> None:
         super().__init__()
         # ``_parts``: a method's own objective, merge and per-task modules (adamerge.methods.parts);
         # hidden from the config schema (jsonargparse skips optional ``_`` arguments)
@@ -200,6 +248,14 @@ class AdaMerging(L.LightningModule):
             raise ValueError(f"model.min_confidence must be in [0, 1], got {min_confidence}")
         if not lr > 0:  # Adam would only say "Invalid learning rate"
             raise ValueError(f"model.lr must be > 0, got {lr}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"model.optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"model.lr_schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}")
+        if adapt_tasks not in ADAPT_TASKS:
+            raise ValueError(f"model.adapt_tasks must be one of {list(ADAPT_TASKS)}, got {adapt_tasks!r}")
         if clamp and not 0.0 <= prior <= 1.0:
             raise ValueError(f"model.prior must be in [0, 1] while model.clamp is true (the coefficients are "
                              f"clamped there), got {prior}")
@@ -233,11 +289,21 @@ class AdaMerging(L.LightningModule):
         self.heads = nn.ModuleDict({t: h.requires_grad_(False)
                                     for t, h in {**loaded.heads, **loaded.unseen_heads}.items()})
         self.unseen_tasks = list(loaded.unseen_heads)
+        if adapt_tasks != "merged" and not self.unseen_tasks:
+            raise ValueError(f"model.adapt_tasks: {adapt_tasks} adapts on the pool's unseen_tasks, and this pool has "
+                             "none: list the target task(s) in the pool's unseen_tasks, or drop model.adapt_tasks")
+        if adapt_tasks != "merged" and self.needs_experts:
+            raise ValueError(f"model.adapt_tasks: {adapt_tasks} adapts on the unseen tasks {self.unseen_tasks}, which "
+                             f"have no expert, and objective {self.objective!r} reads each task's expert: use an "
+                             "objective without experts (entropy, cross_entropy) or drop model.adapt_tasks")
+        self.adapt_tasks = adapt_tasks
         self.task_modules = nn.ModuleDict(parts.task_modules(self) if parts.task_modules else {})
         self.fingerprint = tv.fingerprint()
         # the checkpoint part: reads the live learned tensors (subclasses add theirs after this)
         self.guard = CheckpointGuard(self.method, self.fingerprint, self.learned_state)
         self.lr, self.per_task_backward = lr, per_task_backward
+        # (subclasses with a schedule of their own, e.g. Twin-Merging's ``lr_schedule: linear``, keep theirs apart)
+        self.optimizer_name, self.weight_decay, self.lr_schedule_name = optimizer, weight_decay, lr_schedule
         self.learn_coefficients = learn_coefficients
         self.metrics = nn.ModuleDict({t: MulticlassAccuracy(num_classes=self.num_classes(t), average="micro")
                                       for t in self.eval_tasks})
@@ -321,6 +387,12 @@ class AdaMerging(L.LightningModule):
         """Every task validate/test score: the merged ones, then the unseen ones."""
         return self.task_names + self.unseen_tasks
 
+    @property
+    def adapted_tasks(self) -> list[str]:
+        """The tasks the adaptation stream and the objective cover (``adapt_tasks``): the merged
+        ones (default), the unseen ones, or all, in :attr:`eval_tasks` order."""
+        return {"merged": self.task_names, "unseen": self.unseen_tasks, "all": self.eval_tasks}[self.adapt_tasks]
+
     def num_classes(self, task: str) -> int:
         """Output width of a task's head: its ``num_classes`` when it says (e.g. a verbaliser),
         else found by probing its last linear layer."""
@@ -398,10 +470,11 @@ class AdaMerging(L.LightningModule):
 
     def _batch(self, batch: dict[str, Any], every_task: bool = True
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None], dict[str, torch.Tensor | None]]:
-        missing = [t for t in self.task_names if t not in batch]
+        adapted = self.adapted_tasks
+        missing = [t for t in adapted if t not in batch]
         if missing and every_task:
             raise ValueError(f"training batch has no data for tasks {missing}; got {list(batch)}")
-        tasks = [t for t in self.task_names if t in batch]
+        tasks = [t for t in adapted if t in batch]
         return ({t: images_of(batch[t]) for t in tasks}, {t: indices_of(batch[t]) for t in tasks},
                 {t: labels_of_batch(batch[t]) for t in tasks})
 
@@ -426,10 +499,10 @@ class AdaMerging(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # ``data.task_steps``: each step's batch holds one task (tasks in turn); otherwise every task
         if getattr(getattr(self._trainer, "datamodule", None), "task_steps", False):
-            present = [t for t in self.task_names if t in batch]
+            present = [t for t in self.adapted_tasks if t in batch]
             if len(present) != 1:
                 raise ValueError(f"data.task_steps: a training batch must hold exactly one of the tasks "
-                                 f"{self.task_names}; got {list(batch)}")
+                                 f"{self.adapted_tasks}; got {list(batch)}")
             return self.adaptation_step(batch, int(self.global_step), every_task=False)
         return self.adaptation_step(batch, int(self.global_step))
 
@@ -532,7 +605,12 @@ class AdaMerging(L.LightningModule):
         if not params:
             raise ValueError(f"{type(self).__name__}: nothing to train (learn_coefficients=False and "
                              "no per-task modules)")
-        return torch.optim.Adam(params, lr=self.lr)
+        optimizer = OPTIMIZERS[self.optimizer_name](params, lr=self.lr, weight_decay=self.weight_decay)
+        schedule = LR_SCHEDULES[self.lr_schedule_name]
+        if schedule is None or not total_steps or total_steps < 1:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule(optimizer, total_steps),
+                                                         "interval": "step"}}
 
     def refusal(self, path: str) -> str | None:
         """Why this module cannot take ``path`` (``fit``, ``resume``, ``test``, ``export``,
@@ -541,6 +619,9 @@ class AdaMerging(L.LightningModule):
         if path == "online" and self.objective_part.needs_labels:
             return (f"objective {self.objective!r} learns from labeled shots (data.shots); online "
                     "adapts on the unlabeled stream: use an unlabeled objective")
+        if path == "online" and self.adapt_tasks != "merged":
+            return (f"adapt_tasks: {self.adapt_tasks} adapts on the unseen tasks {self.unseen_tasks}; online "
+                    "streams the merged tasks only: drop model.adapt_tasks")
         return None
 
     def on_train_start(self) -> None:
@@ -603,7 +684,8 @@ class AdaMerging(L.LightningModule):
         trainer = self.trainer
         dm = getattr(trainer, "datamodule", None)
         if isinstance(dm, MultiTaskDataModule):
-            dm.select_tasks(self.task_names, unseen=self.unseen_tasks)
+            dm.select_tasks(self.task_names, unseen=self.unseen_tasks,
+                            adapted=None if self.adapt_tasks == "merged" else self.adapted_tasks)
             splits = {"fit": [dm.adapt_split], "validate": [dm.eval_split],
                       "test": [dm.eval_split]}.get(stage, [])
             if stage == "fit" and trainer.limit_val_batches != 0:

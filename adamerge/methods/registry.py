@@ -79,6 +79,12 @@ class Recipe:
         val_every: ``trainer.val_check_interval`` when the recipe evaluates before the end (``None``:
             once, at the end); ``val_note``: its source.
         precision: the recipe's ``trainer.precision`` (``None``: ours, ``32-true``).
+        stem: the config's name after ``_8tasks_`` (``None``: the row's name without ``adamerging_``),
+            for a recipe that is not the row's own protocol (aTLAS few-shot: ``atlas_fewshot``).
+        unseen: tasks of the 8-task suite moved from the pool's experts to its ``unseen_tasks``
+            (aTLAS: the target task, whose own task vector the recipe never uses).
+        gradient_clip_val: the recipe's ``trainer.gradient_clip_val`` (gradient-norm clipping;
+            ``None``: none).
     """
 
     note: str
@@ -89,6 +95,9 @@ class Recipe:
     val_every: int | None = None
     val_note: str = ""
     precision: str | None = None
+    stem: str | None = None
+    unseen: tuple[str, ...] = ()
+    gradient_clip_val: float | None = None
 
 
 @dataclass(frozen=True)
@@ -356,7 +365,28 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            source="objective: aTLAS few-shot (Zhang et al., NeurIPS 2024); coefficients as AdaMerging",
            note=_ADAMERGING_NOTE,
            paper_note=("AdaMerging's (32, 500): aTLAS (fredzzhang/atlas src/learn_few_shots.py L421) trains 10 epochs "
-                       "of batch 128 over the shots of one target task, no 8-task recipe to take a step count from")),
+                       "of batch 128 over the shots of one target task, no 8-task recipe to take a step count from"),
+           recipes={"paper": Recipe(
+               "aTLAS few-shot (Zhang et al., NeurIPS 2024; fredzzhang/atlas src/learn_few_shots.py): ONE target task, "
+               "here sun397, learns layer-wise coefficients over the 7 OTHER tasks' vectors (its own is never "
+               "loaded) by cross-entropy on its labeled shots: coefficients from 0, unclamped, AdamW lr 0.1, weight "
+               "decay 0.1, cosine without warm-up, gradient-norm clip 1.0, fp16 autocast. Another target: move it "
+               "from pool.experts to pool.unseen_tasks, put sun397 back among the experts (data.source.tasks keeps "
+               "all 8), and set trainer.max_steps to 10 x ceil(classes x shots / 128) (at least 10 batches an "
+               "epoch). Not reproduced: augmentation (RandomResizedCrop 0.5-1, flip), the 10 % validation hold-out "
+               "and best-epoch selection (docs/fidelity.md).",
+               model={"prior": (0.0, "aTLAS: coefficients start at 0, the zero-shot model (src/composition.py L66-67)"),
+                      "clamp": (False, "aTLAS: coefficients not clamped"),
+                      "lr": (0.1, "aTLAS: lr 0.1 (learn_few_shots.py, args.lr = 1e-1)"),
+                      "optimizer": ("adamw", "aTLAS: AdamW"),
+                      "weight_decay": (0.1, "aTLAS: weight decay 0.1 (args.wd)"),
+                      "lr_schedule": ("cosine", "aTLAS: cosine_lr without warm-up over all steps"),
+                      "adapt_tasks": ("unseen", "learn on the target (pool.unseen_tasks) only, over the others' vectors")},
+               data={"shots": (4, "labeled images per class of the target (aTLAS: --subsample k; 1-16 in the paper)"),
+                     "shots_split": ("train", "aTLAS: shots from the train split"),
+                     "batch_size": (128, "aTLAS: batch 128 (ViT-L-14: 64 x 2 accumulation)")},
+               steps=130, steps_note="aTLAS: 10 epochs x ceil(397 x 4 / 128) = 13 batches (sun397, 4 shots)",
+               stem="atlas_fewshot", unseen=("sun397",), gradient_clip_val=1.0, precision="16-mixed")}),
     Method("wemoe", "learned",
            "WEMoE: task arithmetic (0.3) outside the MLPs; each MLP mixes its task vectors per "
            "sample by a trained router (entropy)", WEMoE, bench=True, demo=False, models="per input",

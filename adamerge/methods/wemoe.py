@@ -346,14 +346,12 @@ class WEMoE(AdaMerging):
                  routing_block_numel: int | None = None, batch_reduce: bool = False,
                  per_task_backward: bool = False,
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-                 objective: Literal["entropy", "pseudo_label", "cross_entropy"] = "entropy") -> None:
-        if lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+                 objective: Literal["entropy", "entropy_of_mean", "pseudo_label", "cross_entropy"] = "entropy") -> None:
         routing = RoutedMLPs({"hidden_layers": router_hidden_layers, "init_lambda": init_lambda},
                              mlps, batch_first, routing_block_numel)
         super().__init__(pool, granularity="layerwise", prior=scaling, clamp=False, lr=lr,
                          per_task_backward=per_task_backward, task_vector_dtype=task_vector_dtype,
-                         learn_coefficients=False,
+                         learn_coefficients=False, lr_schedule=lr_schedule,  # AdaMerging's cosine
                          _parts=MethodParts(pick_objective(type(self).objectives, objective), merge=routing))
         self.routers, self.mlps, self.lr_schedule = routing.routers, routing.mlps, lr_schedule
         self.router_hidden_layers, self.batch_first = router_hidden_layers, batch_first
@@ -378,14 +376,6 @@ class WEMoE(AdaMerging):
 
     def extra_learned_state(self) -> dict[str, torch.Tensor]:
         return {f"routers.{k}": v for k, v in self.routers.state_dict().items()}
-
-    def optimizers_for(self, total_steps: int | None) -> Any:
-        optimizer = super().optimizers_for(total_steps)
-        steps = total_steps or 0
-        if self.lr_schedule == "constant" or steps < 1:
-            return optimizer
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def export_extra(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
         """``wemoe.safetensors``: the routers (``router.{i}.*``) and the routed layers' task

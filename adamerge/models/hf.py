@@ -107,14 +107,23 @@ class LastTokenLM(_HFWrapper):
 
 class FirstTokenSeq2Seq(_HFWrapper):
     """An encoder-decoder LM whose output is the logits of the first decoder token (the answer
-    of Flan-T5-style prompts), ``[B, V]``; input as for :class:`LastTokenLM`."""
+    of Flan-T5-style prompts), ``[B, V]``; input as for :class:`LastTokenLM`.
 
-    def __init__(self, lm: nn.Module) -> None:
+    ``start``: the token id fed as the decoder's first input; ``None``: the config's
+    ``decoder_start_token_id`` (what ``generate`` feeds; 0 for T5). FusionBench's Flan-T5
+    AdaMerging feeds 1 (``torch.ones``, fusion_bench/method/adamerging/
+    flan_t5_layer_wise_adamerging.py:227 @54c9e8c; ``</s>`` in T5's vocabulary)."""
+
+    def __init__(self, lm: nn.Module, start: int | None = None) -> None:
         super().__init__(lm)
-        start = lm.config.decoder_start_token_id
         if start is None:
-            raise ValueError(f"{type(lm).__name__}: the config has no decoder_start_token_id; "
-                             "the first decoder token cannot be asked for")
+            start = lm.config.decoder_start_token_id
+            if start is None:
+                raise ValueError(f"{type(lm).__name__}: the config has no decoder_start_token_id; "
+                                 "the first decoder token cannot be asked for (give the pool's decoder_start)")
+        vocab = getattr(lm.config, "vocab_size", None)
+        if not 0 <= int(start) < (vocab or int(start) + 1):
+            raise ValueError(f"decoder_start must be a token id in [0, {vocab}), got {start}")
         self.start = int(start)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,6 +227,9 @@ class VerbaliserHead(nn.Module):
     """A task's classes = the columns ``token_ids`` of the next-token logits (its label words)."""
 
     normalizes_features = False
+    # the features it reads are the LM's logits over the whole vocabulary (the objective
+    # ``vocab_entropy_of_mean`` reads them, adamerge/methods/adamerging.py)
+    vocabulary_features = True
 
     def __init__(self, token_ids: list[int], words: list[str] | None = None) -> None:
         super().__init__()
@@ -350,15 +362,22 @@ class HFLanguageModelPool(ModelPool):
         tokenizer: folder or id of the tokenizer (default: ``base``).
         dtype: dtype of the loaded base (``float32`` default; ``bfloat16`` halves memory).
         unseen_tasks: tasks with label words but no expert: evaluated, not merged.
+        decoder_start: encoder-decoder LMs: the token id fed as the first decoder input
+            (``None``: the config's ``decoder_start_token_id``, 0 for T5; FusionBench's Flan-T5
+            AdaMerging feeds 1). Refused for causal LMs and sequence classifiers.
     """
 
     needs_labels = True  # verbalisers: every task lists its label words
 
     def __init__(self, base: str, experts: dict[str, str], tasks_file: str | None = None,
                  tokenizer: str | None = None, dtype: str | None = None,
-                 unseen_tasks: list[str] | None = None) -> None:
+                 unseen_tasks: list[str] | None = None, decoder_start: int | None = None) -> None:
         if not experts:
             raise ValueError(f"{type(self).__name__} needs experts: a mapping task -> adapter or model folder")
+        if decoder_start is not None and (isinstance(decoder_start, bool) or int(decoder_start) != decoder_start
+                                          or decoder_start < 0):
+            raise ValueError(f"decoder_start must be a token id (an integer >= 0), got {decoder_start!r}")
+        self.decoder_start = decoder_start
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         self.base, self.experts = str(base), {t: str(p) for t, p in experts.items()}
@@ -393,7 +412,15 @@ class HFLanguageModelPool(ModelPool):
 
     def wrap(self, model: nn.Module) -> _HFWrapper:
         """The encoder: the model answered at one position."""
-        return FirstTokenSeq2Seq(model) if getattr(model.config, "is_encoder_decoder", False) else LastTokenLM(model)
+        if getattr(model.config, "is_encoder_decoder", False):
+            return FirstTokenSeq2Seq(model, self.decoder_start)
+        self._refuse_decoder_start(model)
+        return LastTokenLM(model)
+
+    def _refuse_decoder_start(self, model: nn.Module) -> None:
+        if self.decoder_start is not None:
+            raise ValueError(f"decoder_start is the first decoder input of encoder-decoder LMs; {self.base} is a "
+                             f"{type(model).__name__}: drop decoder_start")
 
     def head_modules(self, encoder: _HFWrapper) -> tuple[str, ...]:
         """Modules that are per-task heads, never merged."""
@@ -503,6 +530,7 @@ class HFSequenceClassifierPool(HFLanguageModelPool):
         experts: task -> adapter or model folder.
         tasks_file: optional; ``labels`` there name the classes (their count must match the head).
         tokenizer, dtype: as for :class:`HFLanguageModelPool`.
+        decoder_start: refused (a classifier has no decoder input).
     """
 
     needs_labels = False
@@ -517,6 +545,7 @@ class HFSequenceClassifierPool(HFLanguageModelPool):
         return _transformers().AutoModelForSequenceClassification
 
     def wrap(self, model: nn.Module) -> _HFWrapper:
+        self._refuse_decoder_start(model)
         if classifier_head_name(model) == "score":
             return LastTokenFeatures(model)
         kind = getattr(model.config, "model_type", "")
