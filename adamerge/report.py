@@ -158,7 +158,7 @@ def terminal_table(results: Mapping[str, Any]) -> str:
             cells.append(profiles.get(name, {}).get("models", "")[:9])
         rows.append(f"{name:<{width}}" + "".join(f"{c:>10}" for c in cells))
     if unseen:
-        rows.append("* unseen task (no expert merged, not adapted on); avg/norm over merged tasks")
+        rows.append("* unseen task (no expert merged; adapted on only with adapt_tasks); avg/norm over merged tasks")
     return "\n".join(rows)
 
 
