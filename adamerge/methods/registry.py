@@ -269,6 +269,12 @@ _TWIN_NOTE = ("Twin-Merging (Lu et al., NeurIPS 2024; LZY-the-boys/Twin-Merging)
               "shared expert, each expert's exclusive part truncated to 10% of its rank, mixed per input by a "
               "router on the shared model's features, trained on task identity (Adam lr 5e-4). Differences: "
               "adamerge/methods/twin.py.")
+# what both Surgery rows share (they differ in the coefficients the adapters sit on)
+_SURGERY_ROW: dict[str, Any] = dict(
+    storage="K feature adapters (rank 16)", uses="unlabeled test images + the experts",
+    source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery",
+    note=_SURGERY_NOTE, steps=_SURGERY_STEPS[0], steps_note=_SURGERY_STEPS[1],
+    paper_batch=16, paper_steps=1000, paper_note=_SURGERY_PAPER)
 
 _TA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))   # 0.05 ... 1.0
 _TIES_GRID = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 ... 2.0
@@ -430,17 +436,11 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("task_arithmetic_surgery", "learned",
            "Representation Surgery on task arithmetic (scaling 0.3): per-task feature adapters, L1 "
            "to the experts' features", Surgery, {"granularity": "taskwise", "prior": 0.3}, demo=False,
-           storage="K feature adapters (rank 16)", uses="unlabeled test images + the experts",
-           source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery",
-           note=_SURGERY_NOTE, steps=_SURGERY_STEPS[0], steps_note=_SURGERY_STEPS[1],
-           paper_batch=16, paper_steps=1000, paper_note=_SURGERY_PAPER),
+           **_SURGERY_ROW),
     Method("adamerging_layerwise_surgery", "learned",
            "Representation Surgery on the coefficients of a finished layer-wise AdaMerging run",
            Surgery, {"granularity": "layerwise"}, starts_from="adamerging_layerwise", demo=False,
-           storage="K feature adapters (rank 16)", uses="unlabeled test images + the experts",
-           source="Yang et al., ICML 2024 (Representation Surgery); EnnengYang/RepresentationSurgery",
-           note=_SURGERY_NOTE, steps=_SURGERY_STEPS[0], steps_note=_SURGERY_STEPS[1],
-           paper_batch=16, paper_steps=1000, paper_note=_SURGERY_PAPER,
+           **_SURGERY_ROW,
            recipes={"paper": Recipe(
                "The official recipe of Representation Surgery (EnnengYang/RepresentationSurgery "
                "src/main_AdaMerging_with_surgery.py), our defaults already: 1000 updates of 16 images per adapter, "
