@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "CheckpointError": "io", "load_state_dict": "io", "save_state_dict": "io",
     "WEMoE": "methods", "AdaMerging": "methods", "AdaRank": "methods", "Method": "methods",
     "Surgery": "methods", "Tinting": "methods", "TwinMerging": "methods", "registry": "methods",
+    "ShardedMergeStrategy": "methods",
     "CheckpointPool": "models", "LoadedPool": "models", "ModelPool": "models", "OpenCLIPPool": "models",
     "PreloadedPool": "models",
     "evaluate": "report", "quiet": "report",

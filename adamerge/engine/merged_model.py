@@ -212,6 +212,7 @@ class MergedModel(nn.Module):
         self.coefficients = nn.Parameter(torch.full((n_rows, task_vectors.num_tasks), float(prior)))
         self.register_buffer("rows", rows, persistent=False)
         self._merge_buffers: tuple[torch.Tensor, ...] | None = None  # reused by training merges
+        self.sharded = False  # shard(): the base and task vectors live in FSDP2 units of self.module
 
     def _adopt(self, module: nn.Module, task_vectors: TaskVectors) -> TaskVectors:
         """Check every task vector against its parameter of ``module``; return a shallow copy."""
@@ -229,7 +230,7 @@ class MergedModel(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # keep the task vectors next to the module
         super()._apply(fn, recurse)
-        if not self.offload:
+        if not self.offload and not self.sharded:  # sharded: the units own (and move) them
             self.task_vectors.tensors = [fn(t) for t in self.task_vectors.tensors]
         return self
 
@@ -255,6 +256,8 @@ class MergedModel(nn.Module):
         overwritten; a graph still holding them fails loudly in backward (autograd's version
         check), it is never silently wrong.
         """
+        if self.sharded:  # each unit merges its own tensors inside the module's forward
+            return {}
         params = dict(self.module.named_parameters())
         bases = tuple(params[n] for n in self.task_vectors.names)
         outs = self._step_buffers(bases) if reuse_buffers else None
@@ -277,12 +280,36 @@ class MergedModel(nn.Module):
             params = self.merged_parameters()
         return functional_call(self.module, params, args, kwargs, strict=False)
 
+    def shard(self, mesh: Any, blocks: Sequence[str], recompute: bool = True, offload: bool = False) -> None:
+        """Shard the base module and the task vectors over the ranks of ``mesh`` with FSDP2: one
+        unit per block of ``blocks`` (a pool's ``layout.blocks``) and the rest at the root
+        (:mod:`.sharded`). The coefficients stay whole on every rank; the module then merges
+        itself in its forward (:meth:`merged_parameters` is empty). Collective: every rank calls it."""
+        if self.sharded:
+            return
+        from .sharded import SharedCoefficients, shard_merge, unit_tensors
+        root = shard_merge(self.module, self.task_vectors.names, self.task_vectors.tensors, self.rows.tolist(),
+                           self.row_chunks, blocks, SharedCoefficients(self.lambdas, _Merge.apply), mesh, recompute,
+                           offload)
+        self.module, self.sharded, self._merge_buffers = root, True, None
+        # the sharded stacks replace the whole ones, which are then freed unless the caller keeps them
+        taus = unit_tensors(root)
+        self.task_vectors.tensors = [taus[n] for n in self.task_vectors.names]
+
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full state dict of the merged module: plain, detached, contiguous tensors."""
+        """The full state dict of the merged module: plain, detached, contiguous tensors
+        (sharded: gathered unit by unit; collective, every rank calls it)."""
+        if self.sharded:
+            from .sharded import gathered_state_dict
+            return gathered_state_dict(self.module)
         merged = self.merged_parameters()
-        return {k: (merged[k] if k in merged else v).detach().contiguous().clone()
-                for k, v in self.module.state_dict().items()}
+        # by tensor identity: a tied weight (an output layer sharing the embedding) is merged under
+        # each of its names, as functional_call uses it in the forward
+        own = dict(self.module.named_parameters())
+        by_id = {id(own[n]): m for n, m in merged.items()}
+        return {k: by_id.get(id(v), merged.get(k, v)).detach().contiguous().clone()
+                for k, v in self.module.state_dict(keep_vars=True).items()}
 
     def row_names(self) -> list[str]:
         """What each coefficient row merges: ``["*"]`` task-wise, else the parameter names, a

@@ -12,12 +12,13 @@ from . import registry
 from .adamerging import AdaMerging
 from .adarank import AdaRank
 from .registry import REGISTRY, Method
+from .sharding import ShardedMergeStrategy
 from .static import task_arithmetic, ties, ties_task_vectors, weight_averaging
 from .surgery import Surgery, SurgeryAdapter
 from .tinting import TintedHead, Tinting
 from .twin import TwinMerging, load_twin
 from .wemoe import WEMoE, load_wemoe
 
-__all__ = ["REGISTRY", "AdaMerging", "AdaRank", "Method", "Surgery", "SurgeryAdapter", "TintedHead", "Tinting",
-           "TwinMerging", "WEMoE", "load_twin", "load_wemoe",
+__all__ = ["REGISTRY", "AdaMerging", "AdaRank", "Method", "ShardedMergeStrategy", "Surgery", "SurgeryAdapter",
+           "TintedHead", "Tinting", "TwinMerging", "WEMoE", "load_twin", "load_wemoe",
            "registry", "task_arithmetic", "ties", "ties_task_vectors", "weight_averaging"]

@@ -703,6 +703,14 @@ class AdaMerging(L.LightningModule):
         frozen += [n for n, _ in self.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
 
+    def configure_model(self) -> None:
+        """Under :class:`~adamerge.methods.sharding.ShardedMergeStrategy`: shard the merge over
+        the processes (FSDP2); any other strategy keeps it whole."""
+        from .sharding import ShardedMergeStrategy, shard_module
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ShardedMergeStrategy):
+            shard_module(self, strategy)
+
     def on_fit_start(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
         wrapped = self.trainer.strategy.model

@@ -87,3 +87,13 @@ def infer_layout(module: nn.Module, mlp_children: Sequence[tuple[str, str]] = ML
             if isinstance(m, nn.Linear) and full not in mlp_layers and not any(n.startswith(f"{a}.") for a in mha):
                 attention.append(f"{full}.weight")
     return Layout(tuple(blocks), tuple(mlps), tuple(attention))
+
+
+def repeated_blocks(module: nn.Module) -> list[str]:
+    """The children of ``module``'s longest ``nn.ModuleList`` (its stack of blocks, whatever its
+    MLPs are called), by qualified name; empty when it has none."""
+    lists = [(len(m), n) for n, m in module.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return []
+    _, name = max(lists, key=lambda x: x[0])
+    return [f"{name}.{child}" if name else child for child, _ in module.get_submodule(name).named_children()]

@@ -1,0 +1,225 @@
+"""The fused merge sharded over processes with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Each transformer block of the base module becomes one FSDP2 unit that owns the block's base
+parameters and the stacked task vectors of those parameters; the rest of the module (embeddings,
+final norm, output layer: tied weights stay together) is the root unit. FSDP2 keeps 1/W of every
+one of these tensors on each of the W ranks (task vectors sharded along the parameter's own dim 0,
+so K < W still splits evenly), gathers a unit's tensors for its forward, where the unit merges
+``base + lambda @ tau`` with the fused merge of :mod:`.merged_model` and runs the block on the
+merged weights, and frees them after. With ``recompute`` (default) the block is re-run in the
+backward (activation checkpointing), so a block's merged weights live only while it runs; FSDP2
+gathers the unit again for that.
+
+The coefficients stay outside FSDP: a plain ``[rows, K]`` tensor, the same on every rank, whose
+gradient the Lightning strategy averages over the ranks (:class:`~adamerge.methods.sharding.
+ShardedMergeStrategy`). No frozen tensor gets a gradient, so FSDP2 reduce-scatters nothing.
+
+What a rank holds (bytes; ``b`` bytes per value, ``N`` values of the model, ``N_u`` of its largest
+unit, K tasks): ``(1 + K) N b / W`` sharded, plus ``(1 + K) N_u b`` gathered for the unit that runs
+(two with FSDP2's prefetch), plus ``N_u b`` merged weights, plus activations. Traffic per step:
+``(1 + K) N b`` gathered in the forward and again in the backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+
+class SharedCoefficients:
+    """The effective coefficients of the running forward, computed once by the root unit and read
+    by the block units (a plain object: a module attribute would register the coefficients as a
+    parameter of every unit, and FSDP2 would shard them), and the fused merge that applies them
+    (``merge(lam, rows, bases, taus, outs, chunks)``: :class:`~.merged_model._Merge`'s ``apply``)."""
+
+    def __init__(self, lambdas: Callable[[], torch.Tensor], merge: Callable[..., tuple[torch.Tensor, ...]]) -> None:
+        self.lambdas, self.merge = lambdas, merge
+        self.current: torch.Tensor | None = None
+
+
+class MergeUnit(nn.Module):
+    """A part of the base module and the task vectors of the parameters it merges.
+
+    Args:
+        part: the wrapped module (a transformer block, or the whole module for the root unit).
+        names: the merged parameters of ``part``, by their names in ``part``.
+        taus: their stacked task vectors, ``[K, *shape]`` each (kept as frozen parameters so
+            FSDP2 shards and gathers them with the base).
+        rows: the coefficient row of each parameter (its first row when ``chunks`` splits it).
+        chunks: rows per parameter (``split_qkv``), or ``None``.
+        shared: where the unit reads the running forward's coefficients.
+        root: the root unit computes the coefficients at the start of each forward.
+        recompute: re-run the part in the backward instead of keeping its merged weights.
+    """
+
+    def __init__(self, part: nn.Module, names: Sequence[str], taus: Sequence[torch.Tensor], rows: Sequence[int],
+                 chunks: Sequence[int] | None, shared: SharedCoefficients, root: bool = False,
+                 recompute: bool = True, prefix: str = "") -> None:
+        super().__init__()
+        self.part = part
+        self.names = list(names)
+        self.prefix = prefix  # the part's name in the base module ("" for the root)
+        for i, tau in enumerate(taus):
+            param = nn.Parameter(tau, requires_grad=False)
+            param._adamerge_tau = True  # read by _placement
+            self.register_parameter(f"tau{i}", param)
+        self.register_buffer("rows", torch.tensor(list(rows), dtype=torch.long), persistent=False)
+        self.chunks = tuple(chunks) if chunks is not None else None
+        self.shared, self.root, self.recompute = shared, root, recompute
+
+    def taus(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f"tau{i}") for i in range(len(self.names)))
+
+    def merged(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The merged tensors of this unit's parameters (its tensors must be gathered)."""
+        own = dict(self.part.named_parameters())
+        bases = tuple(own[n] for n in self.names)
+        merged = self.shared.merge(lam, self.rows, bases, self.taus(), None, self.chunks)
+        return dict(zip(self.names, merged))
+
+    def _run(self, lam: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = functional_call(self.part, self.merged(lam), args, kwargs, strict=False)
+        # FSDP2 hooks the backward on the unit's output; an in-place op on a view of the step's
+        # activations (a model's last-token slice) would bypass that hook, so a view comes back owned
+        return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.root:
+            self.shared.current = self.shared.lambdas()
+        lam = self.shared.current
+        if lam is None:
+            raise RuntimeError("a sharded block ran outside its model's forward: call the merged module, "
+                               "not one of its blocks")
+        if self.recompute and torch.is_grad_enabled() and lam.requires_grad:
+            return checkpoint(self._run, lam, *args, use_reentrant=False, **kwargs)
+        return self._run(lam, *args, **kwargs)
+
+
+def _placement(world: int) -> Callable[[nn.Parameter], Any]:
+    """Task vectors ``[K, *shape]`` are sharded along the parameter's dim 0 (dim 1 of the stack),
+    so every rank holds 1/W of every task's vector even when K < W, where that dim divides evenly
+    (FSDP2 pads dim 0 only); everything else along dim 0."""
+    from torch.distributed.tensor import Shard
+
+    def place(param: nn.Parameter) -> Any:
+        even = param.dim() > 1 and param.shape[1] % world == 0
+        return Shard(1) if getattr(param, "_adamerge_tau", False) and even else Shard(0)
+    return place
+
+
+def shard_merge(module: nn.Module, names: Sequence[str], taus: Sequence[torch.Tensor], rows: Sequence[int],
+                chunks: Sequence[int] | None, blocks: Sequence[str], shared: SharedCoefficients, mesh: Any,
+                recompute: bool = True, offload: bool = False) -> MergeUnit:
+    """Wrap each of ``blocks`` of ``module`` (in place) and the module itself in :class:`MergeUnit`
+    and shard them with ``fully_shard`` on ``mesh``; returns the root unit, which replaces the
+    module as what is called.
+
+    Args:
+        module: the frozen base module (changed in place: its blocks become units).
+        names, taus, rows, chunks: the merged parameters (names in ``module``), their stacked task
+            vectors, coefficient rows and row counts, as :class:`~.merged_model.MergedModel` has them.
+        blocks: qualified names of the transformer blocks (a pool's ``layout.blocks``); a merged
+            parameter outside every block belongs to the root unit.
+        mesh: the 1-D data-parallel device mesh.
+        offload: keep the sharded tensors in host memory (FSDP2's ``CPUOffloadPolicy``), gathered
+            to the accelerator per unit.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    chunk_of = list(chunks) if chunks is not None else [1] * len(names)
+    owner = {n: next((b for b in blocks if n.startswith(b + ".")), "") for n in names}
+    units = []
+    for block in blocks:
+        mine = [i for i, n in enumerate(names) if owner[n] == block]
+        if not mine:
+            continue
+        parent_name, _, child = block.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        unit = MergeUnit(parent.get_submodule(child), [names[i][len(block) + 1:] for i in mine],
+                         [taus[i] for i in mine], [rows[i] for i in mine],
+                         [chunk_of[i] for i in mine] if chunks is not None else None, shared, recompute=recompute,
+                         prefix=block)
+        setattr(parent, child, unit)  # ModuleList children are set by their index name too
+        units.append(unit)
+    rest = [i for i, n in enumerate(names) if not owner[n]]
+    root = MergeUnit(module, [names[i] for i in rest], [taus[i] for i in rest], [rows[i] for i in rest],
+                     [chunk_of[i] for i in rest] if chunks is not None else None, shared, root=True,
+                     recompute=False)  # the root's tensors stay gathered for the whole step anyway
+    options = {"mesh": mesh, "shard_placement_fn": _placement(mesh.size()),
+               "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    for unit in units:
+        fully_shard(unit, **options)
+    fully_shard(root, **options)
+    return root
+
+
+def local_bytes(root: MergeUnit) -> dict[str, int]:
+    """Bytes of the sharded tensors this rank holds: ``{"task_vectors", "base"}`` (what a
+    sharded run keeps between steps; measured, not computed from shapes)."""
+    from torch.distributed.tensor import DTensor
+    def size(p: torch.Tensor) -> int:
+        local = p.to_local() if isinstance(p, DTensor) else p
+        return local.numel() * local.element_size()
+
+    out = {"task_vectors": 0, "base": 0}
+    for unit in (m for m in root.modules() if isinstance(m, MergeUnit)):
+        out["task_vectors"] += sum(size(t) for t in unit.taus())
+        out["base"] += sum(size(unit.part.get_parameter(n)) for n in unit.names)
+    return out
+
+
+def _units(root: MergeUnit) -> list[MergeUnit]:
+    return [m for m in root.modules() if isinstance(m, MergeUnit)]
+
+
+def _qualified(unit: MergeUnit, name: str) -> str:
+    return f"{unit.prefix}.{name}" if unit.prefix else name
+
+
+def unit_tensors(root: MergeUnit) -> dict[str, torch.Tensor]:
+    """Each merged parameter's (sharded) task-vector stack, by its name in the base module."""
+    return {_qualified(u, n): t for u in _units(root) for n, t in zip(u.names, u.taus())}
+
+
+def _own_state(part: nn.Module) -> dict[str, torch.Tensor]:
+    """``part``'s parameters and persistent buffers outside the units nested in it (each unit
+    gathers its own), by name in ``part``; tied tensors under each of their names."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, t in module._parameters.items():
+            if t is not None:
+                out[prefix + name] = t
+        for name, t in module._buffers.items():
+            if t is not None and name not in module._non_persistent_buffers_set:
+                out[prefix + name] = t
+        for name, child in module._modules.items():
+            if child is not None and not isinstance(child, MergeUnit):
+                walk(child, f"{prefix}{name}.")
+    walk(part, "")
+    return out
+
+
+@torch.no_grad()
+def gathered_state_dict(root: MergeUnit) -> dict[str, torch.Tensor]:
+    """The merged module's full state dict, in the base module's names (plain CPU tensors),
+    gathered one unit at a time (collective: every rank calls it; each gets the whole dict)."""
+    lam = root.shared.lambdas().detach()
+    out = {}
+    for unit in _units(root):
+        unit.unshard()
+        try:
+            own = dict(unit.part.named_parameters())
+            # by tensor identity: a tied weight (an output layer sharing the embedding) is merged too
+            merged = {id(own[n]): m for n, m in unit.merged(lam).items()}
+            for name, t in _own_state(unit.part).items():
+                value = merged.get(id(t), t)
+                value = value.full_tensor() if hasattr(value, "full_tensor") else value
+                out[_qualified(unit, name)] = value.detach().cpu().contiguous().clone()
+        finally:
+            unit.reshard()
+    return out
