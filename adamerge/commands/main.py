@@ -44,6 +44,9 @@ commands:
             adamerge convert --fusionbench DIR --out OUTDIR   (FusionBench's HF fine-tunes, all tasks)
   finetune  make an expert: fine-tune CLIP's image tower on one task (task-vectors recipe):
             adamerge finetune --task mnist --out experts/ViT-B-32/mnist.safetensors
+  eval      score a merged language model with lm_eval (pip install 'adamerge[eval]'):
+            adamerge eval --export DIR --tasks gsm8k_cot,ifeval [--tokenizer BASE]
+            adamerge eval --config FILE --ckpt_path CKPT --tasks T [--include_path TASKS_DIR]
   bench     step time and peak memory vs a plain forward+backward and a naive merge:
             adamerge bench [--model ViT-B-32] [-K 8] [-B 2] [--device cuda]
             the SVD step of TSV-M / Iso-CTS: adamerge bench --svd [--blocks 12]
@@ -61,7 +64,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "compare_main"), "export": ("export", "export_main"),
     "convert": ("convert", "convert_main"), "finetune": ("finetune", "finetune_main"),
     "bench": ("bench", "bench_main"), "predict": ("predict", "predict_main"),
-    "online": ("online", "online_main"),
+    "online": ("online", "online_main"), "eval": ("eval", "eval_main"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")  # they get the command name as first argument
 

@@ -33,7 +33,8 @@ from .datamodule import DatasetSource
 def load_tasks_file(path: str | Path, need_labels: bool = True) -> dict[str, dict]:
     """``{task: {"labels": [word, ...], "template": ..., "dataset": {...}}}`` from a JSON or YAML
     file (a top-level ``tasks:`` key is optional). ``need_labels``: every task must list its
-    label words (verbalisers of causal / seq2seq LMs; sequence classifiers have class logits)."""
+    label words (verbalisers of causal / seq2seq LMs; sequence classifiers have class logits),
+    but an ``open_ended: true`` task, answered over the whole vocabulary (generative prompts)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -52,8 +53,10 @@ def load_tasks_file(path: str | Path, need_labels: bool = True) -> dict[str, dic
         if not isinstance(spec, dict):
             raise ValueError(f"{path}: task {task!r} must be a mapping (labels, template, dataset), got {spec!r}")
         labels = spec.get("labels")
-        if (need_labels or labels is not None) and (not isinstance(labels, list) or not labels):
-            raise ValueError(f"{path}: task {task!r} needs 'labels', a list of label words")
+        if spec.get("open_ended") and labels is not None:  # no label words: the whole vocabulary answers
+            raise ValueError(f"{path}: task {task!r} is open_ended (answered over the whole vocabulary); drop its 'labels'")
+        if (need_labels and not spec.get("open_ended") or labels is not None) and (not isinstance(labels, list) or not labels):
+            raise ValueError(f"{path}: task {task!r} needs 'labels', a list of label words (or open_ended: true)")
     return data
 
 

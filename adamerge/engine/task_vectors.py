@@ -9,15 +9,23 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from ..io.checkpoints import CheckpointError, StateDict, check_compatible
+from ..io.checkpoints import CheckpointError, StateDict, check_compatible, check_finite
+from ..io.tensor_stack import DTYPE_CODES, StackWriter, TensorReader, read_header, read_stack
+
+log = logging.getLogger(__name__)
 
 # Storage dtypes of task vectors, by the names configs use.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The "format" of a streamed task-vector file's metadata (TaskVectors.streamed).
+STACK_FORMAT = "adamerge.task_vectors/1"
 
 
 def select_names(names: Iterable[str], include: Sequence[str] | None = None,
@@ -73,12 +81,7 @@ class TaskVectors:
             check_compatible(base, sd, other_name=f"fine-tuned model {task!r}")
         if names is None:
             names = [n for n, t in base.items() if t.is_floating_point()]
-        for n in names:
-            if n not in base:
-                raise CheckpointError(f"parameter {n!r} to merge is not in the base model")
-            if not base[n].is_floating_point():
-                raise CheckpointError(f"parameter {n!r} has dtype {base[n].dtype}; only "
-                                      "floating-point tensors can be merged")
+        _check_names(base, names)
         tasks = list(experts)
         tensors = []
         for n in names:
@@ -88,6 +91,49 @@ class TaskVectors:
             stacked = torch.stack([experts[t][n].detach().to(work) - b.to(work) for t in tasks])
             tensors.append(stacked.to(dtype or b.dtype))
         return cls(task_names=tasks, names=list(names), tensors=tensors)
+
+    @classmethod
+    def streamed(cls, base: Mapping[str, torch.Tensor], experts: Mapping[str, TensorReader],
+                 names: Sequence[str], path: str | os.PathLike, dtype: torch.dtype | None = None,
+                 metadata: Mapping[str, str] | None = None, progress: bool = True) -> "TaskVectors":
+        """Task vectors formed one parameter at a time into the safetensors file ``path`` and
+        returned as views of its memory map: host memory holds the base and one expert tensor at
+        a time, never the K experts (the pages of the file are read when touched).
+
+        For each name, each expert's tensor is read, the base subtracted in float32 (as
+        :meth:`from_state_dicts` does, so low-precision storage rounds once), and the result
+        appended to the ``[K, *shape]`` stack of the file. A file already at ``path`` whose
+        metadata (``metadata``, task order, names, dtype) and shapes match is reused as it is;
+        otherwise it is rewritten (atomically). One log line says which.
+
+        Args:
+            base: the pretrained state dict.
+            experts: task name -> reader of that expert's tensors under the names of ``base``
+                (:class:`~adamerge.io.tensor_stack.TensorReader`).
+            names: the parameters to merge (floating-point tensors of ``base``).
+            path: the task-vector file.
+            dtype: storage dtype (default: that of each base tensor).
+            metadata: provenance (string map) a reused file must match, e.g. source files.
+            progress: a progress bar over parameters on a terminal when it takes a while.
+        """
+        if not experts:
+            raise ValueError("at least one fine-tuned model is needed, got none")
+        tasks, names, path = list(experts), list(names), Path(path)
+        _check_names(base, names)
+        _check_expert_shapes(base, experts, names)
+        out = {n: dtype or base[n].dtype for n in names}
+        specs = {n: (out[n], (len(tasks), *base[n].shape)) for n in names}
+        meta = {**(metadata or {}), "format": STACK_FORMAT, "tasks": json.dumps(tasks),
+                "names": json.dumps(names), "dtype": ",".join(sorted({str(d) for d in out.values()}))}
+        stale = _stale_reason(path, meta, specs)
+        if stale is None:
+            log.info("adamerge: task vectors reused from %s (sources, tasks, names and dtype match)", path)
+        else:
+            log.info("adamerge: task vectors written to %s (%s)", path, stale)
+            _write_stack(base, experts, path, specs, meta, progress)
+        tensors, _ = read_stack(path)
+        return cls(task_names=tasks, names=names, tensors=[tensors[n] for n in names],
+                   meta={"task_vector_file": str(path)})
 
     @property
     def num_tasks(self) -> int:
@@ -133,6 +179,91 @@ class TaskVectors:
             "hash": digest,
             **({"transform": self.meta["transform"]} if "transform" in self.meta else {}),
         }
+
+
+def _check_names(base: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
+    for n in names:
+        if n not in base:
+            raise CheckpointError(f"parameter {n!r} to merge is not in the base model")
+        if not base[n].is_floating_point():
+            raise CheckpointError(f"parameter {n!r} has dtype {base[n].dtype}; only "
+                                  "floating-point tensors can be merged")
+
+
+def _check_expert_shapes(base: Mapping[str, torch.Tensor], experts: Mapping[str, TensorReader],
+                         names: Sequence[str]) -> None:
+    """Every expert has every name, shaped as the base (read from the file headers, before any
+    byte is written)."""
+    for task, reader in experts.items():
+        for n in names:
+            try:
+                shape = tuple(reader.shape(n))
+            except CheckpointError as exc:
+                raise CheckpointError(f"fine-tuned model {task!r}: {exc}") from exc
+            if shape != tuple(base[n].shape):
+                raise CheckpointError(f"fine-tuned model {task!r}: {reader.where(n)} has shape {shape}, "
+                                      f"the base's {n!r} has {tuple(base[n].shape)}")
+
+
+def _stale_reason(path: Path, meta: Mapping[str, str],
+                  specs: Mapping[str, tuple[torch.dtype, Sequence[int]]]) -> str | None:
+    """Why the task-vector file at ``path`` cannot be reused (``None``: it can)."""
+    if not path.is_file():
+        return "no file yet"
+    try:
+        header, saved = read_header(path)
+    except (CheckpointError, OSError) as exc:
+        return f"the old file is unreadable: {exc}"
+    first = ["format", "tasks", "names", "dtype", "base", "experts"]  # the likelier causes first
+    for key in sorted(set(meta) | set(saved), key=lambda k: (first.index(k) if k in first else len(first), k)):
+        if key == "sources":
+            changed = _changed_source(saved.get(key), meta.get(key))
+            if changed:
+                return f"{changed} changed"
+        elif saved.get(key) != meta.get(key):
+            return f"{key} changed"
+    for name, (dtype, shape) in specs.items():
+        info = header.get(name, {})
+        if info.get("dtype") != DTYPE_CODES[dtype] or list(info.get("shape", [])) != list(shape):
+            return f"tensor {name!r} is {info.get('dtype')} {info.get('shape')}, expected {dtype} {list(shape)}"
+    return None
+
+
+def _changed_source(saved: str | None, now: str | None) -> str | None:
+    """The first source file whose size or modification time differs (whatever the order they are
+    listed in), for the log line; ``None`` when none does."""
+    try:
+        old, new = json.loads(saved or "{}"), json.loads(now or "{}")
+    except ValueError:
+        return "sources"
+    for f in list(new) + [f for f in old if f not in new]:
+        if old.get(f) != new.get(f):
+            return f"source file {f}"
+    return None
+
+
+def _write_stack(base: Mapping[str, torch.Tensor], experts: Mapping[str, TensorReader], path: Path,
+                 specs: Mapping[str, tuple[torch.dtype, Sequence[int]]], meta: Mapping[str, str],
+                 progress: bool) -> None:
+    """Stream ``tau_k = expert_k - base`` into ``path``, one expert tensor in memory at a time."""
+    with StackWriter(path, specs, meta) as writer:
+        for name in _progress(writer.order, progress, path):
+            b = base[name].detach()
+            # Subtract in float32 (or wider) so low-precision storage rounds once, not twice.
+            work = torch.promote_types(b.dtype, torch.float32)
+            bw = b.to(work)
+            for task, reader in experts.items():
+                x = reader.read(name)
+                check_finite({name: x}, f"fine-tuned model {task!r}: {reader.where(name)}")
+                writer.write(name, (x.to(work) - bw).to(specs[name][0]))
+                del x  # drop the expert's tensor (and the file map behind it) before the next
+
+
+def _progress(names: Sequence[str], show: bool, path: Path) -> Iterator[str]:
+    """A tqdm bar over the parameters, on a terminal and only once it has run a second."""
+    from tqdm import tqdm
+    return iter(tqdm(names, desc=f"task vectors -> {path.name}", unit="param", leave=False,
+                     disable=None if show else True, delay=1.0))
 
 
 def fingerprint_difference(saved: dict, current: dict) -> str | None:

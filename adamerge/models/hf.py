@@ -41,6 +41,7 @@ from ..engine.task_vectors import DTYPES, TaskVectors
 from ..data.text import load_tasks_file
 from ..io import offline
 from ..io.checkpoints import CheckpointError, StateDict, check_finite, load_state_dict
+from ..io.tensor_stack import RenamedReader, WeightFolder
 from .layout import Layout, infer_layout
 from .pool import LoadedPool, ModelPool, check_unseen
 
@@ -244,6 +245,26 @@ class VerbaliserHead(nn.Module):
         return logits.index_select(-1, self.token_ids.to(logits.device))
 
 
+class VocabularyHead(nn.Module):
+    """An open-ended task's head (``open_ended: true`` in the tasks file: generative prompts, no
+    label words): the next-token logits over the whole vocabulary, unchanged, so the ``entropy``
+    objective is the entropy of the next token over the vocabulary. Nothing to export (no tensors)."""
+
+    normalizes_features = False
+    vocabulary_features = True  # as VerbaliserHead: its features are the LM's vocabulary logits
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = int(vocab_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.vocab_size
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
 def verbaliser_ids(tokenizer: Any, words: Sequence[str], task: str = "") -> list[int]:
     """The token id of each label word; each must be exactly one known token of the tokenizer."""
     where = f"task {task!r}: " if task else ""
@@ -365,13 +386,22 @@ class HFLanguageModelPool(ModelPool):
         decoder_start: encoder-decoder LMs: the token id fed as the first decoder input
             (``None``: the config's ``decoder_start_token_id``, 0 for T5; FusionBench's Flan-T5
             AdaMerging feeds 1). Refused for causal LMs and sequence classifiers.
+        task_vector_file: full experts only: stream the task vectors into this safetensors file
+            (one expert tensor in memory at a time, read lazily from the experts' (sharded)
+            safetensors) and use them memory-mapped from it, so host memory holds about the base,
+            never the K experts. The file is reused while its metadata matches (base and expert
+            paths, each weight file's size and mtime, task order, names, dtype), else rewritten;
+            experts' states for reference rows are ``base + tau_k`` built on demand from it.
+            ``None`` (default): every expert is loaded with ``from_pretrained`` and kept.
+            Refused for LoRA experts (they stay low-rank).
     """
 
     needs_labels = True  # verbalisers: every task lists its label words
 
     def __init__(self, base: str, experts: dict[str, str], tasks_file: str | None = None,
                  tokenizer: str | None = None, dtype: str | None = None,
-                 unseen_tasks: list[str] | None = None, decoder_start: int | None = None) -> None:
+                 unseen_tasks: list[str] | None = None, decoder_start: int | None = None,
+                 task_vector_file: str | None = None) -> None:
         if not experts:
             raise ValueError(f"{type(self).__name__} needs experts: a mapping task -> adapter or model folder")
         if decoder_start is not None and (isinstance(decoder_start, bool) or int(decoder_start) != decoder_start
@@ -400,6 +430,13 @@ class HFLanguageModelPool(ModelPool):
         if len(kinds) > 1:
             raise ValueError("experts mix LoRA adapters and full models: give one kind "
                              f"({ {t: 'lora' if is_adapter(p) else 'full' for t, p in self.experts.items()} })")
+        if task_vector_file is not None and kinds == {True}:
+            raise ValueError(f"task_vector_file {task_vector_file!r} streams full fine-tuned experts; these are "
+                             "LoRA adapters, kept low-rank (never stacked densely): drop task_vector_file")
+        if task_vector_file is not None and Path(task_vector_file).expanduser().is_dir():
+            raise ValueError(f"task_vector_file {task_vector_file!r} is a folder; give a file path (e.g. "
+                             f"{Path(task_vector_file) / 'task_vectors.safetensors'})")
+        self.task_vector_file = str(Path(task_vector_file).expanduser()) if task_vector_file else None
 
     def _check_unseen(self, unseen: list[str] | None) -> list[str]:
         return check_unseen(unseen, list(self.experts), list(self.specs), where=f" in {self.tasks_file}")
@@ -433,7 +470,10 @@ class HFLanguageModelPool(ModelPool):
 
     def make_heads(self, tasks: Sequence[str], tokenizer: Any, encoder: _HFWrapper,
                    experts: Mapping[str, Any]) -> dict[str, nn.Module]:
-        return {t: VerbaliserHead(verbaliser_ids(tokenizer, self.specs[t]["labels"], t), self.specs[t]["labels"])
+        def vocab() -> int:  # the logits' width (may exceed len(tokenizer)); asked only for open-ended tasks
+            return encoder.lm.get_output_embeddings().weight.shape[0]
+        return {t: VocabularyHead(vocab()) if self.specs[t].get("open_ended") else
+                VerbaliserHead(verbaliser_ids(tokenizer, self.specs[t]["labels"], t), self.specs[t]["labels"])
                 for t in tasks}
 
     # -- shared
@@ -459,12 +499,15 @@ class HFLanguageModelPool(ModelPool):
             sources: dict[str, Any] = dict(self.experts)
         else:
             own = encoder.state_dict()
-            full = {t: self._full_expert(auto, p, own, heads_of) for t, p in self.experts.items()}
             names = sorted(n for n, p in encoder.named_parameters()
                            if p.is_floating_point() and not _under(n, heads_of))
-            tv = TaskVectors.from_state_dicts(own, {t: st for t, (st, _) in full.items()}, names=names)
-            loaders = {t: (lambda t=t: full[t][0]) for t in tasks}
-            sources = {t: head for t, (_, head) in full.items()}
+            if self.task_vector_file:
+                tv, loaders, sources = self._streamed_experts(encoder, own, heads_of, names)
+            else:
+                full = {t: self._full_expert(auto, p, own, heads_of) for t, p in self.experts.items()}
+                tv = TaskVectors.from_state_dicts(own, {t: st for t, (st, _) in full.items()}, names=names)
+                loaders = {t: (lambda t=t: full[t][0]) for t in tasks}
+                sources = {t: head for t, (_, head) in full.items()}
         tv.meta.update({"base": self.base})
         heads = self.make_heads(tasks, tok, encoder, sources)
         unseen = self.make_heads(self.unseen_tasks, tok, encoder, {})
@@ -484,6 +527,30 @@ class HFLanguageModelPool(ModelPool):
                 raise CheckpointError(f"{path}: {name.removeprefix(PREFIX)} has shape {tuple(value.shape)}, "
                                       f"the base model's is {tuple(own[name].shape)}")
         return {k: (own[k] if _under(k, heads_of) else state.get(k, own[k])) for k in own}, head
+
+    def _streamed_experts(self, encoder: _HFWrapper, own: Mapping[str, torch.Tensor], heads_of: Sequence[str],
+                          names: Sequence[str]) -> tuple[TaskVectors, dict[str, Any], dict[str, StateDict]]:
+        """Full experts read lazily from their files: the task vectors streamed into
+        ``task_vector_file`` (memory-mapped), each expert's state built on demand from them, and
+        each expert's head tensors (sequence classifiers)."""
+        readers = {t: _expert_reader(p, encoder, own) for t, p in self.experts.items()}
+        tv = TaskVectors.streamed(own, readers, names, self.task_vector_file,
+                                  metadata=self._provenance(readers, encoder))
+        loaders = {t: (lambda k=k, t=t: _expert_from_stack(own, tv, k, readers[t], heads_of))
+                   for k, t in enumerate(readers)}
+        return tv, loaders, {t: _read_head(r, own, heads_of) for t, r in readers.items()}
+
+    def _provenance(self, readers: Mapping[str, RenamedReader], encoder: _HFWrapper) -> dict[str, str]:
+        """What a reused task-vector file must have been made from: the base and expert paths and
+        each weight file's size and modification time (a hub base: its id and revision)."""
+        files = [f for r in readers.values() for f in r.reader.files]
+        meta = {"base": self.base, "base_revision": str(getattr(encoder.lm.config, "_commit_hash", None) or "")}
+        if offline.is_local_path(self.base):
+            meta = {"base": str(Path(self.base).expanduser().resolve())}
+            files = _base_weight_files(Path(meta["base"])) + files
+        stamps = {str(f.resolve()): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+        experts = {t: str(Path(p).expanduser().resolve()) for t, p in self.experts.items()}
+        return {**meta, "experts": json.dumps(experts), "sources": json.dumps(stamps)}
 
     @staticmethod
     def _lora_expert(encoder: nn.Module, adapter: Mapping[str, tuple]) -> StateDict:
@@ -509,6 +576,67 @@ def _under(name: str, modules: Sequence[str]) -> bool:
     return any(name.startswith(f"{PREFIX}{m}.") for m in modules)
 
 
+def _expert_reader(folder: str, encoder: _HFWrapper, own: Mapping[str, torch.Tensor]) -> RenamedReader:
+    """A full expert's weight files under the encoder's names (``lm.`` + the model's own): a key
+    is found as saved, or with the model's ``base_model_prefix`` dropped or added (a bare
+    ``LlamaModel`` folder under a ``LlamaForCausalLM``), as ``from_pretrained`` finds it."""
+    files = WeightFolder(folder)
+    prefix = getattr(encoder.lm, "base_model_prefix", "") or ""
+    names = {}
+    for name in own:
+        key = name[len(PREFIX):]
+        alias = key[len(prefix) + 1:] if key.startswith(prefix + ".") else f"{prefix}.{key}"
+        # a key found neither way stays as saved: reading it names the folder, the key and the file
+        names[name] = next((k for k in (key, alias if prefix else key) if k in files), key)
+    return RenamedReader(files, names)
+
+
+def _base_weight_files(folder: Path) -> list[Path]:
+    """The base folder's weight files (what its task vectors depend on)."""
+    try:
+        return WeightFolder(folder).files
+    except CheckpointError:  # a layout transformers reads and we do not: every weight-like file
+        return sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
+
+
+def _read_head(reader: RenamedReader, own: Mapping[str, torch.Tensor], heads_of: Sequence[str]) -> StateDict:
+    """A full expert's head tensors (float32, copied out of the file), keyed within the head."""
+    head = {}
+    for name in own:
+        for h in heads_of:
+            if name.startswith(f"{PREFIX}{h}."):
+                head[name[len(PREFIX) + len(h) + 1:]] = reader.read(name).float().clone()
+    check_finite(head, f"{reader.reader.folder} ({'/'.join(heads_of)} head)")
+    return head
+
+
+def _expert_from_stack(own: Mapping[str, torch.Tensor], tv: TaskVectors, k: int, reader: RenamedReader,
+                       heads_of: Sequence[str]) -> StateDict:
+    """Expert ``k``'s state dict as ``base + tau_k`` from the (memory-mapped) task vectors;
+    head modules at the base value (as the non-streamed pool gives them); weights tied to a
+    merged one (an LM head tied to the embeddings) follow it; other tensors (buffers) as the
+    expert's file has them, else the base's."""
+    state: StateDict = {}
+    for name, tau in zip(tv.names, tv.tensors):
+        b = own[name]
+        work = torch.promote_types(b.dtype, torch.float32)
+        state[name] = (b.to(work) + tau[k].to(work)).to(b.dtype)
+    tied = {own[n].data_ptr(): n for n in tv.names if own[n].numel()}
+    for name, value in own.items():
+        if name in state:
+            continue
+        alias = tied.get(value.data_ptr()) if value.numel() else None
+        if _under(name, heads_of):
+            state[name] = value
+        elif alias is not None and own[alias].shape == value.shape:
+            state[name] = state[alias]
+        elif name in reader:
+            state[name] = reader.read(name).to(value.dtype).clone()
+        else:
+            state[name] = value
+    return state
+
+
 HFCausalLMPool = HFLanguageModelPool  # the name of the first release (causal LMs only)
 
 
@@ -529,7 +657,8 @@ class HFSequenceClassifierPool(HFLanguageModelPool):
             works too: ``transformers`` adds a fresh ``score`` layer).
         experts: task -> adapter or model folder.
         tasks_file: optional; ``labels`` there name the classes (their count must match the head).
-        tokenizer, dtype: as for :class:`HFLanguageModelPool`.
+        tokenizer, dtype, task_vector_file: as for :class:`HFLanguageModelPool` (the heads of
+            streamed experts are read from their files too).
         decoder_start: refused (a classifier has no decoder input).
     """
 
@@ -597,5 +726,5 @@ def _head_like(base: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Modul
 
 
 __all__ = ["FirstTokenFeatures", "FirstTokenHead", "FirstTokenSeq2Seq", "HFCausalLMPool", "HFLanguageModelPool", "HFSequenceClassifierPool",
-           "LastTokenFeatures", "LastTokenLM", "VerbaliserHead", "classifier_head_name", "is_adapter",
+           "LastTokenFeatures", "LastTokenLM", "VerbaliserHead", "VocabularyHead", "classifier_head_name", "is_adapter",
            "load_tasks_file", "read_lora", "read_lora_head", "verbaliser_ids"]

@@ -613,13 +613,17 @@ class TextSuitePool(ModelPool):
         seed: suite seed (data and weights).
         cache_dir: where the suite is cached (default ``$ADAMERGE_CACHE`` or ``~/.cache/adamerge``).
         full_experts: merge the fully fine-tuned experts instead of the LoRA adapters.
+        task_vector_file: with ``full_experts``: stream the task vectors into this file
+            (:class:`~adamerge.models.hf.HFLanguageModelPool`'s option of that name).
         overrides: other spec fields (see :class:`TextSuiteSpec`).
         unseen_tasks: suite tasks evaluated with their label words but not merged.
     """
 
     def __init__(self, suite: str = "tiny", tasks: list[str] | None = None, seed: int = 0,
                  cache_dir: str | None = None, full_experts: bool = False,
-                 overrides: dict[str, Any] | None = None, unseen_tasks: list[str] | None = None) -> None:
+                 overrides: dict[str, Any] | None = None, unseen_tasks: list[str] | None = None,
+                 task_vector_file: str | None = None) -> None:
+        self.task_vector_file = task_vector_file
         self.spec = get_text_spec(suite, **{**(overrides or {}), "seed": seed,
                                             **({"full_experts": True} if full_experts else {})})
         unseen = list(unseen_tasks or [])
@@ -635,7 +639,8 @@ class TextSuitePool(ModelPool):
         folder = ensure_text_suite(self.spec, self.cache_dir)
         kind = "experts_full" if self.full_experts else "experts"
         return HFLanguageModelPool(base=str(folder / "base"), experts={t: str(folder / kind / t) for t in self.tasks},
-                                   tasks_file=str(folder / "tasks.json"), unseen_tasks=self.unseen_tasks)
+                                   tasks_file=str(folder / "tasks.json"), unseen_tasks=self.unseen_tasks,
+                                   task_vector_file=self.task_vector_file)
 
     def load(self) -> LoadedPool:
         return self.hf_pool().load()
