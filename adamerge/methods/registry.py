@@ -37,6 +37,9 @@ import lightning as L
 from ..errors import unknown_name
 from .adamerging import AdaMerging
 from .adarank import AdaRank
+from .lines import lines
+from .magnitude_merges import della, magmax, pcb
+from .model_stock import model_stock
 from .references import individual, pretrained
 from .sparsify import breadcrumbs, consensus, dare, emr, tall_masks
 from .static import task_arithmetic, ties, weight_averaging
@@ -45,6 +48,7 @@ from .surgery import Surgery
 from .tinting import Tinting
 from .twin import TwinMerging
 from .wemoe import WEMoE
+from .wudi import wudi
 
 Kind = Literal["static", "per_task", "fitted", "learned"]
 KINDS: tuple[str, ...] = ("static", "per_task", "fitted", "learned")
@@ -279,6 +283,8 @@ _SURGERY_ROW: dict[str, Any] = dict(
 _TA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))   # 0.05 ... 1.0
 _TIES_GRID = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 ... 2.0
 _TALL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)  # nik-dim/tall_masks src/utils/tallmask_utils.py L96
+_LINES_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 ... 1.0: wang-kee/LiNeS src/eval/eval.py L215
+_PCB_GRID = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3)  # duguodong7/pcb-merging pcb-merging.py L64: lambda in [0.8, 1.3]
 
 REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("base", "static", "the pretrained model with its zero-shot heads (reference)", pretrained,
@@ -327,6 +333,35 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            "Iso-CTS: the sum's top 80% directions plus each task's top directions off them, "
            "orthogonalised, flat spectrum; other tensors averaged", iso_cts, tune={"scaling": SCALING_GRID},
            demo=False, source="Marczak et al., ICML 2025 (Iso-CTS); danielm1405/iso-merging src/utils/iso.py"),
+    Method("magmax", "static",
+           "MagMax: per entry the task-vector value of largest magnitude, times scaling (0.5)", magmax,
+           tune={"scaling": _TA_GRID}, paper={"scaling": 0.5}, demo=False,
+           source="Marczak et al., ECCV 2024 (MagMax); danielm1405/magmax src/merging/task_vectors.py L104-127, "
+                  "merge_8datasets.py L25"),
+    Method("model_stock", "static",
+           "Model Stock: per tensor base + t * mean task vector, t from the mean angle between the task "
+           "vectors (no hyper-parameter)", model_stock, demo=False,
+           source="Jang et al., ECCV 2024 (Model Stock); tanganke/fusion_bench "
+                  "fusion_bench/method/model_stock/model_stock.py L26-270"),
+    Method("lines", "static",
+           "LiNeS: the summed task vector scaled from alpha (1/K) at the first block to alpha + scaling "
+           "at the last", lines, tune={"scaling": _LINES_GRID}, demo=False,
+           source="Wang et al., ICLR 2025 (LiNeS); wang-kee/LiNeS src/eval/eval.py L56-126"),
+    Method("della", "static",
+           "DELLA: drop entries with probabilities ranked by magnitude per row (density 0.7 +/- 0.15), "
+           "restore each tensor's L1 mass, elect signs, disjoint mean", della, tune={"scaling": _TIES_GRID},
+           demo=False,
+           source="Deep et al., 2024 (DELLA-Merging); arcee-ai/mergekit mergekit/sparsify.py L138-175, "
+                  "merge_methods/generalized_task_arithmetic.py L119-184"),
+    Method("pcb", "static",
+           "PCB-merging: intra- and inter-task balancing scores, each task's top 5% as weights of a "
+           "weighted mean of the task vectors, times scaling (1.2)", pcb, tune={"scaling": _PCB_GRID},
+           paper={"scaling": 1.2}, demo=False,
+           source="Du et al., NeurIPS 2024 (PCB-merging); duguodong7/pcb-merging vision_source_code/pcb.py L44-105"),
+    Method("wudi", "static",
+           "WUDI-merging: per weight matrix, 400 Adam steps from the summed task vectors towards least "
+           "interference with each task vector (no data); other tensors averaged", wudi, demo=False,
+           source="Cheng et al., ICML 2025 (WUDI-merging); tanganke/fusion_bench fusion_bench/method/wudi/wudi.py L17-60"),
     Method("adamerging_taskwise", "learned",
            "AdaMerging, task-wise: one coefficient per task (entropy on unlabeled test batches)",
            AdaMerging, {"granularity": "taskwise"}, source="Yang et al., ICLR 2024 (AdaMerging)",
