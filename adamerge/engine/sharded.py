@@ -1,23 +1,24 @@
 """The fused merge sharded over processes with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 Each transformer block of the base module becomes one FSDP2 unit that owns the block's base
-parameters and the stacked task vectors of those parameters; the rest of the module (embeddings,
-final norm, output layer: tied weights stay together) is the root unit. FSDP2 keeps 1/W of every
-one of these tensors on each of the W ranks (task vectors sharded along the parameter's own dim 0,
-so K < W still splits evenly), gathers a unit's tensors for its forward, where the unit merges
-``base + lambda @ tau`` with the fused merge of :mod:`.merged_model` and runs the block on the
-merged weights, and frees them after. With ``recompute`` (default) the block is re-run in the
-backward (activation checkpointing), so a block's merged weights live only while it runs; FSDP2
-gathers the unit again for that.
+parameters and the stacked task vectors of those parameters; so does each leaf module outside the
+blocks with merged weights (embeddings, final norm, output layer); tied weights stay together in
+the root unit. FSDP2 keeps 1/W of every one of these tensors on each of the W ranks (task vectors
+sharded along the parameter's own dim 0, so K < W still splits evenly), gathers a unit's tensors
+for its forward, where the unit merges ``base + lambda @ tau`` with the fused merge of
+:mod:`.merged_model` and runs its module on the merged weights, and frees them after. With
+``recompute`` (default) a block is re-run in the backward (activation checkpointing), so its
+merged weights live only while it runs; FSDP2 gathers the unit again for that.
 
 The coefficients stay outside FSDP: a plain ``[rows, K]`` tensor, the same on every rank, whose
 gradient the Lightning strategy averages over the ranks (:class:`~adamerge.methods.sharding.
 ShardedMergeStrategy`). No frozen tensor gets a gradient, so FSDP2 reduce-scatters nothing.
 
-What a rank holds (bytes; ``b`` bytes per value, ``N`` values of the model, ``N_u`` of its largest
-unit, K tasks): ``(1 + K) N b / W`` sharded, plus ``(1 + K) N_u b`` gathered for the unit that runs
-(two with FSDP2's prefetch), plus ``N_u b`` merged weights, plus activations. Traffic per step:
-``(1 + K) N b`` gathered in the forward and again in the backward.
+What a rank holds (bytes; ``b`` per base value, ``t`` per task-vector value, ``N`` values of the
+model, ``N_u`` of its largest unit, K tasks): ``(b + K t) N / W`` sharded, plus ``(b + K t) N_u``
+gathered for the unit that runs (two with FSDP2's prefetch), plus ``N_u b`` merged weights, plus
+activations. Traffic per step: ``(b + K t) N`` gathered in the forward and again in the backward
+(docs/usage.md, "Sharded merges").
 """
 
 from __future__ import annotations
@@ -111,6 +112,24 @@ def _placement(world: int) -> Callable[[nn.Parameter], Any]:
     return place
 
 
+def _leaf_owners(module: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """Parameters outside the blocks whose module is a leaf (an embedding, a norm, an output
+    layer) and shares no tensor with another module: each such leaf is a unit of its own, gathered
+    only while it runs (left at the root, an 8B model's embeddings and output layer would stay
+    gathered for the whole step); tied weights stay at the root, which holds them together."""
+    users: dict[int, set[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        users.setdefault(id(p), set()).add(name.rpartition(".")[0])
+    out = {}
+    for n in names:
+        leaf = n.rpartition(".")[0]
+        if not leaf or next(module.get_submodule(leaf).children(), None) is not None:
+            continue
+        if all(users[id(p)] == {leaf} for p in module.get_submodule(leaf).parameters()):
+            out[n] = leaf
+    return out
+
+
 def shard_merge(module: nn.Module, names: Sequence[str], taus: Sequence[torch.Tensor], rows: Sequence[int],
                 chunks: Sequence[int] | None, blocks: Sequence[str], shared: SharedCoefficients, mesh: Any,
                 recompute: bool = True, offload: bool = False) -> MergeUnit:
@@ -123,7 +142,8 @@ def shard_merge(module: nn.Module, names: Sequence[str], taus: Sequence[torch.Te
         names, taus, rows, chunks: the merged parameters (names in ``module``), their stacked task
             vectors, coefficient rows and row counts, as :class:`~.merged_model.MergedModel` has them.
         blocks: qualified names of the transformer blocks (a pool's ``layout.blocks``); a merged
-            parameter outside every block belongs to the root unit.
+            parameter outside every block belongs to its leaf module's unit (untied embeddings,
+            norms, output layers: :func:`_leaf_owners`), else to the root unit.
         mesh: the 1-D data-parallel device mesh.
         offload: keep the sharded tensors in host memory (FSDP2's ``CPUOffloadPolicy``), gathered
             to the accelerator per unit.
@@ -132,8 +152,10 @@ def shard_merge(module: nn.Module, names: Sequence[str], taus: Sequence[torch.Te
 
     chunk_of = list(chunks) if chunks is not None else [1] * len(names)
     owner = {n: next((b for b in blocks if n.startswith(b + ".")), "") for n in names}
+    leaves = _leaf_owners(module, [n for n in names if not owner[n]])
+    owner.update(leaves)
     units = []
-    for block in blocks:
+    for block in [*blocks, *dict.fromkeys(leaves.values())]:
         mine = [i for i, n in enumerate(names) if owner[n] == block]
         if not mine:
             continue

@@ -113,6 +113,9 @@ def shard_module(module: Any, strategy: ShardedMergeStrategy) -> None:
     merged.shard(strategy.mesh, blocks, recompute=strategy.recompute, offload=strategy.offload)
     if shared:  # the pool's stacks are the whole tensors: point it at the shards, so the whole ones are freed
         pool_tv.tensors = list(merged.task_vectors.tensors)
+    # a sharded run builds no expert's whole state (reference rows are compare's, on one process),
+    # and the pool's builders hold the whole base: drop them so it is freed too
+    module.loaded.expert_state = {}
     from ..engine.sharded import local_bytes
     held = local_bytes(merged.module)
     rank_zero_info(f"adamerge: sharded over {strategy.world_size} processes with FSDP2 ({len(blocks)} blocks + the "
