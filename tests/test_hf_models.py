@@ -191,6 +191,28 @@ def test_sequence_classifier_full_experts_fit_and_export_per_task(gpt2cls, tmp_p
         HFSequenceClassifierPool(base=str(root / "base"), experts=full, unseen_tasks=["yesno"])
 
 
+def test_bfloat16_sequence_classifier_takes_full_experts(gpt2cls):
+    """A bfloat16 base with full experts (float32 files): each expert is loaded in bfloat16 (it was
+    refused: float32 against the base's dtype); tau = (expert_bf16.float() - base_bf16.float()),
+    rounded to bfloat16 once; each task's head is its expert's, in the base's dtype."""
+    root, _, full = gpt2cls
+    loaded = HFSequenceClassifierPool(base=str(root / "base"), experts=full, dtype="bfloat16").load()
+    own = loaded.encoder.state_dict()
+    experts = {t: transformers.GPT2ForSequenceClassification.from_pretrained(p, dtype=torch.bfloat16).state_dict()
+               for t, p in full.items()}
+    assert loaded.task_vectors.task_names == list(full)
+    for name, tau in zip(loaded.task_vectors.names, loaded.task_vectors.tensors):
+        want = torch.stack([e[name[3:]].float() - own[name].float() for e in experts.values()]).to(torch.bfloat16)
+        assert own[name].dtype == tau.dtype == torch.bfloat16 and torch.equal(tau, want), name
+    for task, expert in experts.items():
+        head = loaded.heads[task]
+        assert head.weight.dtype == torch.bfloat16 and torch.equal(head.weight, expert["score.weight"]), task
+    x = torch.randint(4, 10, (2, 2, 5))
+    x[:, 1] = 1
+    with torch.no_grad():  # the resized head (3 classes) reads the bfloat16 features too
+        assert loaded.heads["count"](loaded.encoder(x)).shape == (2, 3)
+
+
 # ------------------------------------------------------------------------ prompt sources
 def test_templates_and_label_words_from_the_tasks_file(tmp_path):
     tok, _ = make_tokenizer(tmp_path / "tok")

@@ -207,7 +207,9 @@ def test_help_does_not_import_lm_eval():
 
 def test_mergebench_configs_name_the_five_domains():
     """configs/mergebench/: one layer-wise AdaMerging config per MergeBench base model, its five
-    experts (local folders of MergeBench/<model>_<domain>), open_ended prompts from MergeBench/<domain>_val."""
+    experts by hub id (MergeBench/<model>_<domain>), a bfloat16 base, streamed task vectors in the
+    run folder, how to shard it in the header; open_ended prompts from MergeBench/<domain>_val."""
+    from adamerge.models.hf import HFLanguageModelPool
     domains = ["instruction", "math", "multilingual", "coding", "safety"]
     found = sorted(p.name for p in (ROOT / "configs" / "mergebench").glob("*.yaml"))
     assert found == [f"{m}_layerwise.yaml" for m in ("gemma-2-2b", "gemma-2-9b", "llama-3.1-8b", "llama-3.2-3b")]
@@ -220,9 +222,15 @@ def test_mergebench_configs_name_the_five_domains():
         text = (ROOT / "configs" / "mergebench" / name).read_text()
         cfg = yaml.safe_load(text)
         pool = cfg["model"]["pool"]["init_args"]
-        model = pool["base"].split("/")[-1]
+        model, run = pool["base"].split("/")[-1], f"runs/mergebench/{name.removesuffix('.yaml')}"
         assert model.lower() == name.removesuffix("_layerwise.yaml")
-        assert pool["experts"] == {d: f"experts/mergebench/{model}/{d}" for d in domains}
-        assert f"hf download MergeBench/{model}_$t" in text and "gsm8k_cot" in text and "ifeval" in text
+        assert pool["experts"] == {d: f"MergeBench/{model}_{d}" for d in domains}
+        assert pool["dtype"] == "bfloat16" and "task_vector_dtype" not in cfg["model"]
+        assert pool["task_vector_file"] == f"{run}/task_vectors.safetensors" and f"--trainer.default_root_dir {run}" in text
+        assert "trainer.strategy: {class_path: adamerge.ShardedMergeStrategy}" in text and "trainer.devices: N" in text
+        assert f"hf download MergeBench/{model}_math" in text and "gsm8k_cot" in text and "ifeval" in text
         assert (cfg["model"]["objective"], cfg["model"]["granularity"]) == ("entropy", "layerwise")
         assert cfg["trainer"]["limit_val_batches"] == 0 and cfg["data"]["adapt_split"] == "train"
+        # the pool takes the hub ids as they are (nothing is fetched before load)
+        built = HFLanguageModelPool(**{**pool, "tasks_file": str(ROOT / pool["tasks_file"])})
+        assert built.experts == pool["experts"] and built.dtype == "bfloat16"

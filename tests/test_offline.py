@@ -251,3 +251,175 @@ def test_cached_and_local_weights_work_without_network(tiny, tmp_path, monkeypat
     with pytest.raises(OfflineError, match=r"base 'adamerge-test/no-such-model'.*`base: DIR`"):
         pool.load()
     assert no_network == []
+
+
+# ------------------------------------------------ (5) language-model experts named by hub id
+COMMIT, NEWER = "c0" * 20, "d1" * 20
+
+
+@pytest.fixture(scope="module")
+def lm_world(tmp_path_factory):
+    """A tiny Llama base with full experts (one sharded) and two LoRA adapters, local folders."""
+    import peft
+    import transformers
+    from test_streamed_loading import build_world
+    world = build_world(tmp_path_factory.mktemp("hub_lm"), shard="40KB")
+    world["lora"] = {}
+    for i, task in enumerate(("parity", "count")):
+        torch.manual_seed(30 + i)
+        cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                              init_lora_weights=False)
+        model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(world["root"] / "base"), cfg)
+        model.save_pretrained(world["root"] / f"lora_{task}")
+        world["lora"][task] = str(world["root"] / f"lora_{task}")
+    return world
+
+
+def hub_cache(monkeypatch, hub: Path) -> Path:
+    """``hub`` as the Hugging Face hub cache of this test (huggingface_hub reads HF_HUB_CACHE on import)."""
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    return hub
+
+
+def cache_repo(hub: Path, repo_id: str, folder: str | None, commit: str = COMMIT, files: tuple = ()) -> Path:
+    """A snapshot of ``folder`` (or only ``files`` of it) in the hub cache layout:
+    ``models--org--name/snapshots/<commit>/`` and ``refs/main`` naming the commit."""
+    import shutil
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in Path(folder).iterdir() if folder else ():
+        if not files or f.name in files:
+            shutil.copy2(f, snap / f.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_experts_by_hub_id_come_from_the_hub_cache_without_network(lm_world, tmp_path, monkeypatch, no_network,
+                                                                  caplog):
+    """Full experts named by hub id (one of them sharded) are read from their cached snapshot with
+    no connection at all, streamed or loaded, giving the task vectors of the same local folders;
+    the task-vector file records each hub expert's id and commit, and is rewritten when a newer
+    commit is cached."""
+    import logging
+    from adamerge.io.tensor_stack import read_stack
+    from adamerge.models.hf import HFLanguageModelPool
+    hub = hub_cache(monkeypatch, tmp_path / "hub")
+    local = lm_world["experts"]
+    ids = {"parity": "adamerge-test/llama-parity", "count": "adamerge-test/llama-count"}
+    for task, repo in ids.items():
+        cache_repo(hub, repo, local[task])
+    experts = {**local, **ids}
+    kw = {"base": str(lm_world["root"] / "base"), "tasks_file": lm_world["tasks_file"]}
+    path = tmp_path / "tv.safetensors"
+    for stream in (None, str(path)):
+        want = HFLanguageModelPool(experts=local, **kw).load().task_vectors
+        got = HFLanguageModelPool(experts=experts, task_vector_file=stream, **kw).load().task_vectors
+        assert got.task_names == want.task_names and got.names == want.names
+        assert all(torch.equal(a, b) for a, b in zip(got.tensors, want.tensors)), stream
+    assert no_network == []
+    _, meta = read_stack(path)
+    assert json.loads(meta["experts"]) == {t: ids.get(t, str(Path(p).resolve())) for t, p in local.items()}
+    assert json.loads(meta["expert_revisions"]) == {t: COMMIT for t in ids}
+    assert not any(str(hub.resolve()) in f for f in json.loads(meta["sources"]))  # no mtime for hub files
+    caplog.set_level(logging.INFO, logger="adamerge.engine.task_vectors")
+    cache_repo(hub, ids["parity"], local["parity"], commit=NEWER)  # refs/main moves to a newer commit
+    HFLanguageModelPool(experts=experts, task_vector_file=str(path), **kw).load()
+    assert "(expert_revisions changed)" in caplog.text
+    assert json.loads(read_stack(path)[1]["expert_revisions"])["parity"] == NEWER
+
+
+def test_lora_adapters_by_hub_id_come_from_the_hub_cache(lm_world, tmp_path, monkeypatch, no_network):
+    from adamerge.models.hf import HFLanguageModelPool
+    hub = hub_cache(monkeypatch, tmp_path / "hub")
+    cache_repo(hub, "adamerge-test/lora-parity", lm_world["lora"]["parity"])
+    kw = {"base": str(lm_world["root"] / "base"), "tasks_file": lm_world["tasks_file"]}
+    want = HFLanguageModelPool(experts=lm_world["lora"], **kw).load().task_vectors
+    got = HFLanguageModelPool(experts={**lm_world["lora"], "parity": "adamerge-test/lora-parity"}, **kw).load()
+    assert all(torch.equal(a, b) for a, b in zip(got.task_vectors.b, want.b))
+    assert all(torch.equal(a, b) for a, b in zip(got.task_vectors.a, want.a)) and no_network == []
+    with pytest.raises(ValueError, match="these are LoRA adapters.*drop task_vector_file"):  # known at load
+        HFLanguageModelPool(experts={"parity": "adamerge-test/lora-parity"}, task_vector_file=str(tmp_path / "tv"),
+                            **kw).load()
+
+
+def test_an_expert_hub_id_not_cached_fails_in_one_line(lm_world, tmp_path, monkeypatch, no_network):
+    """Not cached, or cached without its weights (a config only): one OfflineError line naming the
+    id and how to give a local folder for its task, after one probe of the (closed) hub address, or
+    none with HF_HUB_OFFLINE=1; a missing local-looking path is still refused when the pool is built."""
+    from adamerge.models.hf import HFLanguageModelPool
+    hub = hub_cache(monkeypatch, tmp_path / "hub")
+    cache_repo(hub, "adamerge-test/config-only", lm_world["experts"]["count"], files=("config.json",))
+    kw = {"base": str(lm_world["root"] / "base"), "tasks_file": lm_world["tasks_file"]}
+    for repo in ("adamerge-test/absent", "adamerge-test/config-only"):
+        for offline_flag in (False, True):
+            if offline_flag:
+                monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+            pool = HFLanguageModelPool(experts={**lm_world["experts"], "count": repo}, **kw)  # no check yet
+            with pytest.raises(OfflineError) as exc:
+                pool.load()
+            msg = str(exc.value)
+            assert "\n" not in msg and msg.startswith(f"expert {repo!r} (a Hugging Face hub id) "
+                                                      "is not in the local cache, and "), msg
+            assert ("HF_HUB_OFFLINE=1 is set" if offline_flag else "is unreachable") in msg, msg
+            assert "`experts: {count: DIR}`" in msg and f"`hf download {repo} --local-dir DIR`" in msg, msg
+            assert set(no_network) <= {"127.0.0.1"} and len(no_network) <= 1, no_network  # one probe at most
+            no_network.clear()
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for gone in (str(tmp_path / "gone"), "./gone/expert", "org/name/sub"):
+        with pytest.raises(FileNotFoundError, match=rf"expert folder\(s\) not found: \['{gone}'\]"):
+            HFLanguageModelPool(experts={**lm_world["experts"], "count": gone}, **kw)
+
+
+def test_an_expert_hub_id_downloads_config_and_weights_only(lm_world, tmp_path, monkeypatch):
+    """With a network (faked: no request leaves), a hub expert is fetched with snapshot_download
+    restricted to its config and safetensors weights; a repo without safetensors is fetched again
+    for its pytorch_model.bin; a repo with neither is named in one line."""
+    import fnmatch
+    import shutil
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from adamerge.io import offline
+    from adamerge.models.hf import HFLanguageModelPool
+    parity = Path(lm_world["experts"]["parity"])
+    repos = {"org/has-bin": tmp_path / "remote" / "bin", "org/empty": tmp_path / "remote" / "empty"}
+    for folder in repos.values():  # what the hub holds: a README and tokenizer files besides the weights
+        folder.mkdir(parents=True)
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy2(lm_world["root"] / "base" / name if name != "config.json" else parity / name, folder / name)
+        (folder / "README.md").write_text("an expert")
+    torch.save(load_file(str(parity / "model.safetensors")), repos["org/has-bin"] / "pytorch_model.bin")
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, cache_dir=None, allow_patterns=None, local_files_only=False):
+        """The files of the repo matching ``allow_patterns`` added to its one cached snapshot."""
+        snap = tmp_path / "cache" / repo_id / COMMIT
+        if local_files_only:
+            if not snap.is_dir():
+                raise LocalEntryNotFoundError("not cached")
+            return str(snap)
+        calls.append((repo_id, tuple(allow_patterns)))
+        snap.mkdir(parents=True, exist_ok=True)
+        for f in repos[repo_id].iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy2(f, snap / f.name)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(offline, "network_problem", lambda *a, **k: None)
+    kw = {"base": str(lm_world["root"] / "base"), "tasks_file": lm_world["tasks_file"]}
+    loaded = HFLanguageModelPool(experts={"parity": "org/has-bin"}, **kw).load()
+    want = HFLanguageModelPool(experts={"parity": str(parity)}, **kw).load()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.task_vectors.tensors, want.task_vectors.tensors))
+    assert [c[0] for c in calls] == ["org/has-bin"] * 2 and "model.safetensors" in calls[0][1]
+    assert sorted(f.name for f in (tmp_path / "cache" / "org/has-bin" / COMMIT).iterdir()) == [
+        "config.json", "pytorch_model.bin"]  # neither the README nor the tokenizer
+    calls.clear()
+    HFLanguageModelPool(experts={"parity": "org/has-bin"}, **kw).load()
+    assert calls == []  # cached now: no download
+    with pytest.raises(FileNotFoundError, match=r"^expert 'org/empty' \(a Hugging Face hub id\): hub repo "
+                                                r"'org/empty' has no usable set of the files expected \(config.json, "):
+        HFLanguageModelPool(experts={"parity": "org/empty"}, **kw).load()

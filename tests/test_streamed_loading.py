@@ -90,15 +90,24 @@ def test_streamed_task_vectors_equal_the_loaded_ones_and_are_memory_mapped(world
     assert tv.meta["base"] == str(world["root"] / "base")
 
 
-def test_a_bfloat16_pool_streams_bfloat16_task_vectors_rounded_once(world, tmp_path):
-    """The base in bfloat16 (``dtype``): tau = expert (float32) - base, rounded to bfloat16 once
-    (the loading path refuses experts whose dtype differs from the base's)."""
-    loaded = pool(world, dtype="bfloat16", task_vector_file=str(tmp_path / "tv.safetensors")).load()
+def test_a_bfloat16_pool_takes_full_experts_loaded_or_streamed(world, tmp_path):
+    """The base in bfloat16 (``dtype``): each expert is taken in bfloat16 too (as MergeBench loads
+    them), tau = (expert_bf16.float() - base_bf16.float()) rounded to bfloat16 once, the same
+    whether the experts are loaded (``from_pretrained``; a float32 expert used to be refused
+    against a bfloat16 base) or streamed from their float32 files."""
+    loaded = pool(world, dtype="bfloat16").load()
+    streamed = pool(world, dtype="bfloat16", task_vector_file=str(tmp_path / "tv.safetensors")).load()
     own = loaded.encoder.state_dict()
-    experts = {t: transformers.LlamaForCausalLM.from_pretrained(p).state_dict() for t, p in world["experts"].items()}
-    for name, tau in zip(loaded.task_vectors.names, loaded.task_vectors.tensors):
-        ref = torch.stack([e[name[3:]] - own[name].float() for e in experts.values()]).bfloat16()
-        assert tau.dtype == torch.bfloat16 and torch.equal(tau, ref), name
+    experts = {t: transformers.LlamaForCausalLM.from_pretrained(p, dtype=torch.bfloat16).state_dict()
+               for t, p in world["experts"].items()}
+    assert loaded.task_vectors.names == streamed.task_vectors.names
+    for name, tau, got in zip(loaded.task_vectors.names, loaded.task_vectors.tensors, streamed.task_vectors.tensors):
+        assert own[name].dtype == torch.bfloat16, name
+        ref = torch.stack([e[name[3:]].float() - own[name].float() for e in experts.values()]).to(torch.bfloat16)
+        assert tau.dtype == got.dtype == torch.bfloat16 and torch.equal(tau, ref) and torch.equal(got, ref), name
+    for task in world["experts"]:
+        a, b = loaded.expert_state[task](), streamed.expert_state[task]()
+        assert all(a[k].dtype == b[k].dtype == own[k].dtype for k in own), task
 
 
 def test_engine_streams_any_reader_with_a_storage_dtype(world, tmp_path):
@@ -256,6 +265,23 @@ def test_the_file_is_reused_while_its_sources_match_else_rewritten(world, tmp_pa
     tv = pool(world, reordered, task_vector_file=str(path)).load().task_vectors
     assert path.stat().st_mtime_ns != stamp and "(tasks changed)" in caplog.text
     assert tv.task_names == list(reversed(TASKS))
+
+
+def test_processes_loading_one_file_at_once_write_it_once(world, tmp_path, caplog):
+    """Two loads at once (threads here; the ranks of a torchrun launch alike) of a file not yet
+    written: one writes it, the other waits for it and reuses it."""
+    import threading
+    caplog.set_level(logging.INFO, logger=LOG)
+    path = tmp_path / "tv.safetensors"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(pool(world, task_vector_file=str(path)).load()))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and caplog.text.count("written to") == 1 and caplog.text.count("reused from") == 1
+    assert all(torch.equal(a, b) for a, b in zip(*(r.task_vectors.tensors for r in results)))
 
 
 def test_stack_writer_writes_nothing_unless_complete(tmp_path):

@@ -4,8 +4,9 @@ open_clip, ``datasets``, ``transformers`` and ``huggingface_hub`` fetch files on
 no network they retry for about a minute before failing with a message that does not say how to
 give the file instead. Before a download, adamerge therefore:
 
-1. looks in the local cache with the library's own offline lookup (:func:`cached_hub_file`), so a
-   file fetched once works with no network;
+1. looks in the local cache with the library's own offline lookup (:func:`cached_hub_file`; a whole
+   repo's snapshot folder: :func:`cached_hub_snapshot`, :func:`hub_snapshot`), so a file fetched
+   once works with no network;
 2. checks whether a network is there (:func:`network_problem`): ``HF_HUB_OFFLINE=1`` (or
    ``TRANSFORMERS_OFFLINE`` / ``HF_DATASETS_OFFLINE`` for datasets), else one short request to the
    hub (``HF_ENDPOINT``, default ``https://huggingface.co``) through the proxies the environment
@@ -26,7 +27,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 PROBE_TIMEOUT_S = 4.0
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -178,6 +180,47 @@ def cached_hub_file(repo_id: str, filenames: Sequence[str], cache_dir: str | Non
     return None
 
 
+def cached_hub_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> Path | None:
+    """The snapshot folder of hub repo ``repo_id`` in the local cache (``refs/<revision>`` ->
+    ``snapshots/<commit>``), or None; no connection (``snapshot_download(...,
+    local_files_only=True)`` in :func:`hub_offline`). The folder may hold only some of the repo's
+    files: the caller checks for the ones it needs."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    with hub_offline():
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+        except Exception:  # not cached (LocalEntryNotFoundError), or an incomplete snapshot
+            return None
+
+
+def hub_snapshot(repo_id: str, file_sets: Sequence[Sequence[str]], usable: Callable[[Path], bool], what: str,
+                 hint: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """The local snapshot folder of hub repo ``repo_id`` holding the files ``usable`` needs.
+
+    1. The cache's snapshot, when ``usable(folder)``: no connection at all.
+    2. Else, with a network, ``snapshot_download`` restricted to each of ``file_sets`` (glob
+       patterns, preferred first: e.g. safetensors, then ``.bin``) until the folder is usable; a
+       repo with no usable set: ``FileNotFoundError`` naming it.
+    3. With no network, one :class:`OfflineError` line (:func:`download_or_cache`): ``"<what> is
+       not in the local cache, and <why>; <hint>"``.
+    """
+    cached = cached_hub_snapshot(repo_id, revision, cache_dir)
+    if cached is not None and usable(cached):
+        return cached
+    from huggingface_hub import snapshot_download
+    with download_or_cache(what, hint):
+        for allow in file_sets:
+            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                            allow_patterns=list(allow)))
+            if usable(folder):
+                return folder
+        raise FileNotFoundError(f"{what}: hub repo {repo_id!r} has no usable set of the files expected "
+                                f"({'; or '.join(', '.join(a) for a in file_sets)})")
+
+
 def require_network(what: str, hint: str, url: str | None = None, datasets: bool = False) -> None:
     """Raise :class:`OfflineError` ``"<what>, and <why not>; <hint> (see docs/offline.md)"`` when
     there is no network for the download ``what`` describes; return when there is one."""
@@ -215,5 +258,6 @@ def is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or name in (".", "..")
 
 
-__all__ = ["DOCS", "OfflineError", "PROBE_TIMEOUT_S", "cached_hub_file", "download_or_cache", "hub_endpoint",
-           "hub_offline", "is_local_path", "network_problem", "offline_flag", "probe", "require_network"]
+__all__ = ["DOCS", "OfflineError", "PROBE_TIMEOUT_S", "cached_hub_file", "cached_hub_snapshot", "download_or_cache",
+           "hub_endpoint", "hub_offline", "hub_snapshot", "is_local_path", "network_problem", "offline_flag", "probe",
+           "require_network"]

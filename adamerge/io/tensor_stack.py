@@ -112,10 +112,13 @@ class WeightFolder:
 
 
 class RenamedReader:
-    """A reader under other names: ``names[new] = key in the reader``."""
+    """A reader under other names: ``names[new] = key in the reader``; ``dtypes[new]``, where
+    given, is the dtype a floating-point tensor is read in (as ``from_pretrained(dtype=...)``
+    casts a model's tensors on load)."""
 
-    def __init__(self, reader: WeightFolder, names: Mapping[str, str]) -> None:
-        self.reader, self.names = reader, dict(names)
+    def __init__(self, reader: WeightFolder, names: Mapping[str, str],
+                 dtypes: Mapping[str, torch.dtype] | None = None) -> None:
+        self.reader, self.names, self.dtypes = reader, dict(names), dict(dtypes or {})
 
     def keys(self) -> list[str]:
         return list(self.names)
@@ -127,7 +130,11 @@ class RenamedReader:
         return self.reader.shape(self._key(name))
 
     def read(self, name: str) -> torch.Tensor:
-        return self.reader.read(self._key(name))
+        tensor = self.reader.read(self._key(name))
+        dtype = self.dtypes.get(name)
+        if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+            return tensor
+        return tensor.to(dtype)
 
     def where(self, name: str) -> str:
         return f"{self.reader.where(self._key(name))} ({self._key(name)!r})"
@@ -137,6 +144,16 @@ class RenamedReader:
             raise CheckpointError(f"{self.reader.folder}: no tensor for {name!r} in "
                                   f"{self.reader.files[0].name}")
         return self.names[name]
+
+
+def has_weights(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a weight file :class:`WeightFolder` reads (a sharded one with every
+    shard its index names), without reading any tensor."""
+    try:
+        _weight_files(Path(folder).expanduser())
+    except CheckpointError:
+        return False
+    return True
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], dict[str, Path] | None]:
@@ -343,4 +360,5 @@ def read_stack(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, dict(meta)
 
 
-__all__ = ["RenamedReader", "StackWriter", "TensorReader", "WeightFolder", "read_header", "read_stack"]
+__all__ = ["RenamedReader", "StackWriter", "TensorReader", "WeightFolder", "has_weights", "read_header",
+           "read_stack"]

@@ -12,8 +12,9 @@ one position; each task's "head" turns that answer into its class logits.
   Qwen ``...ForSequenceClassification``): the output is the last position's hidden state
   ``[B, H]`` and each task's head is its expert's own ``score`` layer (``nn.Linear``).
 * :class:`HFLanguageModelPool` loads a causal or seq2seq LM (chosen by the base's config) and its
-  experts: PEFT LoRA adapter folders, kept low-rank (``LowRankTaskVectors``: ``B_k A_k`` is
-  never materialised for the whole model), or full fine-tunes (dense task vectors). Layer-wise
+  experts (local folders or hub ids): PEFT LoRA adapters, kept low-rank (``LowRankTaskVectors``:
+  ``B_k A_k`` is never materialised for the whole model), or full fine-tunes (dense task vectors,
+  loaded in the base's dtype, or streamed from their files with ``task_vector_file``). Layer-wise
   rows are the adapted weight matrices (one coefficient per task per LoRA-adapted ``nn.Linear``
   / GPT-2 ``Conv1D`` weight), or every floating parameter for full fine-tunes; parameters no
   adapter touches keep the base value. :class:`HFSequenceClassifierPool` does the same for
@@ -29,9 +30,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Mapping, Sequence
+from typing import Any, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,11 +42,18 @@ from ..engine.task_vectors import DTYPES, TaskVectors
 from ..data.text import load_tasks_file
 from ..io import offline
 from ..io.checkpoints import CheckpointError, StateDict, check_finite, load_state_dict
-from ..io.tensor_stack import RenamedReader, WeightFolder
+from ..io.tensor_stack import RenamedReader, WeightFolder, has_weights
 from .layout import Layout, infer_layout
 from .pool import LoadedPool, ModelPool, check_unseen
 
 PREFIX = "lm."  # parameter names of LastTokenLM: "lm." + the transformers model's own names
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # a PEFT adapter's weights, preferred first
+# What an expert given by hub id is fetched with: its config and weights (a model's or a PEFT
+# adapter's), safetensors first as transformers prefers them, .bin only for a repo without them.
+HUB_EXPERT_FILES = (("config.json", "adapter_config.json", "model.safetensors", "model-*.safetensors",
+                     "model.safetensors.index.json", ADAPTER_FILES[0]),
+                    ("config.json", "adapter_config.json", "pytorch_model.bin", "pytorch_model-*.bin",
+                     "pytorch_model.bin.index.json", ADAPTER_FILES[1]))
 
 
 def _transformers():
@@ -350,7 +358,7 @@ def read_lora(folder: str | Path, base_state: Mapping[str, torch.Tensor], heads:
 
 
 def _adapter_file(folder: Path) -> Path:
-    files = [folder / "adapter_model.safetensors", folder / "adapter_model.bin"]
+    files = [folder / name for name in ADAPTER_FILES]
     wfile = next((f for f in files if f.is_file()), None)
     if wfile is None:
         raise FileNotFoundError(f"{folder}: no adapter_model.safetensors")
@@ -377,7 +385,11 @@ class HFLanguageModelPool(ModelPool):
     Args:
         base: ``save_pretrained`` folder or hub id (downloaded by transformers for users with a
             network) of the pretrained model; its config says causal or encoder-decoder.
-        experts: task -> PEFT adapter folder (``adapter_config.json``) or full model folder.
+        experts: task -> PEFT adapter folder (``adapter_config.json``) or full model folder, or
+            the hub id (``org/name``) of either: at load, resolved to its snapshot folder in the
+            hub cache (config and weight files only; downloaded where there is a network, else one
+            :class:`~adamerge.io.offline.OfflineError` line naming the id). Local-looking paths
+            (:func:`~adamerge.io.offline.is_local_path`) must exist when the pool is built.
         tasks_file: JSON/YAML ``{task: {labels: [word, ...], template: ..., dataset: ...}}``;
             each label word must be one token (see :mod:`adamerge.data.text` for the rest).
         tokenizer: folder or id of the tokenizer (default: ``base``).
@@ -390,8 +402,10 @@ class HFLanguageModelPool(ModelPool):
             (one expert tensor in memory at a time, read lazily from the experts' (sharded)
             safetensors) and use them memory-mapped from it, so host memory holds about the base,
             never the K experts. The file is reused while its metadata matches (base and expert
-            paths, each weight file's size and mtime, task order, names, dtype), else rewritten;
+            paths, each local weight file's size and mtime, each hub expert's id and commit, task
+            order, names, dtype), else rewritten;
             experts' states for reference rows are ``base + tau_k`` built on demand from it.
+            Processes loading the same file at once write it once (a lock on ``<file>.lock``).
             ``None`` (default): every expert is loaded with ``from_pretrained`` and kept.
             Refused for LoRA experts (they stay low-rank).
     """
@@ -420,23 +434,33 @@ class HFLanguageModelPool(ModelPool):
             if missing:
                 raise ValueError(f"{tasks_file}: no label words for tasks {missing} (it has {list(self.specs)})")
         self.unseen_tasks = self._check_unseen(unseen_tasks)
-        missing = [p for p in self.experts.values() if not Path(p).expanduser().exists()]
+        self._hub_experts = [t for t, p in self.experts.items() if not offline.is_local_path(p)]
+        missing = [p for t, p in self.experts.items() if t not in self._hub_experts and not Path(p).expanduser().exists()]
         if missing:  # local files first, before anything downloads
             raise FileNotFoundError(f"expert folder(s) not found: {missing}")
         for what, name in (("base", self.base), ("tokenizer", tokenizer)):
             if name and offline.is_local_path(name) and not Path(name).expanduser().exists():
                 raise FileNotFoundError(f"{name}: {what} folder does not exist")
-        kinds = {is_adapter(p) for p in self.experts.values()}
-        if len(kinds) > 1:
-            raise ValueError("experts mix LoRA adapters and full models: give one kind "
-                             f"({ {t: 'lora' if is_adapter(p) else 'full' for t, p in self.experts.items()} })")
-        if task_vector_file is not None and kinds == {True}:
-            raise ValueError(f"task_vector_file {task_vector_file!r} streams full fine-tuned experts; these are "
-                             "LoRA adapters, kept low-rank (never stacked densely): drop task_vector_file")
         if task_vector_file is not None and Path(task_vector_file).expanduser().is_dir():
             raise ValueError(f"task_vector_file {task_vector_file!r} is a folder; give a file path (e.g. "
                              f"{Path(task_vector_file) / 'task_vectors.safetensors'})")
         self.task_vector_file = str(Path(task_vector_file).expanduser()) if task_vector_file else None
+        self._check_kinds({t: p for t, p in self.experts.items() if t not in self._hub_experts})
+
+    def _check_kinds(self, folders: Mapping[str, str]) -> None:
+        """The experts in ``folders`` are of one kind (LoRA adapters or full models), and LoRA
+        adapters come without ``task_vector_file`` (checked for local experts when the pool is
+        built, for all once hub ids are resolved at load)."""
+        kinds = {t: "lora" if is_adapter(p) else "full" for t, p in folders.items()}
+        if len(set(kinds.values())) > 1:
+            raise ValueError(f"experts mix LoRA adapters and full models: give one kind ({kinds})")
+        if self.task_vector_file is not None and set(kinds.values()) == {"lora"}:
+            raise ValueError(f"task_vector_file {self.task_vector_file!r} streams full fine-tuned experts; these "
+                             "are LoRA adapters, kept low-rank (never stacked densely): drop task_vector_file")
+
+    def _expert_folders(self) -> dict[str, str]:
+        """Each expert's local folder: as given, or a hub id's snapshot folder (:func:`_hub_expert`)."""
+        return {t: _hub_expert(p, t) if t in self._hub_experts else p for t, p in self.experts.items()}
 
     def _check_unseen(self, unseen: list[str] | None) -> list[str]:
         return check_unseen(unseen, list(self.experts), list(self.specs), where=f" in {self.tasks_file}")
@@ -480,6 +504,8 @@ class HFLanguageModelPool(ModelPool):
     def load(self) -> LoadedPool:
         tf = _transformers()
         dtype = DTYPES[self.dtype] if self.dtype else torch.float32
+        folders = self._expert_folders()  # hub ids first: a missing one fails before the base loads
+        self._check_kinds(folders)
         with _from_hub(self.base, "base"):
             config = tf.AutoConfig.from_pretrained(self.base)
             auto = self.auto_class(config)
@@ -492,19 +518,19 @@ class HFLanguageModelPool(ModelPool):
         heads_of = self.head_modules(encoder)
         base_state = dict(model.state_dict())
         tasks = list(self.experts)
-        if all(is_adapter(p) for p in self.experts.values()):
-            adapters = {t: read_lora(p, base_state, heads=heads_of) for t, p in self.experts.items()}
+        if all(is_adapter(p) for p in folders.values()):
+            adapters = {t: read_lora(p, base_state, heads=heads_of) for t, p in folders.items()}
             tv = LowRankTaskVectors.from_adapters(adapters, task_names=tasks)
             loaders = {t: (lambda t=t: self._lora_expert(encoder, adapters[t])) for t in tasks}
-            sources: dict[str, Any] = dict(self.experts)
+            sources: dict[str, Any] = dict(folders)
         else:
             own = encoder.state_dict()
             names = sorted(n for n, p in encoder.named_parameters()
                            if p.is_floating_point() and not _under(n, heads_of))
             if self.task_vector_file:
-                tv, loaders, sources = self._streamed_experts(encoder, own, heads_of, names)
+                tv, loaders, sources = self._streamed_experts(encoder, own, heads_of, names, folders)
             else:
-                full = {t: self._full_expert(auto, p, own, heads_of) for t, p in self.experts.items()}
+                full = {t: self._full_expert(auto, p, own, heads_of, dtype) for t, p in folders.items()}
                 tv = TaskVectors.from_state_dicts(own, {t: st for t, (st, _) in full.items()}, names=names)
                 loaders = {t: (lambda t=t: full[t][0]) for t in tasks}
                 sources = {t: head for t, (_, head) in full.items()}
@@ -513,11 +539,12 @@ class HFLanguageModelPool(ModelPool):
         unseen = self.make_heads(self.unseen_tasks, tok, encoder, {})
         return LoadedPool(encoder, tv, heads, loaders, unseen_heads=unseen, layout=self.layout(encoder))
 
-    def _full_expert(self, auto: Any, path: str, own: Mapping[str, torch.Tensor],
-                     heads_of: Sequence[str]) -> tuple[StateDict, StateDict]:
+    def _full_expert(self, auto: Any, path: str, own: Mapping[str, torch.Tensor], heads_of: Sequence[str],
+                     dtype: torch.dtype) -> tuple[StateDict, StateDict]:
         """A full fine-tune's state dict in the encoder's names (head modules at the base value)
-        and its head tensors."""
-        model = auto.from_pretrained(path, dtype=torch.float32)
+        and its head tensors, loaded in ``dtype``, the base's (as MergeBench loads its experts in
+        bfloat16), so its tensors match the base's dtypes; task vectors subtract in float32."""
+        model = auto.from_pretrained(path, dtype=dtype)
         state = {PREFIX + k: v for k, v in model.state_dict().items()}
         check_finite(state, str(path), [PREFIX + n for n, _ in model.named_parameters()])
         head = {k[len(PREFIX) + len(h) + 1:]: v for k, v in state.items() for h in heads_of
@@ -529,28 +556,36 @@ class HFLanguageModelPool(ModelPool):
         return {k: (own[k] if _under(k, heads_of) else state.get(k, own[k])) for k in own}, head
 
     def _streamed_experts(self, encoder: _HFWrapper, own: Mapping[str, torch.Tensor], heads_of: Sequence[str],
-                          names: Sequence[str]) -> tuple[TaskVectors, dict[str, Any], dict[str, StateDict]]:
-        """Full experts read lazily from their files: the task vectors streamed into
-        ``task_vector_file`` (memory-mapped), each expert's state built on demand from them, and
-        each expert's head tensors (sequence classifiers)."""
-        readers = {t: _expert_reader(p, encoder, own) for t, p in self.experts.items()}
-        tv = TaskVectors.streamed(own, readers, names, self.task_vector_file,
-                                  metadata=self._provenance(readers, encoder))
+                          names: Sequence[str], folders: Mapping[str, str]
+                          ) -> tuple[TaskVectors, dict[str, Any], dict[str, StateDict]]:
+        """Full experts read lazily from their files (``folders``: task -> local folder): the task
+        vectors streamed into ``task_vector_file`` (memory-mapped), each expert's state built on
+        demand from them, and each expert's head tensors (sequence classifiers)."""
+        readers = {t: _expert_reader(p, encoder, own) for t, p in folders.items()}
+        with _exclusive(self.task_vector_file):
+            tv = TaskVectors.streamed(own, readers, names, self.task_vector_file,
+                                      metadata=self._provenance(readers, encoder, folders))
         loaders = {t: (lambda k=k, t=t: _expert_from_stack(own, tv, k, readers[t], heads_of))
                    for k, t in enumerate(readers)}
         return tv, loaders, {t: _read_head(r, own, heads_of) for t, r in readers.items()}
 
-    def _provenance(self, readers: Mapping[str, RenamedReader], encoder: _HFWrapper) -> dict[str, str]:
-        """What a reused task-vector file must have been made from: the base and expert paths and
-        each weight file's size and modification time (a hub base: its id and revision)."""
-        files = [f for r in readers.values() for f in r.reader.files]
+    def _provenance(self, readers: Mapping[str, RenamedReader], encoder: _HFWrapper,
+                    folders: Mapping[str, str]) -> dict[str, str]:
+        """What a reused task-vector file must have been made from: the base and each expert, a
+        local one as its path and each weight file's size and modification time, one from the hub
+        as its id and revision (a hub expert: the commit its snapshot folder is named by)."""
+        files = [f for t, r in readers.items() if t not in self._hub_experts for f in r.reader.files]
         meta = {"base": self.base, "base_revision": str(getattr(encoder.lm.config, "_commit_hash", None) or "")}
         if offline.is_local_path(self.base):
             meta = {"base": str(Path(self.base).expanduser().resolve())}
             files = _base_weight_files(Path(meta["base"])) + files
         stamps = {str(f.resolve()): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-        experts = {t: str(Path(p).expanduser().resolve()) for t, p in self.experts.items()}
-        return {**meta, "experts": json.dumps(experts), "sources": json.dumps(stamps)}
+        experts = {t: p if t in self._hub_experts else str(Path(p).expanduser().resolve())
+                   for t, p in self.experts.items()}
+        meta.update(experts=json.dumps(experts), sources=json.dumps(stamps))
+        if self._hub_experts:
+            meta["expert_revisions"] = json.dumps({t: Path(folders[t]).name for t in self._hub_experts})
+        return meta
 
     @staticmethod
     def _lora_expert(encoder: nn.Module, adapter: Mapping[str, tuple]) -> StateDict:
@@ -561,15 +596,55 @@ class HFLanguageModelPool(ModelPool):
         return state
 
 
+def _hub_words(what: str, name: str, setting: str) -> tuple[str, str]:
+    """The download of hub id ``name`` and how to give a local folder instead (``setting``, the
+    config entry), for :mod:`~adamerge.io.offline`'s one-line errors."""
+    return (f"{what} {name!r} (a Hugging Face hub id)",
+            f"give a local folder instead (`{setting}`, fetched once where there is a network with "
+            f"`hf download {name} --local-dir DIR`)")
+
+
 def _from_hub(name: str, option: str) -> ContextManager[None]:
     """Around ``from_pretrained(name)``: nothing for a local folder; for a hub id, the cache when
     there is no network, else one :class:`~adamerge.io.offline.OfflineError` line."""
     if offline.is_local_path(name):
         return nullcontext()
-    return offline.download_or_cache(
-        f"{option} {name!r} (a Hugging Face hub id)",
-        f"give a local folder instead (`{option}: DIR`, fetched once where there is a network with "
-        f"`hf download {name} --local-dir DIR`)")
+    return offline.download_or_cache(*_hub_words(option, name, f"{option}: DIR"))
+
+
+def _hub_expert(name: str, task: str) -> str:
+    """The local snapshot folder of the expert with hub id ``name``, holding its config and
+    weights only (:data:`HUB_EXPERT_FILES`): the hub cache's when it has them (no connection),
+    else downloaded; with no network, one :class:`~adamerge.io.offline.OfflineError` line naming
+    the id."""
+    what, hint = _hub_words("expert", name, f"experts: {{{task}: DIR}}")
+    return str(offline.hub_snapshot(name, HUB_EXPERT_FILES, _holds_expert, what, hint))
+
+
+def _holds_expert(folder: Path) -> bool:
+    """Whether ``folder`` holds an expert: a PEFT adapter's config and weights, or a model's
+    config and (every shard of its) weights."""
+    if is_adapter(folder):
+        return any((folder / name).is_file() for name in ADAPTER_FILES)
+    return (folder / "config.json").is_file() and has_weights(folder)
+
+
+@contextmanager
+def _exclusive(path: str) -> Iterator[None]:
+    """Held while the task-vector file ``path`` is checked and (re)written, so processes started
+    together (the ranks of a torchrun or SLURM launch) write it once and the others wait, then
+    reuse it: an advisory lock on ``<path>.lock`` (POSIX ``flock``; elsewhere no lock, and each
+    process may write the file, atomically)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def _under(name: str, modules: Sequence[str]) -> bool:
@@ -579,7 +654,9 @@ def _under(name: str, modules: Sequence[str]) -> bool:
 def _expert_reader(folder: str, encoder: _HFWrapper, own: Mapping[str, torch.Tensor]) -> RenamedReader:
     """A full expert's weight files under the encoder's names (``lm.`` + the model's own): a key
     is found as saved, or with the model's ``base_model_prefix`` dropped or added (a bare
-    ``LlamaModel`` folder under a ``LlamaForCausalLM``), as ``from_pretrained`` finds it."""
+    ``LlamaModel`` folder under a ``LlamaForCausalLM``), as ``from_pretrained`` finds it; each
+    floating tensor read in the dtype the base has it in (as ``from_pretrained(dtype=...)`` loads
+    the expert in the non-streamed pool, so both give the same task vectors)."""
     files = WeightFolder(folder)
     prefix = getattr(encoder.lm, "base_model_prefix", "") or ""
     names = {}
@@ -588,7 +665,7 @@ def _expert_reader(folder: str, encoder: _HFWrapper, own: Mapping[str, torch.Ten
         alias = key[len(prefix) + 1:] if key.startswith(prefix + ".") else f"{prefix}.{key}"
         # a key found neither way stays as saved: reading it names the folder, the key and the file
         names[name] = next((k for k in (key, alias if prefix else key) if k in files), key)
-    return RenamedReader(files, names)
+    return RenamedReader(files, names, {n: v.dtype for n, v in own.items() if v.is_floating_point()})
 
 
 def _base_weight_files(folder: Path) -> list[Path]:
@@ -655,7 +732,7 @@ class HFSequenceClassifierPool(HFLanguageModelPool):
     Args:
         base: ``save_pretrained`` folder or hub id of the pretrained classifier (a plain LM folder
             works too: ``transformers`` adds a fresh ``score`` layer).
-        experts: task -> adapter or model folder.
+        experts: task -> adapter or model folder, or its hub id (as for :class:`HFLanguageModelPool`).
         tasks_file: optional; ``labels`` there name the classes (their count must match the head).
         tokenizer, dtype, task_vector_file: as for :class:`HFLanguageModelPool` (the heads of
             streamed experts are read from their files too).
@@ -709,13 +786,13 @@ class HFSequenceClassifierPool(HFLanguageModelPool):
 
 def _head_like(base: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
     """A copy of the base's head module holding ``tensors`` (its linear layers resized to them:
-    an expert may have another class count)."""
+    an expert may have another class count), in the base head's dtype."""
     import copy
     head = copy.deepcopy(base)
     for name, m in list(head.named_modules()):
         w = tensors.get(f"{name}.weight" if name else "weight")
         if isinstance(m, nn.Linear) and w is not None and tuple(w.shape) != tuple(m.weight.shape):
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, dtype=m.weight.dtype)
             if name:
                 parent, _, child = name.rpartition(".")
                 setattr(head.get_submodule(parent) if parent else head, child, layer)
