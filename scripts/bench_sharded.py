@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Per-rank memory and step time of AdaMerging on full experts: one process, W sharded processes
-(FSDP2, :class:`adamerge.ShardedMergeStrategy`'s merge) and W DDP-style processes (whole model on
-every rank), on the same model.
+(:class:`adamerge.ShardedMergeStrategy`'s merge, both ``gather`` modes) and W DDP-style processes
+(whole model on every rank), on the same model.
 
     python scripts/bench_sharded.py [--hidden 512] [--layers 6] [--world 2] [--steps 3] [--out FILE]
 
@@ -15,7 +15,10 @@ stack, written once before the runs). Every process builds the same ``AdaMerging
 on random prompts (``--batch`` per task per rank). Variants:
 
 * ``single``: one process, the whole model (``--threads`` threads);
-* ``sharded``: W processes, ``MergedModel.shard`` (one FSDP2 unit per block, recompute on);
+* ``sharded``: W processes, ``MergedModel.shard`` with ``gather: merged`` (each rank merges its
+  rows, the merged rows are gathered per block; the default);
+* ``fsdp``: the same with ``gather: stored`` (FSDP2's ``fully_shard`` gathers each block's stored
+  base and task vectors, every rank merges them whole);
 * ``ddp``: W processes, the whole model on each, gradients averaged (what DDP does for the
   learned tensors; DDP itself ignores the frozen ones, see ``AdaMerging.setup``).
 
@@ -97,10 +100,10 @@ def _worker(rank: int, variant: str, world: int, port: int, spec: dict, ns: argp
         dist.init_process_group("gloo", rank=rank, world_size=world)
     pool = HFLanguageModelPool(**{k: spec[k] for k in ("base", "experts", "tasks_file", "task_vector_file")})
     module = AdaMerging(pool)
-    if variant == "sharded":
+    if variant in ("sharded", "fsdp"):
         from torch.distributed.device_mesh import init_device_mesh
-        strategy = SimpleNamespace(mesh=init_device_mesh("cpu", (world,)), recompute=True, offload=False,
-                                   world_size=world)
+        strategy = SimpleNamespace(mesh=init_device_mesh("cpu", (world,)), recompute=not ns.no_recompute,
+                                   offload=False, world_size=world, gather="merged" if variant == "sharded" else "stored")
         shard_module(module, strategy)
         held = local_bytes(module.merged.module)
     else:
@@ -143,8 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=16, help="tokens per prompt (default 16)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    p.add_argument("--variants", nargs="+", default=["single", "sharded", "ddp"],
-                   choices=["single", "sharded", "ddp"])
+    p.add_argument("--variants", nargs="+", default=["single", "sharded", "fsdp", "ddp"],
+                   choices=["single", "sharded", "fsdp", "ddp"])
+    p.add_argument("--no-recompute", action="store_true", help="sharded variants keep every block's merged weights")
     p.add_argument("--out", help="also write the JSON here")
     ns = p.parse_args(argv)
     import torch.multiprocessing as mp

@@ -280,17 +280,19 @@ class MergedModel(nn.Module):
             params = self.merged_parameters()
         return functional_call(self.module, params, args, kwargs, strict=False)
 
-    def shard(self, mesh: Any, blocks: Sequence[str], recompute: bool = True, offload: bool = False) -> None:
+    def shard(self, mesh: Any, blocks: Sequence[str], recompute: bool = True, offload: bool = False,
+              gather: str = "merged") -> None:
         """Shard the base module and the task vectors over the ranks of ``mesh`` with FSDP2: one
         unit per block of ``blocks`` (a pool's ``layout.blocks``) and the rest at the root
-        (:mod:`.sharded`). The coefficients stay whole on every rank; the module then merges
-        itself in its forward (:meth:`merged_parameters` is empty). Collective: every rank calls it."""
+        (:mod:`.sharded`; ``gather``: ``"merged"`` gathers each rank's merged rows, ``"stored"`` lets
+        FSDP2 gather the stored tensors). The coefficients stay whole on every rank; the module then
+        merges itself in its forward (:meth:`merged_parameters` is empty). Collective: every rank calls it."""
         if self.sharded:
             return
         from .sharded import SharedCoefficients, shard_merge, unit_tensors
         root = shard_merge(self.module, self.task_vectors.names, self.task_vectors.tensors, self.rows.tolist(),
                            self.row_chunks, blocks, SharedCoefficients(self.lambdas, _Merge.apply), mesh, recompute,
-                           offload)
+                           offload, gather)
         self.module, self.sharded, self._merge_buffers = root, True, None
         # the sharded stacks replace the whole ones, which are then freed unless the caller keeps them
         taus = unit_tensors(root)

@@ -43,43 +43,71 @@ class SharedCoefficients:
 
 
 class MergeUnit(nn.Module):
-    """A part of the base module and the task vectors of the parameters it merges.
+    """A part of the base module and the task vectors of the parameters it merges, in one of two
+    storages (``mesh``):
+
+    * ``None`` (``gather: stored``): the task vectors are frozen parameters of the unit, which
+      FSDP2 (``fully_shard``) shards, gathers before the forward, with the part's base
+      weights, and frees after; the unit merges the gathered tensors.
+    * a device mesh (``gather: merged``): the unit keeps its rank's rows of each base weight and
+      task vector ([rows of dim 0] and [K, rows, ...]; DTensor's ``Shard`` split, uneven sizes
+      included), merges them locally and gathers the merged rows only (``DTensor.redistribute``);
+      the gradient of the gathered weight comes back summed over the ranks and split by rows
+      (a reduce-scatter: ``to_local(grad_placements=[Partial()])``), and each rank's coefficient
+      gradient is its rows' share, which the strategy's all-reduce adds up.
 
     Args:
-        part: the wrapped module (a transformer block, or the whole module for the root unit).
+        part: the wrapped module (a transformer block, a leaf module, or the whole module for the
+            root unit).
         names: the merged parameters of ``part``, by their names in ``part``.
-        taus: their stacked task vectors, ``[K, *shape]`` each (kept as frozen parameters so
-            FSDP2 shards and gathers them with the base).
+        taus: their stacked task vectors, ``[K, *shape]`` each.
         rows: the coefficient row of each parameter (its first row when ``chunks`` splits it).
-        chunks: rows per parameter (``split_qkv``), or ``None``.
+        chunks: rows per parameter (``split_qkv``; ``gather: stored`` only), or ``None``.
         shared: where the unit reads the running forward's coefficients.
         root: the root unit computes the coefficients at the start of each forward.
         recompute: re-run the part in the backward instead of keeping its merged weights.
+        prefix: the part's name in the base module (``""`` for the root).
+        mesh: the data-parallel mesh for ``gather: merged``; ``None`` for ``gather: stored``.
     """
 
     def __init__(self, part: nn.Module, names: Sequence[str], taus: Sequence[torch.Tensor], rows: Sequence[int],
                  chunks: Sequence[int] | None, shared: SharedCoefficients, root: bool = False,
-                 recompute: bool = True, prefix: str = "") -> None:
+                 recompute: bool = True, prefix: str = "", mesh: Any = None) -> None:
         super().__init__()
         self.part = part
         self.names = list(names)
-        self.prefix = prefix  # the part's name in the base module ("" for the root)
-        for i, tau in enumerate(taus):
-            param = nn.Parameter(tau, requires_grad=False)
-            param._adamerge_tau = True  # read by _placement
-            self.register_parameter(f"tau{i}", param)
+        self.prefix, self.mesh = prefix, mesh
         self.register_buffer("rows", torch.tensor(list(rows), dtype=torch.long), persistent=False)
         self.chunks = tuple(chunks) if chunks is not None else None
         self.shared, self.root, self.recompute = shared, root, recompute
+        if mesh is None:
+            for i, tau in enumerate(taus):
+                param = nn.Parameter(tau, requires_grad=False)
+                param._adamerge_tau = True  # read by _placement
+                self.register_parameter(f"tau{i}", param)
+            return
+        own = dict(part.named_parameters())
+        self.shapes = [tuple(own[n].shape) for n in self.names]
+        for i, (n, tau) in enumerate(zip(self.names, taus)):  # this rank's rows; the whole tensors are dropped
+            self.register_buffer(f"base{i}", _rows(own[n].detach(), mesh, 0), persistent=False)
+            self.register_buffer(f"tau{i}", _rows(tau, mesh, 1), persistent=False)
 
     def taus(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f"tau{i}") for i in range(len(self.names)))
 
+    def bases(self) -> tuple[torch.Tensor, ...]:
+        """The base tensors the unit merges: gathered by FSDP2, or this rank's rows."""
+        if self.mesh is None:
+            own = dict(self.part.named_parameters())
+            return tuple(own[n] for n in self.names)
+        return tuple(getattr(self, f"base{i}") for i in range(len(self.names)))
+
     def merged(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The merged tensors of this unit's parameters (its tensors must be gathered)."""
-        own = dict(self.part.named_parameters())
-        bases = tuple(own[n] for n in self.names)
-        merged = self.shared.merge(lam, self.rows, bases, self.taus(), None, self.chunks)
+        """The whole merged tensors of this unit's parameters (``gather: stored``: its tensors
+        must be gathered; ``gather: merged``: collective, every rank calls it)."""
+        merged = self.shared.merge(lam, self.rows, self.bases(), self.taus(), None, self.chunks)
+        if self.mesh is not None:
+            merged = tuple(_gathered(m, self.mesh, shape) for m, shape in zip(merged, self.shapes))
         return dict(zip(self.names, merged))
 
     def _run(self, lam: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -98,6 +126,28 @@ class MergeUnit(nn.Module):
         if self.recompute and torch.is_grad_enabled() and lam.requires_grad:
             return checkpoint(self._run, lam, *args, use_reentrant=False, **kwargs)
         return self._run(lam, *args, **kwargs)
+
+
+def _rows(tensor: torch.Tensor, mesh: Any, dim: int) -> torch.Tensor:
+    """This rank's chunk of ``tensor`` along ``dim`` (DTensor's ``Shard`` split), as its own
+    storage: only the chunk's pages of a memory-mapped tensor are read. A 0-d tensor (or a
+    task-vector stack of one) stays whole."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    if tensor.dim() <= dim:
+        return tensor.detach().clone()
+    local = distribute_tensor(tensor.detach(), mesh, [Shard(dim)], src_data_rank=None).to_local()
+    return local.clone(memory_format=torch.contiguous_format)  # a view would keep the whole storage alive
+
+
+def _gathered(local: torch.Tensor, mesh: Any, shape: Sequence[int]) -> torch.Tensor:
+    """The whole tensor from each rank's rows (an all-gather), whose gradient is the sum over the
+    ranks of theirs, split back into rows (a reduce-scatter): the ranks ran different data."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    if len(shape) == 0:  # kept whole on every rank: its gradient is summed by the strategy's all-reduce
+        return local
+    stride = torch.empty(shape, device="meta").stride()
+    whole = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride)
+    return whole.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
 
 
 def _placement(world: int) -> Callable[[nn.Parameter], Any]:
@@ -132,24 +182,32 @@ def _leaf_owners(module: nn.Module, names: Sequence[str]) -> dict[str, str]:
 
 def shard_merge(module: nn.Module, names: Sequence[str], taus: Sequence[torch.Tensor], rows: Sequence[int],
                 chunks: Sequence[int] | None, blocks: Sequence[str], shared: SharedCoefficients, mesh: Any,
-                recompute: bool = True, offload: bool = False) -> MergeUnit:
+                recompute: bool = True, offload: bool = False, gather: str = "merged") -> MergeUnit:
     """Wrap each of ``blocks`` of ``module`` (in place) and the module itself in :class:`MergeUnit`
-    and shard them with ``fully_shard`` on ``mesh``; returns the root unit, which replaces the
-    module as what is called.
+    and shard them on ``mesh``; returns the root unit, which replaces the module as what is called.
 
     Args:
-        module: the frozen base module (changed in place: its blocks become units).
+        module: the frozen base module (changed in place: its blocks become units, and with
+            ``gather: merged`` its merged parameters become empty placeholders).
         names, taus, rows, chunks: the merged parameters (names in ``module``), their stacked task
             vectors, coefficient rows and row counts, as :class:`~.merged_model.MergedModel` has them.
         blocks: qualified names of the transformer blocks (a pool's ``layout.blocks``); a merged
             parameter outside every block belongs to its leaf module's unit (untied embeddings,
             norms, output layers: :func:`_leaf_owners`), else to the root unit.
         mesh: the 1-D data-parallel device mesh.
-        offload: keep the sharded tensors in host memory (FSDP2's ``CPUOffloadPolicy``), gathered
-            to the accelerator per unit.
+        offload: ``gather: stored`` only: keep the shards in host memory (FSDP2's
+            ``CPUOffloadPolicy``), gathered to the accelerator per unit.
+        gather: ``"merged"``: each rank merges its rows and the merged rows are gathered (one
+            model's bytes per pass); ``"stored"``: FSDP2's ``fully_shard`` gathers the stored base
+            and task vectors (1 + K models' bytes per pass) and each rank merges them whole.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
+    if gather not in ("merged", "stored"):
+        raise ValueError(f"gather must be 'merged' or 'stored', got {gather!r}")
+    if gather == "merged" and (chunks is not None or offload):
+        what = "split_qkv" if chunks is not None else "offload"
+        raise ValueError(f"{what} needs gather: stored (FSDP2 gathers whole tensors); gather: merged "
+                         "splits each parameter by rows")
+    local_mesh = mesh if gather == "merged" else None
     chunk_of = list(chunks) if chunks is not None else [1] * len(names)
     owner = {n: next((b for b in blocks if n.startswith(b + ".")), "") for n in names}
     leaves = _leaf_owners(module, [n for n in names if not owner[n]])
@@ -164,13 +222,17 @@ def shard_merge(module: nn.Module, names: Sequence[str], taus: Sequence[torch.Te
         unit = MergeUnit(parent.get_submodule(child), [names[i][len(block) + 1:] for i in mine],
                          [taus[i] for i in mine], [rows[i] for i in mine],
                          [chunk_of[i] for i in mine] if chunks is not None else None, shared, recompute=recompute,
-                         prefix=block)
+                         prefix=block, mesh=local_mesh)
         setattr(parent, child, unit)  # ModuleList children are set by their index name too
         units.append(unit)
     rest = [i for i, n in enumerate(names) if not owner[n]]
     root = MergeUnit(module, [names[i] for i in rest], [taus[i] for i in rest], [rows[i] for i in rest],
                      [chunk_of[i] for i in rest] if chunks is not None else None, shared, root=True,
-                     recompute=False)  # the root's tensors stay gathered for the whole step anyway
+                     recompute=False, mesh=local_mesh)  # re-running the root would re-run everything
+    if gather == "merged":
+        _drop_whole(module, names)
+        return root
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
     options = {"mesh": mesh, "shard_placement_fn": _placement(mesh.size()),
                "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
     for unit in units:
@@ -179,19 +241,18 @@ def shard_merge(module: nn.Module, names: Sequence[str], taus: Sequence[torch.Te
     return root
 
 
-def local_bytes(root: MergeUnit) -> dict[str, int]:
-    """Bytes of the sharded tensors this rank holds: ``{"task_vectors", "base"}`` (what a
-    sharded run keeps between steps; measured, not computed from shapes)."""
-    from torch.distributed.tensor import DTensor
-    def size(p: torch.Tensor) -> int:
-        local = p.to_local() if isinstance(p, DTensor) else p
-        return local.numel() * local.element_size()
-
-    out = {"task_vectors": 0, "base": 0}
-    for unit in (m for m in root.modules() if isinstance(m, MergeUnit)):
-        out["task_vectors"] += sum(size(t) for t in unit.taus())
-        out["base"] += sum(size(unit.part.get_parameter(n)) for n in unit.names)
-    return out
+def _drop_whole(module: nn.Module, names: Sequence[str]) -> None:
+    """Replace each merged parameter of ``module`` (under every name a tied weight has) by one
+    empty placeholder of its dtype and device: the units hold their rows, and the forward gets the
+    merged tensors by name (a placeholder shared by tied names keeps them tied for functional_call)."""
+    merged = {id(p) for n, p in module.named_parameters() if n in set(names)}
+    placeholders: dict[int, nn.Parameter] = {}
+    for name, p in list(module.named_parameters(remove_duplicate=False)):
+        if id(p) in merged:
+            holder = placeholders.setdefault(id(p), nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device),
+                                                                 requires_grad=False))
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner) if owner else module, attr, holder)
 
 
 def _units(root: MergeUnit) -> list[MergeUnit]:
@@ -233,7 +294,9 @@ def gathered_state_dict(root: MergeUnit) -> dict[str, torch.Tensor]:
     lam = root.shared.lambdas().detach()
     out = {}
     for unit in _units(root):
-        unit.unshard()
+        stored = unit.mesh is None  # FSDP2 gathers the stored tensors; merged rows are gathered by merged()
+        if stored:
+            unit.unshard()
         try:
             own = dict(unit.part.named_parameters())
             # by tensor identity: a tied weight (an output layer sharing the embedding) is merged too
@@ -243,5 +306,23 @@ def gathered_state_dict(root: MergeUnit) -> dict[str, torch.Tensor]:
                 value = value.full_tensor() if hasattr(value, "full_tensor") else value
                 out[_qualified(unit, name)] = value.detach().cpu().contiguous().clone()
         finally:
-            unit.reshard()
+            if stored:
+                unit.reshard()
+    return out
+
+
+def local_bytes(root: MergeUnit) -> dict[str, int]:
+    """Bytes of the sharded tensors this rank holds: ``{"task_vectors", "base"}`` (what a
+    sharded run keeps between steps; measured from the tensors, not computed from shapes)."""
+    from torch.distributed.tensor import DTensor
+
+    def size(p: torch.Tensor) -> int:
+        local = p.to_local() if isinstance(p, DTensor) else p
+        return local.numel() * local.element_size()
+
+    out = {"task_vectors": 0, "base": 0}
+    for unit in _units(root):
+        out["task_vectors"] += sum(size(t) for t in unit.taus())
+        out["base"] += sum(size(b) for b in (unit.bases() if unit.mesh is not None else
+                                               [unit.part.get_parameter(n) for n in unit.names]))
     return out

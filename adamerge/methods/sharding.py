@@ -11,7 +11,7 @@ by W processes resumes on any other number.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -25,18 +25,27 @@ class ShardedMergeStrategy(ModelParallelStrategy):
     """FSDP2 over all processes (data parallel, no tensor parallelism), for merges.
 
     Args:
+        gather: ``merged`` (default): each rank merges its rows of every weight and only the
+            merged rows are gathered (DTensor all-gather; the gradient comes back by
+            reduce-scatter): one model's bytes per pass. ``stored``: FSDP2's ``fully_shard``
+            gathers the stored base and task vectors of a block and every rank merges them whole:
+            1 + K models' bytes per pass; needed for ``split_qkv`` and ``offload``.
         recompute: re-run each block in the backward instead of keeping its merged weights
             (activation checkpointing; a block's merged weights then live only while it runs).
-        offload: keep the shards in host memory, gathered to the accelerator one block at a time
-            (FSDP2's ``CPUOffloadPolicy``).
+        offload: ``gather: stored`` only: keep the shards in host memory, gathered to the
+            accelerator one block at a time (FSDP2's ``CPUOffloadPolicy``).
         process_group_backend: ``nccl`` / ``gloo`` (default: by device).
     """
 
-    def __init__(self, recompute: bool = True, offload: bool = False,
-                 process_group_backend: str | None = None) -> None:
+    def __init__(self, gather: Literal["merged", "stored"] = "merged", recompute: bool = True,
+                 offload: bool = False, process_group_backend: str | None = None) -> None:
+        if gather not in ("merged", "stored"):
+            raise ValueError(f"trainer.strategy.init_args.gather must be 'merged' or 'stored', got {gather!r}")
+        if offload and gather != "stored":
+            raise ValueError("trainer.strategy.init_args.offload streams FSDP2's stored shards: it needs gather: stored")
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False,
                          process_group_backend=process_group_backend)
-        self.recompute, self.offload = recompute, offload
+        self.gather, self.recompute, self.offload = gather, recompute, offload
 
     def setup_environment(self) -> None:
         # every process is one data-parallel shard (ModelParallelStrategy's "auto" is one per node)
@@ -110,7 +119,8 @@ def shard_module(module: Any, strategy: ShardedMergeStrategy) -> None:
     pool_tv = module.loaded.task_vectors
     shared = pool_tv.names == merged.task_vectors.names and all(
         a is b for a, b in zip(pool_tv.tensors, merged.task_vectors.tensors))
-    merged.shard(strategy.mesh, blocks, recompute=strategy.recompute, offload=strategy.offload)
+    merged.shard(strategy.mesh, blocks, recompute=strategy.recompute, offload=strategy.offload,
+                 gather=strategy.gather)
     if shared:  # the pool's stacks are the whole tensors: point it at the shards, so the whole ones are freed
         pool_tv.tensors = list(merged.task_vectors.tensors)
     # a sharded run builds no expert's whole state (reference rows are compare's, on one process),
@@ -118,6 +128,7 @@ def shard_module(module: Any, strategy: ShardedMergeStrategy) -> None:
     module.loaded.expert_state = {}
     from ..engine.sharded import local_bytes
     held = local_bytes(merged.module)
-    rank_zero_info(f"adamerge: sharded over {strategy.world_size} processes with FSDP2 ({len(blocks)} blocks + the "
+    how = "FSDP2" if strategy.gather == "stored" else "merged rows gathered"
+    rank_zero_info(f"adamerge: sharded over {strategy.world_size} processes ({how}; {len(blocks)} blocks + the "
                    f"root); rank 0 holds {held['task_vectors'] / 2**20:.1f} MiB of task vectors and "
                    f"{held['base'] / 2**20:.1f} MiB of base weights")
