@@ -129,9 +129,9 @@ def test_two_sharded_processes_train_as_one_and_hold_half(gather, recompute):
 
 
 # --------------------------------------------------------------- the CLI, as users run it
-def command(root: Path, *extra: str) -> list[str]:
+def command(root: Path, *extra: str, full: bool = True) -> list[str]:
     return [sys.executable, "-m", "adamerge", "fit", "--config", str(ROOT / "configs/text_tiny_layerwise.yaml"),
-            "--model.pool.init_args.full_experts", "true", "--seed_everything", "7",
+            "--model.pool.init_args.full_experts", "true" if full else "false", "--seed_everything", "7",
             "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
             "--trainer.logger", "false", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
             "--data.batch_size", "8", *extra]
@@ -171,3 +171,16 @@ def test_sharded_fit_equals_one_process_and_resumes_on_another_world_size(tmp_pa
     for name in ("2to1", "1to2"):
         diff = (coefficients(tmp_path / name) - expected).abs().max().item()
         assert diff <= 1e-5, f"{name}: resumed run differs from the uninterrupted one by {diff}"
+
+
+def test_lora_pool_keeps_its_low_rank_merge_under_the_strategy(tmp_path):
+    """LoRA experts stay low-rank and whole on every rank; the strategy averages their gradients."""
+    from adamerge.suites import TextSuitePool
+    TextSuitePool("tiny").load()
+    run(command(tmp_path / "one", "--trainer.max_steps", "2", full=False))
+    out = run(command(tmp_path / "two", "--trainer.max_steps", "2", *SHARDED, full=False))
+    assert "LowRankMergedModel is not sharded" in out, out[-3000:]
+    one = read_checkpoint(tmp_path / "one/checkpoints/last.ckpt")["state_dict"][COEFFICIENTS_KEY]
+    two = read_checkpoint(tmp_path / "two/checkpoints/last.ckpt")["state_dict"][COEFFICIENTS_KEY]
+    assert (one - 0.3).abs().max() > 1e-4
+    assert (one - two).abs().max().item() <= 1e-5
