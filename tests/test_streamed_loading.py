@@ -90,6 +90,23 @@ def test_streamed_task_vectors_equal_the_loaded_ones_and_are_memory_mapped(world
     assert tv.meta["base"] == str(world["root"] / "base")
 
 
+def test_the_fingerprint_of_a_streamed_stack_reads_its_recorded_norms(world, tmp_path):
+    """The norms are recorded as the stack is written, so the fingerprint (every resume's check)
+    reads none of its bytes: on a 128 GB stack each rank would otherwise read all of it."""
+    ref = pool(world).load().task_vectors
+    path = tmp_path / "tv.safetensors"
+    tv = pool(world, task_vector_file=str(path)).load().task_vectors
+    computed = [[float(t[k].double().norm()) for t in tv.tensors] for k in range(tv.num_tasks)]
+    assert tv.norms == computed  # the same float64 norms of the same stored values
+    assert tv.fingerprint() == ref.fingerprint()
+    tv.tensors = [torch.zeros_like(t) for t in tv.tensors]  # not read: the record is used
+    assert tv.fingerprint() == ref.fingerprint()
+    # a record written for another file is ignored: the norms are computed from the tensors
+    path.with_name(path.name + ".norms.json").write_text('{"stack": {"size": 1, "mtime_ns": 1}}')
+    again = pool(world, task_vector_file=str(path)).load().task_vectors
+    assert again.norms is None and again.fingerprint() == ref.fingerprint()
+
+
 def test_a_bfloat16_pool_takes_full_experts_loaded_or_streamed(world, tmp_path):
     """The base in bfloat16 (``dtype``): each expert is taken in bfloat16 too (as MergeBench loads
     them), tau = (expert_bf16.float() - base_bf16.float()) rounded to bfloat16 once, the same

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from ..io.checkpoints import CheckpointError, StateDict, check_compatible, check_finite
+from ..io.checkpoints import CheckpointError, StateDict, check_compatible, check_finite, write_json_atomic
 from ..io.tensor_stack import DTYPE_CODES, StackWriter, TensorReader, read_header, read_stack
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,16 @@ class TaskVectors:
         task_names: the K tasks, in coefficient-column order.
         names: the P merged parameter names, in coefficient-row order.
         tensors: P tensors, ``tensors[p]`` has shape ``[K, *shape_p]``.
+        norms: ``norms[k][p]``, the norm of task k's vector of parameter p, when known without
+            reading the tensors (a streamed stack records them as it writes): :meth:`fingerprint`
+            then reads no task-vector byte, and each rank of a sharded run only the rows it keeps.
     """
 
     task_names: list[str]
     names: list[str]
     tensors: list[torch.Tensor]
     meta: dict[str, str] = field(default_factory=dict)
+    norms: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.names) != len(self.tensors):
@@ -133,7 +137,7 @@ class TaskVectors:
             _write_stack(base, experts, path, specs, meta, progress)
         tensors, _ = read_stack(path)
         return cls(task_names=tasks, names=names, tensors=[tensors[n] for n in names],
-                   meta={"task_vector_file": str(path)})
+                   meta={"task_vector_file": str(path)}, norms=_recorded_norms(path, tasks, names))
 
     @property
     def num_tasks(self) -> int:
@@ -168,7 +172,7 @@ class TaskVectors:
         The hash covers per-task per-parameter norms rounded to 4 significant digits, so it
         is stable across devices and summation orders but changes with any real weight change.
         """
-        norms = [[float(t[k].double().norm()) for t in self.tensors] for k in range(self.num_tasks)]
+        norms = self.norms or [[float(t[k].double().norm()) for t in self.tensors] for k in range(self.num_tasks)]
         digest = hashlib.sha256(json.dumps(
             [[f"{x:.4g}" for x in row] for row in norms]).encode()).hexdigest()[:16]
         return {
@@ -242,10 +246,35 @@ def _changed_source(saved: str | None, now: str | None) -> str | None:
     return None
 
 
+def norms_file(path: Path) -> Path:
+    """The JSON beside a task-vector stack that records each task's norm per parameter."""
+    return path.with_name(path.name + ".norms.json")
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _recorded_norms(path: Path, tasks: Sequence[str], names: Sequence[str]) -> list[list[float]] | None:
+    """The norms recorded for the stack at ``path`` (``[task][parameter]``), or ``None`` when the
+    record is missing or was written for another file (then they are computed from the tensors)."""
+    try:
+        record = json.loads(norms_file(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("stack") != _stamp(path) or record.get("tasks") != list(tasks) or \
+            record.get("names") != list(names):
+        return None
+    return record["norms"]
+
+
 def _write_stack(base: Mapping[str, torch.Tensor], experts: Mapping[str, TensorReader], path: Path,
                  specs: Mapping[str, tuple[torch.dtype, Sequence[int]]], meta: Mapping[str, str],
                  progress: bool) -> None:
-    """Stream ``tau_k = expert_k - base`` into ``path``, one expert tensor in memory at a time."""
+    """Stream ``tau_k = expert_k - base`` into ``path``, one expert tensor in memory at a time, and
+    record each stored tensor's norm beside it (:func:`norms_file`)."""
+    norms: dict[str, dict[str, float]] = {t: {} for t in experts}
     with StackWriter(path, specs, meta) as writer:
         for name in _progress(writer.order, progress, path):
             b = base[name].detach()
@@ -255,8 +284,13 @@ def _write_stack(base: Mapping[str, torch.Tensor], experts: Mapping[str, TensorR
             for task, reader in experts.items():
                 x = reader.read(name)
                 check_finite({name: x}, f"fine-tuned model {task!r}: {reader.where(name)}")
-                writer.write(name, (x.to(work) - bw).to(specs[name][0]))
-                del x  # drop the expert's tensor (and the file map behind it) before the next
+                tau = (x.to(work) - bw).to(specs[name][0])
+                norms[task][name] = float(tau.double().norm())  # as fingerprint() computes it
+                writer.write(name, tau)
+                del x, tau  # drop the expert's tensor (and the file map behind it) before the next
+    names = list(specs)
+    write_json_atomic({"stack": _stamp(path), "tasks": list(experts), "names": names,
+                       "norms": [[norms[t][n] for n in names] for t in experts]}, norms_file(path), indent=None)
 
 
 def _progress(names: Sequence[str], show: bool, path: Path) -> Iterator[str]:
