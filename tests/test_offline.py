@@ -107,7 +107,9 @@ def test_fit_without_network_fails_fast_in_one_line(tmp_path):
         took, err = time.monotonic() - start, proc.stderr
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert proc.returncode != 0, err[-2000:]
-        assert took < 30, f"{name}: failed after {took:.0f} s\n{err[-2000:]}"
+        # the retry count below is the check of "no retries"; the time only catches a hang (about
+        # 9 s per case on 2 free cores, so the bound holds on a loaded machine too)
+        assert took < 90, f"{name}: failed after {took:.0f} s\n{err[-2000:]}"
         assert sum("retry" in ln.lower() for ln in lines) < 3, err[-2000:]
         assert [ln for ln in lines if "error" in ln.lower()] == lines[-1:], err[-2000:]
         last = lines[-1]
