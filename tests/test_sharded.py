@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -82,50 +81,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, gather: str, recompute: bool, ids: torch.Tensor, out: dict) -> None:
+# both gathers, with and without recompute, in one pair of processes (a spawn costs seconds)
+SETTINGS = (("merged", True), ("merged", False), ("stored", True))
+
+
+def _worker(rank: int, world: int, port: int, ids: torch.Tensor, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        base, tv = pool()
-        model = MergedModel(base, tv, "layerwise")
-        model.shard(init_device_mesh("cpu", (world,)), ["layers.0", "layers.1", "layers.2"], recompute=recompute,
-                    gather=gather)
-        held = local_bytes(model.module)
-        share = ids.shape[0] // world
-        coefficients = train(model, lambda x: model(x), ids[rank * share:(rank + 1) * share], world)
-        state = model.merged_state_dict()  # collective: every rank gathers
-        out[rank] = {"coefficients": coefficients, "held": held, "state": state if rank == 0 else None}
+        mesh = init_device_mesh("cpu", (world,))
+        for gather, recompute in SETTINGS:
+            base, tv = pool()
+            model = MergedModel(base, tv, "layerwise")
+            model.shard(mesh, ["layers.0", "layers.1", "layers.2"], recompute=recompute, gather=gather)
+            held = local_bytes(model.module)
+            share = ids.shape[0] // world
+            coefficients = train(model, lambda x: model(x), ids[rank * share:(rank + 1) * share], world)
+            state = model.merged_state_dict()  # collective: every rank gathers
+            out[(gather, recompute, rank)] = {"coefficients": coefficients, "held": held,
+                                              "state": state if rank == 0 else None}
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("gather,recompute", [("merged", True), ("merged", False), ("stored", True)])
-def test_two_sharded_processes_train_as_one_and_hold_half(gather, recompute):
+def test_two_sharded_processes_train_as_one_and_hold_half():
     ids = torch.randint(0, 12, (8, 5), generator=torch.Generator().manual_seed(1))
     base, tv = pool()
     whole = MergedModel(base, tv, "layerwise")
     expected = train(whole, lambda x: whole(x), ids)
     assert (expected - 0.3).abs().max() > 1e-3  # the coefficients moved
     out = mp.Manager().dict()
-    mp.start_processes(_worker, args=(2, _free_port(), gather, recompute, ids, out), nprocs=2, start_method="spawn")
-    for rank in range(2):
-        diff = (out[rank]["coefficients"] - expected).abs().max().item()
-        assert diff <= 1e-5, f"rank {rank}: coefficients differ from one process by {diff}"
-        held, total = out[rank]["held"]["task_vectors"], tv.nbytes()
-        # 1/2 of every stack, give or take one row per tensor (an odd dim 0: FSDP2 pads, DTensor splits unevenly)
-        row = sum(t[0].numel() // max(t.shape[1], 1) * t.shape[0] * t.element_size() for t in tv.tensors if t.dim() > 1)
-        assert abs(held - total / 2) <= row, f"rank {rank} holds {held} of {total} task-vector bytes"
-    # the gathered merged model (tied output layer included) is the whole model's merge at these coefficients
-    with torch.no_grad():
-        whole.coefficients.copy_(out[0]["coefficients"])
-    reference = whole.merged_state_dict()
-    gathered = out[0]["state"]
-    assert set(gathered) == set(reference)
-    for name, value in reference.items():
-        assert torch.allclose(gathered[name], value, atol=1e-6), name
-    assert torch.equal(gathered["out.weight"], gathered["embed.weight"])
+    mp.start_processes(_worker, args=(2, _free_port(), ids, out), nprocs=2, start_method="spawn")
+    # 1/2 of every stack, give or take one row per tensor (an odd dim 0: FSDP2 pads, DTensor splits unevenly)
+    total = tv.nbytes()
+    row = sum(t[0].numel() // max(t.shape[1], 1) * t.shape[0] * t.element_size() for t in tv.tensors if t.dim() > 1)
+    for gather, recompute in SETTINGS:
+        what = f"gather {gather}, recompute {recompute}"
+        for rank in range(2):
+            got = out[(gather, recompute, rank)]
+            diff = (got["coefficients"] - expected).abs().max().item()
+            assert diff <= 1e-5, f"{what}, rank {rank}: coefficients differ from one process by {diff}"
+            held = got["held"]["task_vectors"]
+            assert abs(held - total / 2) <= row, f"{what}, rank {rank} holds {held} of {total} task-vector bytes"
+        # the gathered merged model (tied output layer included) is the whole model's merge at these coefficients
+        with torch.no_grad():
+            whole.coefficients.copy_(out[(gather, recompute, 0)]["coefficients"])
+        reference, gathered = whole.merged_state_dict(), out[(gather, recompute, 0)]["state"]
+        assert set(gathered) == set(reference), what
+        for name, value in reference.items():
+            assert torch.allclose(gathered[name], value, atol=1e-6), f"{what}: {name}"
+        assert torch.equal(gathered["out.weight"], gathered["embed.weight"]), what
 
 
 # --------------------------------------------------------------- the CLI, as users run it
