@@ -37,10 +37,12 @@ import lightning as L
 from ..errors import unknown_name
 from .adamerging import AdaMerging
 from .adarank import AdaRank
+from .fisher import fisher
 from .lines import lines
 from .magnitude_merges import della, magmax, pcb
 from .model_stock import model_stock
 from .references import individual, pretrained
+from .regmean import regmean, regmean_plusplus
 from .sparsify import breadcrumbs, consensus, dare, emr, tall_masks
 from .static import task_arithmetic, ties, weight_averaging
 from .svd_merges import SCALING_GRID, iso_c, iso_cts, tsv_m
@@ -285,6 +287,8 @@ _TIES_GRID = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 ... 2.0
 _TALL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)  # nik-dim/tall_masks src/utils/tallmask_utils.py L96
 _LINES_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 ... 1.0: wang-kee/LiNeS src/eval/eval.py L215
 _PCB_GRID = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3)  # duguodong7/pcb-merging pcb-merging.py L64: lambda in [0.8, 1.3]
+# what the fitted rows read: FusionBench's 256 images per task (their CLIP configs), of the adaptation split
+_FITTED_DATA = "256 unlabeled adaptation images per task (adapt split, test by default)"
 
 REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("base", "static", "the pretrained model with its zero-shot heads (reference)", pretrained,
@@ -362,6 +366,24 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            "WUDI-merging: per weight matrix, 400 Adam steps from the summed task vectors towards least "
            "interference with each task vector (no data); other tensors averaged", wudi, demo=False,
            source="Cheng et al., ICML 2025 (WUDI-merging); tanganke/fusion_bench fusion_bench/method/wudi/wudi.py L17-60"),
+    Method("fisher", "fitted",
+           "Fisher merging: per entry the experts weighted by their diagonal Fisher (256 unlabeled adaptation "
+           "images per task), each expert scaled by its Fisher's inverse norm", fisher, demo=False,
+           uses=_FITTED_DATA,
+           source="Matena & Raffel, NeurIPS 2022 (Fisher merging); tanganke/fusion_bench "
+                  "fusion_bench/method/fisher_merging/clip_fisher_merging.py L138-183, fisher_merging.py L68-189"),
+    Method("regmean", "fitted",
+           "RegMean: each linear weight the least-squares fit of the experts' outputs on their tasks' inputs "
+           "(Gram matrices of 256 unlabeled adaptation images per task, off-diagonal x 0.95); other tensors averaged",
+           regmean, demo=False, uses=_FITTED_DATA,
+           source="Jin et al., ICLR 2023 (RegMean); tanganke/fusion_bench fusion_bench/method/regmean/clip_regmean.py "
+                  "L50-128, regmean.py L24-120"),
+    Method("regmean_plusplus", "fitted",
+           "RegMean++: RegMean one transformer block at a time, each block's Grams on the outputs of the merged "
+           "blocks before it (256 unlabeled adaptation images per task, off-diagonal x 0.95)",
+           regmean_plusplus, demo=False, uses=_FITTED_DATA,
+           source="Nguyen et al., 2025 (RegMean++, arXiv 2508.03121); tanganke/fusion_bench "
+                  "fusion_bench/method/regmean_plusplus/regmean_plusplus.py L164-311, clip_regmean_plusplus.py L54-210"),
     Method("adamerging_taskwise", "learned",
            "AdaMerging, task-wise: one coefficient per task (entropy on unlabeled test batches)",
            AdaMerging, {"granularity": "taskwise"}, source="Yang et al., ICLR 2024 (AdaMerging)",
@@ -451,6 +473,23 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
                       "lr_schedule": ("constant", "FusionBench: no schedule"),
                       "batch_reduce": (True, "FusionBench: batch_reduce true (L8), in training only")},
                steps=1000, steps_note="FusionBench: max_steps 1000 (L17)")}),
+    Method("wemoe_sparse", "learned",
+           "E-WEMoE (sparse WEMoE): WEMoE whose routed MLP task vectors keep the top 10% magnitudes of each "
+           "tensor, one router shared by every block (FusionBench's recipe)", WEMoE,
+           {"tv_prune_ratio": 0.9, "shared_router": True, "lr": 1e-4, "lr_schedule": "constant",
+            "batch_reduce": True}, demo=False, models="per input",
+           storage="K MLP task vectors per block, 90% of each tensor zero (stored dense) + one router",
+           source="Shen, Tang, Yang et al., 2024 (E-WEMoE, arXiv 2410.21804); tanganke/fusion_bench "
+                  "fusion_bench/models/sparse_we_moe.py L97-126, L186-190; config/method/wemoe/"
+                  "sparse_weight_ensembling_moe.yaml L8-27",
+           note=("E-WEMoE (Shen, Tang, Yang et al., 2024; FusionBench method/sparse_we_moe): WEMoE whose routed MLP "
+                 "task vectors are magnitude-pruned per task and per tensor to 10% (tv_prune_ratio 0.9, no "
+                 "rescaling), one router shared by every block, routing averaged over each task batch in training, "
+                 "Adam lr 1e-4 without schedule, entropy. Differences: docs/fidelity.md."),
+           steps=1000, steps_note="FusionBench: max_steps 1000 (sparse_weight_ensembling_moe.yaml L27)",
+           paper_batch=16, paper_steps=1000,
+           paper_note=("tanganke/fusion_bench config/method/wemoe/sparse_weight_ensembling_moe.yaml L25, L27: "
+                       "batch_size 16 per task, max_steps 1000, one step over every task's batch")),
     Method("twin_merging", "learned",
            "Twin-Merging: task arithmetic (0.29) as shared expert + each expert's exclusive part (10%-rank "
            "SVD) in the linear layers, mixed per input by a router trained on task identity", TwinMerging,
