@@ -101,6 +101,8 @@ COMMENTS = {
     "batch_first": "open_clip >= 2.23 runs its transformer batch-first",
     "routing_block_numel": "null: 2^21 values per block on CPU, 2^26 on GPU",
     "batch_reduce": "true: one routing vector per task batch in training (FusionBench); evaluation per sample",
+    "tv_prune_ratio": "E-WEMoE: the fraction of each routed MLP task vector pruned by magnitude (0: none)",
+    "shared_router": "E-WEMoE: one router for every block, each routing on its own MLP input",
     "initial_rank_ratio": "fraction of singular components kept at the start (TA variant: 1.0)",
     "mask_temp": "mask probability sigmoid(logit / mask_temp) (official 10)",
     "masked": "attn_mlp: the blocks' attention and MLP matrices (official)",

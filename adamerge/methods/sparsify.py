@@ -4,7 +4,8 @@ Three shapes of function, as in :mod:`adamerge.methods.static`:
 
 * *transforms* ``f(task_vectors, **hparams) -> TaskVectors`` return K sparsified task vectors
   (not merged) and record what was done in ``meta["transform"]``: :func:`dare_task_vectors`,
-  :func:`breadcrumbs_task_vectors`, :func:`consensus_task_vectors`;
+  :func:`breadcrumbs_task_vectors`, :func:`consensus_task_vectors`,
+  :func:`magnitude_prune_task_vectors` (E-WEMoE's sparse MLP task vectors);
 * *static merges* ``f(task_vectors, base, **hparams) -> {name: merged tensor}`` are task
   arithmetic (``base + scaling * sum_k tau_k``) over a transform: :func:`dare`,
   :func:`breadcrumbs`, :func:`consensus`;
@@ -19,6 +20,7 @@ paper and the code follow the code and say so.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import torch
@@ -184,6 +186,73 @@ def breadcrumbs(task_vectors: TaskVectors, base: Mapping[str, torch.Tensor], kee
         scaling: task-arithmetic coefficient (default 0.3; picked on a labeled split when tuned).
     """
     return task_arithmetic(breadcrumbs_task_vectors(task_vectors, keep, top), base, scaling)
+
+
+# ---------------------------------------------------------------------- magnitude pruning
+
+
+# torch.quantile refuses inputs of more than 2^24 entries; past that its rule is applied by hand
+_QUANTILE_NUMEL = 1 << 24
+
+
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation), also for tensors past its 2^24-entry
+    limit: two ``kthvalue`` calls and torch's own arithmetic (``q`` rounded to ``values``' dtype,
+    the rank ``q * (n - 1)`` in double, the ``lerp`` weight in ``values``' dtype)."""
+    flat = values.reshape(-1)
+    if flat.numel() <= _QUANTILE_NUMEL:
+        return torch.quantile(flat, q)
+    rank = float(torch.tensor(q, dtype=flat.dtype)) * (flat.numel() - 1)
+    lo, hi = math.floor(rank), min(math.ceil(rank), flat.numel() - 1)
+    below, above = flat.kthvalue(lo + 1).values, flat.kthvalue(hi + 1).values
+    return torch.lerp(below, above, torch.tensor(rank - lo, dtype=flat.dtype))
+
+
+def magnitude_prune_task_vectors(task_vectors: TaskVectors, ratio: float = 0.9,
+                                 parameters: list[str] | None = None) -> TaskVectors:
+    """Magnitude pruning of each task vector, tensor by tensor: in task ``k``'s tensor of each
+    parameter, the entries whose magnitude is above the ``ratio`` quantile of that tensor's
+    magnitudes are kept, the rest set to 0; nothing is rescaled.
+
+    Follows tanganke/fusion_bench (commit 54c9e8c) ``fusion_bench/models/sparse_we_moe.py``
+    (E-WEMoE): ``_magnitude_prune`` (L97-111) keeps ``|w| > |w|.quantile(prune_ratio)`` (strict
+    ``>``, ``torch.quantile``'s linear interpolation, no rescaling) of one tensor;
+    ``_module_magnitude_prune`` (L114-126) applies it to every parameter of each expert's MLP
+    task vector separately (L186-190): per task, per tensor, biases included. With distinct
+    magnitudes a tensor of ``n`` entries keeps its ``n - 1 - floor(ratio * (n - 1))`` largest.
+
+    ``ratio == 0`` keeps every entry (the identity): FusionBench's strict ``>`` against the
+    0-quantile (the minimum) would still drop each tensor's smallest-magnitude entries.
+
+    Args:
+        task_vectors: the K task vectors (not modified; tensors not pruned are shared).
+        ratio: fraction of each tensor pruned, in [0, 1] (FusionBench ``tv_prune_ratio``, 0.9 in
+            ``config/method/wemoe/sparse_weight_ensembling_moe.yaml`` L12).
+        parameters: the parameters pruned (default every one); E-WEMoE prunes the routed MLPs'.
+
+    Returns:
+        K task vectors, ``meta["transform"] = "magnitude_prune(ratio=..,tensors=..)"``.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"magnitude pruning ratio must be in [0, 1], got {ratio}")
+    tv = _dense(task_vectors)
+    chosen = set(tv.names if parameters is None else parameters)
+    unknown = sorted(chosen - set(tv.names))
+    if unknown:
+        raise ValueError(f"magnitude pruning: parameters {unknown[:3]} have no task vector")
+    if ratio == 0.0:
+        return tv
+    tensors = []
+    for name, tau in zip(tv.names, tv.tensors):
+        if name not in chosen:
+            tensors.append(tau)
+            continue
+        out = torch.empty_like(tau)
+        for k in range(tau.shape[0]):
+            mags = tau[k].abs().float()
+            out[k] = torch.where(mags > _quantile(mags, ratio), tau[k], _zero(tau))
+        tensors.append(out)
+    return _with_transform(tv, tensors, f"magnitude_prune(ratio={ratio},tensors={len(chosen)})")
 
 
 # ----------------------------------------------------------------------- TALL masks, Consensus

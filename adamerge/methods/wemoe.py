@@ -11,6 +11,13 @@ to every token of the MLP's input (after ``ln_2``) and averaged over tokens, so 
 own K weights (raw, no softmax). Only the routers are trained: Adam lr 1e-3, cosine schedule,
 entropy of every task head on unlabeled test batches. Differences: docs/fidelity.md.
 
+E-WEMoE (Shen, Tang, Yang et al., "Efficient and Effective Weight-Ensembling Mixture of Experts for
+Multi-Task Model Merging", arXiv 2410.21804; FusionBench ``fusion_bench/models/sparse_we_moe.py``,
+``fusion_bench/method/sparse_we_moe/``, read at commit 54c9e8c) is two options of this class:
+``tv_prune_ratio`` magnitude-prunes the routed MLPs' task vectors, per task and per tensor, before
+routing (:func:`~adamerge.methods.sparsify.magnitude_prune_task_vectors`), and ``shared_router``
+gives every MLP the same router (FusionBench ``shared_gate``).
+
 The per-sample MLP is never built by a Python loop over samples: :class:`RoutedLinearFunction`
 forms all samples' weights ``W0 + r_b @ tau`` by one GEMM per block of output rows and applies
 them by a batched product while the block is in cache, and forms them again in the backward
@@ -34,6 +41,7 @@ from ..models.layout import MLP_CHILDREN, Layout, infer_layout
 from ..models.pool import ModelPool
 from .adamerging import AdaMerging
 from .parts import MethodParts, pick_objective
+from .sparsify import magnitude_prune_task_vectors
 
 # Values of the samples' weights formed at once in a routed layer ([B, rows, D]): on a CPU small
 # enough to stay in cache between being formed and being applied; on a GPU large enough that
@@ -259,12 +267,18 @@ class RoutedMLPs:
     fused merge on a copy of the encoder whose MLPs (``mlps``, default every MLP of the layout) are
     :class:`RoutedLinear` layers mixing their task vectors per sample, one :class:`Router` each
     (``router_options``). After the build it holds the ``routers``, the routed ``mlps`` and the
-    coefficient ``rows`` of their parameters (kept at 0: the MLPs' base is the pretrained one)."""
+    coefficient ``rows`` of their parameters (kept at 0: the MLPs' base is the pretrained one).
+
+    E-WEMoE's parts: ``prune_ratio`` > 0 magnitude-prunes the routed layers' task vectors (weights
+    and biases, each task's tensor on its own; :func:`magnitude_prune_task_vectors`) before they
+    are routed; ``shared_router``: one router for every MLP (``routers`` holds it once), each MLP
+    still routing on its own input."""
 
     def __init__(self, router_options: dict[str, Any], mlps: list[list[str]] | None, batch_first: bool,
-                 block_numel: int | None) -> None:
+                 block_numel: int | None, prune_ratio: float = 0.0, shared_router: bool = False) -> None:
         self.router_options, self.requested = router_options, mlps
         self.batch_first, self.block_numel = batch_first, block_numel
+        self.prune_ratio, self.shared_router = float(prune_ratio), bool(shared_router)
         self.routers: nn.ModuleList | None = None
         self.mlps: list[list[str]] = []
         self.rows: list[int] = []
@@ -283,11 +297,19 @@ class RoutedMLPs:
         if missing:
             raise ValueError(f"WEMoE: MLP weights {missing[:3]} have no task vector (the pool's task "
                              f"vectors cover {len(names)} parameters, e.g. {names[:3]})")
-        merged = MergedModel(module, task_vectors, **options)
-        self.routers = nn.ModuleList(Router(module.get_submodule(first).in_features, task_vectors.num_tasks,
-                                            **self.router_options) for first, _ in mlps)
-        self.mlps = [list(p) for p in mlps]
         routed = {f"{layer}.{part}" for pair in mlps for layer in pair for part in ("weight", "bias")}
+        if self.prune_ratio:  # E-WEMoE: the routed task vectors pruned before routing
+            task_vectors = magnitude_prune_task_vectors(task_vectors, self.prune_ratio,
+                                                        [n for n in names if n in routed])
+        merged = MergedModel(module, task_vectors, **options)
+        dims = [module.get_submodule(first).in_features for first, _ in mlps]
+        if self.shared_router:
+            if len(set(dims)) != 1:
+                raise ValueError(f"WEMoE: shared_router needs MLPs of one input width, got {sorted(set(dims))}")
+            self.routers = nn.ModuleList([Router(dims[0], task_vectors.num_tasks, **self.router_options)])
+        else:
+            self.routers = nn.ModuleList(Router(d, task_vectors.num_tasks, **self.router_options) for d in dims)
+        self.mlps = [list(p) for p in mlps]
         self.rows = [i for i, n in enumerate(names) if n in routed]
 
         def tau_of(layer: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
@@ -295,7 +317,8 @@ class RoutedMLPs:
             return lambda: (merged.task_vectors.tensors[w],
                             merged.task_vectors.tensors[b] if b is not None else None)
 
-        self.routings = install_routing(module, mlps, self.routers, tau_of, self.batch_first, self.block_numel)
+        routers = [self.routers[0]] * len(mlps) if self.shared_router else list(self.routers)
+        self.routings = install_routing(module, mlps, routers, tau_of, self.batch_first, self.block_numel)
         return merged
 
     @contextlib.contextmanager
@@ -333,22 +356,33 @@ class WEMoE(AdaMerging):
             (``batch_reduce: true``, ``fusion_bench/models/we_moe.py`` L171-174). Evaluation,
             prediction and exports route per sample either way, as FusionBench's returned model
             does (``fusion_bench/method/we_moe/we_moe.py`` L244). Default ``False`` (official).
+        tv_prune_ratio: E-WEMoE: the fraction of each routed task-vector tensor (each task's MLP
+            weight or bias) pruned by magnitude before routing, the rest kept unscaled
+            (FusionBench ``tv_prune_ratio``, ``fusion_bench/models/sparse_we_moe.py`` L97-111,
+            L186-190; 0.9 in ``config/method/wemoe/sparse_weight_ensembling_moe.yaml`` L12).
+            Default 0: no pruning (WEMoE). Part of the pool fingerprint.
+        shared_router: E-WEMoE: one router for every MLP (FusionBench ``shared_gate: true``, L17;
+            ``fusion_bench/method/sparse_we_moe/sparse_clip_we_moe.py`` L112-122, L176-190).
+            Default ``False`` (WEMoE: one router per block).
         per_task_backward, task_vector_dtype, objective: as in :class:`~adamerge.methods.AdaMerging`.
     """
 
     method = "wemoe"
-    identity = ("objective",)
+    identity = ("objective", "tv_prune_ratio", "shared_router")
 
     def __init__(self, pool: ModelPool, scaling: float = 0.3, init_lambda: float = 0.3,
                  router_hidden_layers: int = 2, lr: float = 1e-3,
                  lr_schedule: Literal["cosine", "constant"] = "cosine",
                  mlps: list[list[str]] | None = None, batch_first: bool = True,
                  routing_block_numel: int | None = None, batch_reduce: bool = False,
+                 tv_prune_ratio: float = 0.0, shared_router: bool = False,
                  per_task_backward: bool = False,
                  task_vector_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
                  objective: Literal["entropy", "entropy_of_mean", "pseudo_label", "cross_entropy"] = "entropy") -> None:
+        if not 0.0 <= tv_prune_ratio <= 1.0:
+            raise ValueError(f"model.tv_prune_ratio must be in [0, 1], got {tv_prune_ratio}")
         routing = RoutedMLPs({"hidden_layers": router_hidden_layers, "init_lambda": init_lambda},
-                             mlps, batch_first, routing_block_numel)
+                             mlps, batch_first, routing_block_numel, tv_prune_ratio, shared_router)
         super().__init__(pool, granularity="layerwise", prior=scaling, clamp=False, lr=lr,
                          per_task_backward=per_task_backward, task_vector_dtype=task_vector_dtype,
                          learn_coefficients=False, lr_schedule=lr_schedule,  # AdaMerging's cosine
@@ -356,6 +390,10 @@ class WEMoE(AdaMerging):
         self.routers, self.mlps, self.lr_schedule = routing.routers, routing.mlps, lr_schedule
         self.router_hidden_layers, self.batch_first = router_hidden_layers, batch_first
         self.batch_reduce, self._routing, self._adapting = bool(batch_reduce), routing, False
+        self.shared_router = bool(shared_router)
+        if tv_prune_ratio:  # the pruned task vectors are the ones merged: a checkpoint of others is refused
+            self.fingerprint = self.merged.task_vectors.fingerprint()
+            self.guard.fingerprint = self.fingerprint
         with torch.no_grad():  # the MLPs' merged weights are the pretrained ones: W0 of the mixture
             self.merged.coefficients[routing.rows] = 0.0
 
@@ -390,7 +428,7 @@ class WEMoE(AdaMerging):
                         tensors[f"tau.{layer}.{part}"] = tv.tensors[tv.names.index(f"{layer}.{part}")].detach()
         meta = {"wemoe": json.dumps({"mlps": self.mlps, "tasks": tv.task_names,
                                      "router_hidden_layers": self.router_hidden_layers,
-                                     "batch_first": self.batch_first})}
+                                     "batch_first": self.batch_first, "shared_router": self.shared_router})}
         return {"wemoe.safetensors": (tensors, meta)}
 
     @classmethod
@@ -419,7 +457,8 @@ def load_wemoe(module: nn.Module, folder: str | Path, routing_block_numel: int |
     tensors = load_file(folder / "wemoe.safetensors")
     k = len(meta["tasks"])
     routers = nn.ModuleList()
-    for i, (first, _) in enumerate(meta["mlps"]):
+    shared = bool(meta.get("shared_router", False))  # E-WEMoE: one router (router.0.*) for every MLP
+    for i, (first, _) in enumerate(meta["mlps"][:1] if shared else meta["mlps"]):
         router = Router(module.get_submodule(first).in_features, k, meta["router_hidden_layers"])
         router.load_state_dict({key[len(f"router.{i}."):]: v for key, v in tensors.items()
                                 if key.startswith(f"router.{i}.")})
@@ -434,7 +473,8 @@ def load_wemoe(module: nn.Module, folder: str | Path, routing_block_numel: int |
         holders[layer] = holder
         return lambda: (holder.weight, holder.bias)
 
-    install_routing(module, [tuple(p) for p in meta["mlps"]], list(routers), tau_of,
+    install_routing(module, [tuple(p) for p in meta["mlps"]],
+                    [routers[0]] * len(meta["mlps"]) if shared else list(routers), tau_of,
                     meta["batch_first"], routing_block_numel)
     for layer, holder in holders.items():  # the task vectors move with the routed layer
         module.get_submodule(layer).tau_vectors = holder
