@@ -111,8 +111,9 @@ def one_model(method: registry.Method, loaded: LoadedPool, datamodule: MultiTask
         tv = tv.to_dense() if hasattr(tv, "to_dense") else tv
         base = base if base is not None else {n: p.detach() for n, p in loaded.encoder.named_parameters()}
         return method.build(tv, base, **hp)
-    if method.kind == "fitted":
-        return method.build(loaded, {t: datamodule.adaptation_dataset(t) for t in loaded.task_vectors.task_names}, **hp)
+    if method.kind == "fitted":  # labeled shots from another split, when the row declares them
+        data = datamodule.with_options(**method.data) if method.data else datamodule
+        return method.build(loaded, {t: data.adaptation_dataset(t) for t in loaded.task_vectors.task_names}, **hp)
     raise ValueError(f"{method.name} is a {method.kind} method: it has no single merged model")
 
 

@@ -39,6 +39,7 @@ from .adamerging import AdaMerging
 from .adarank import AdaRank
 from .fisher import fisher
 from .lines import lines
+from .localize_stitch import localize_stitch
 from .magnitude_merges import della, magmax, pcb
 from .model_stock import model_stock
 from .references import individual, pretrained
@@ -128,9 +129,10 @@ class Method:
         starts_from: learned methods: another learned method whose final coefficients this one
             starts from (its ``init_from``). ``adamerge compare`` runs that one first and passes
             its checkpoint; a ``fit`` user gives ``--model.init_from CKPT``.
-        data: learned methods: settings of the data module this method adapts with (e.g.
-            ``{"shots": 4}`` for a few-shot supervised objective); ``compare`` applies them to
-            this row only (a ``fit`` user sets ``data.*``).
+        data: learned and fitted methods: settings of the data module this method adapts (or
+            fits) with (e.g. ``{"shots": 4, "shots_split": "train"}`` for labeled shots kept apart
+            from the evaluated split); ``compare`` and ``export --method`` apply them to this row
+            only (a ``fit`` user sets ``data.*``).
         bench: learned methods: ``adamerge bench`` times this method's step as a variant of the
             same name and reports its ratio to the AdaMerging step (``<name>_over_adamerging``).
         text: whether ``adamerge demo --suite text`` (language models, LoRA experts) runs it.
@@ -199,8 +201,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: only learned methods have a step to bench")
         if self.recipes and self.kind != "learned":
             raise ValueError(f"method {self.name!r}: recipes (generated configs) apply to learned methods only")
-        if self.data and self.kind != "learned":
-            raise ValueError(f"method {self.name!r}: data settings apply to learned methods only")
+        if self.data and self.kind not in ("learned", "fitted"):
+            raise ValueError(f"method {self.name!r}: data settings apply to learned and fitted methods only")
         for label, value in (("paper_batch", self.paper_batch), ("paper_steps", self.paper_steps)):
             values = list(value.values()) if isinstance(value, Mapping) else [value]
             if isinstance(value, Mapping) and "*" not in value:
@@ -384,6 +386,14 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            regmean_plusplus, demo=False, uses=_FITTED_DATA,
            source="Nguyen et al., 2025 (RegMean++, arXiv 2508.03121); tanganke/fusion_bench "
                   "fusion_bench/method/regmean_plusplus/regmean_plusplus.py L164-311, clip_regmean_plusplus.py L54-210"),
+    Method("localize_stitch", "fitted",
+           "Localize-and-Stitch: a sparse mask of each task vector (sigmoid logits from its top 1e-5 magnitudes, 10 "
+           "steps of CE on 64 labeled images per class), the masked task vectors added, averaged where masks overlap",
+           localize_stitch, demo=False, data={"shots": 64, "shots_split": "train"},
+           uses="64 labeled train images per class of each task (at most 1024 per task)",
+           source="He et al., 2024 (Localize-and-Stitch, arXiv 2408.13656); uiuctml/Localize-and-Stitch localize_utils.py "
+                  "L78-135, L184-321, vision/src/main_localize_stitch.py L48-60; uiuctml/MergeBench "
+                  "merging/merging_methods/localize_utils.py, prepare_args.py L19-25"),
     Method("adamerging_taskwise", "learned",
            "AdaMerging, task-wise: one coefficient per task (entropy on unlabeled test batches)",
            AdaMerging, {"granularity": "taskwise"}, source="Yang et al., ICLR 2024 (AdaMerging)",
