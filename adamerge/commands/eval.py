@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -195,8 +194,9 @@ def live_model(configs: Sequence[str], overrides: Sequence[str], ckpt_path: str,
 def merged_lm(module: Any) -> Any:
     """The run's ``transformers`` model with the merged weights in its parameters.
 
-    The merged tensors are written into the pool's own base model (no copy of the model): the
-    command ends after evaluating, and the base weights are not needed again. For LoRA experts
+    The merged tensors are formed once and copied into the pool's own base model (no copy of the
+    module; peak: the base plus the merged parameters): the command ends after evaluating, and the
+    base weights are not needed again. For LoRA experts
     the merge is the engine's low-rank one, one ``W0 + (B * s) @ A`` per adapted weight, in memory.
     """
     import torch
@@ -314,8 +314,8 @@ EXPECTED_WARNINGS = ("`pretrained` model kwarg is not of type `str`", "Passed an
 def quiet_lm_eval() -> None:
     """lm_eval logs every step at INFO; keep its warnings only (but the ones this command causes
     on purpose), unless ``--verbose``."""
-    from ..options import VERBOSE_ENV
-    if os.environ.get(VERBOSE_ENV, "").strip().lower() in ("", "0", "false", "no", "off"):
+    from ..report import verbose_requested
+    if not verbose_requested():
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         hf = logging.getLogger("lm_eval.models.huggingface")
         if not any(isinstance(f, _Expected) for f in hf.filters):

@@ -212,7 +212,7 @@ class MergedModel(nn.Module):
         self.coefficients = nn.Parameter(torch.full((n_rows, task_vectors.num_tasks), float(prior)))
         self.register_buffer("rows", rows, persistent=False)
         self._merge_buffers: tuple[torch.Tensor, ...] | None = None  # reused by training merges
-        self.sharded = False  # shard(): the base and task vectors live in FSDP2 units of self.module
+        self.sharded = False  # shard(): the base and task vectors live in the units of self.module
 
     def _adopt(self, module: nn.Module, task_vectors: TaskVectors) -> TaskVectors:
         """Check every task vector against its parameter of ``module``; return a shallow copy."""
@@ -226,7 +226,7 @@ class MergedModel(nn.Module):
                                  f"parameter has {tuple(params[name].shape)}")
         # A shallow copy: moving it with .to() must not change the caller's object.
         return TaskVectors(list(task_vectors.task_names), list(task_vectors.names),
-                           list(task_vectors.tensors), dict(task_vectors.meta))
+                           list(task_vectors.tensors), dict(task_vectors.meta), task_vectors.norms)
 
     def _apply(self, fn, recurse: bool = True):  # keep the task vectors next to the module
         super()._apply(fn, recurse)
@@ -282,7 +282,7 @@ class MergedModel(nn.Module):
 
     def shard(self, mesh: Any, blocks: Sequence[str], recompute: bool = True, offload: bool = False,
               gather: str = "merged") -> None:
-        """Shard the base module and the task vectors over the ranks of ``mesh`` with FSDP2: one
+        """Shard the base module and the task vectors over the ranks of ``mesh``: one
         unit per block of ``blocks`` (a pool's ``layout.blocks``) and the rest at the root
         (:mod:`.sharded`; ``gather``: ``"merged"`` gathers each rank's merged rows, ``"stored"`` lets
         FSDP2 gather the stored tensors). The coefficients stay whole on every rank; the module then

@@ -1,24 +1,22 @@
-"""The fused merge sharded over processes with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
+"""The fused merge sharded over processes: each rank keeps 1/W of the base and of every task vector.
 
-Each transformer block of the base module becomes one FSDP2 unit that owns the block's base
-parameters and the stacked task vectors of those parameters; so does each leaf module outside the
-blocks with merged weights (embeddings, final norm, output layer); tied weights stay together in
-the root unit. FSDP2 keeps 1/W of every one of these tensors on each of the W ranks (task vectors
-sharded along the parameter's own dim 0, so K < W still splits evenly), gathers a unit's tensors
-for its forward, where the unit merges ``base + lambda @ tau`` with the fused merge of
-:mod:`.merged_model` and runs its module on the merged weights, and frees them after. With
+Each transformer block of the base module becomes one unit (:class:`MergeUnit`) that owns its
+share of the block's base parameters and of their stacked task vectors; so does each leaf module
+outside the blocks with merged weights (embeddings, final norm, output layer); tied weights stay
+together in the root unit. A unit's forward merges ``base + lambda @ tau`` with the fused merge of
+:mod:`.merged_model`, runs its module on the merged weights and frees them after; with
 ``recompute`` (default) a block is re-run in the backward (activation checkpointing), so its
-merged weights live only while it runs; FSDP2 gathers the unit again for that.
+merged weights live only while it runs. Two ways to gather (``gather``):
 
-The coefficients stay outside FSDP: a plain ``[rows, K]`` tensor, the same on every rank, whose
+* ``merged`` (default): each rank merges its rows and the merged rows are all-gathered (DTensor);
+  the gradient comes back by reduce-scatter. ``N b`` bytes per gather.
+* ``stored``: FSDP2's ``fully_shard`` gathers the unit's stored base and task vectors (task
+  vectors sharded along the parameter's own dim 0) and each rank merges them whole;
+  ``(b + K t) N`` bytes per gather.
+
+The coefficients stay outside both: a plain ``[rows, K]`` tensor, the same on every rank, whose
 gradient the Lightning strategy averages over the ranks (:class:`~adamerge.methods.sharding.
-ShardedMergeStrategy`). No frozen tensor gets a gradient, so FSDP2 reduce-scatters nothing.
-
-What a rank holds (bytes; ``b`` per base value, ``t`` per task-vector value, ``N`` values of the
-model, ``N_u`` of its largest unit, K tasks): ``(b + K t) N / W`` sharded, plus ``(b + K t) N_u``
-gathered for the unit that runs (two with FSDP2's prefetch), plus ``N_u b`` merged weights, plus
-activations. Traffic per step: ``(b + K t) N`` gathered in the forward and again in the backward
-(docs/usage.md, "Sharded merges").
+ShardedMergeStrategy`). The memory model per rank is in docs/usage.md, "Sharded merges".
 """
 
 from __future__ import annotations
@@ -112,9 +110,10 @@ class MergeUnit(nn.Module):
 
     def _run(self, lam: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = functional_call(self.part, self.merged(lam), args, kwargs, strict=False)
-        # FSDP2 hooks the backward on the unit's output; an in-place op on a view of the step's
-        # activations (a model's last-token slice) would bypass that hook, so a view comes back owned
-        return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else out
+        # FSDP2 (gather: stored) hooks the backward on the unit's output; an in-place op on a view of
+        # the step's activations (a model's last-token slice) would bypass that hook: return it owned
+        fsdp_view = self.mesh is None and isinstance(out, torch.Tensor) and out._is_view()
+        return out.clone() if fsdp_view else out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.root:

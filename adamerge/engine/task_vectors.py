@@ -157,9 +157,11 @@ class TaskVectors:
 
     def to(self, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> "TaskVectors":
-        """A copy on another device and/or storage dtype (self is left as it is)."""
+        """A copy on another device and/or storage dtype (self is left as it is; recorded norms
+        carry over a device move, not a dtype change)."""
         return TaskVectors(self.task_names, list(self.names),
-                           [t.to(device=device, dtype=dtype) for t in self.tensors], dict(self.meta))
+                           [t.to(device=device, dtype=dtype) for t in self.tensors], dict(self.meta),
+                           norms=self.norms if dtype is None else None)
 
     def task(self, k: int | str) -> StateDict:
         """The task vector of one task as a state dict (views, no copy)."""

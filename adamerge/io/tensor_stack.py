@@ -83,9 +83,6 @@ class WeightFolder:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._specs[self._known(key)][1]
 
-    def dtype(self, key: str) -> torch.dtype:
-        return self._specs[self._known(key)][0]
-
     def where(self, key: str) -> str:
         """The file holding ``key`` (for messages)."""
         return str(self._file_of[self._known(key)])

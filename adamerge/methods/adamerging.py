@@ -146,7 +146,7 @@ def prepared_task_vectors(tv: TaskVectors | LowRankTaskVectors, trim: float | No
     if offload:
         tv = tv.to("cpu")
         if torch.cuda.is_available() and not lowrank:
-            tv = TaskVectors(tv.task_names, tv.names, [t.pin_memory() for t in tv.tensors], tv.meta)
+            tv = TaskVectors(tv.task_names, tv.names, [t.pin_memory() for t in tv.tensors], tv.meta, tv.norms)
     return tv
 
 

@@ -1,5 +1,6 @@
-"""Sharded runs: the base and the task vectors split over the processes with FSDP2, through
-Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy`.
+"""Sharded runs: the base and the task vectors split over the processes (DTensor's merged-row
+gather by default, FSDP2's ``fully_shard`` with ``gather: stored``), through Lightning's
+:class:`~lightning.pytorch.strategies.ModelParallelStrategy`.
 
 ``trainer.strategy: adamerge.ShardedMergeStrategy`` (with ``trainer.devices: W``) makes each of
 the W processes hold 1/W of the base and of every stacked task vector (:mod:`adamerge.engine.sharded`),
@@ -22,7 +23,7 @@ from ..models.layout import repeated_blocks
 
 
 class ShardedMergeStrategy(ModelParallelStrategy):
-    """FSDP2 over all processes (data parallel, no tensor parallelism), for merges.
+    """The merge sharded over all processes (data parallel, no tensor parallelism).
 
     Args:
         gather: ``merged`` (default): each rank merges its rows of every weight and only the
@@ -99,7 +100,7 @@ def shard_module(module: Any, strategy: ShardedMergeStrategy) -> None:
     """Shard ``module.merged`` (an :class:`~adamerge.methods.adamerging.AdaMerging`) over the
     strategy's mesh, or say in one line why it stays whole on every rank."""
     merged = module.merged
-    if merged.sharded if isinstance(merged, MergedModel) else False:
+    if getattr(merged, "sharded", False):
         return
     if module.needs_experts:
         raise ValueError(f"objective {module.objective!r} reads each expert's own features, computed on the whole "
