@@ -168,6 +168,8 @@ def run_learned(bench: Bench, method: registry.Method, hp: dict[str, Any],
         hp["init_from"] = str(bench.final_checkpoints[method.starts_from])
     L.seed_everything(s.seed, verbose=False)
     model = method.build(PreloadedPool(bench.loaded), **hp)
+    if model.refusal("fit"):  # training-free (e.g. SMILE): evaluated as built
+        return model.accuracies(bench.eval_sets, bench.datamodule.eval_batch_size), {}
     schedule = s.schedules.get(name, {})
     steps = int(schedule.get("steps", s.steps))
     options = {**({"batch_size": schedule["batch_size"]} if "batch_size" in schedule else {}), **method.data}

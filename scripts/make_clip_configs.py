@@ -22,9 +22,7 @@ TEMPLATE = """\
 # {method_doc}; {n} tasks, CLIP {model} (open_clip, `{pretrained}` weights).
 {defaults_note}
 #
-#   adamerge fit  --config configs/{name} --trainer.default_root_dir runs/{stem}
-#   adamerge test --config configs/{name} --ckpt_path runs/{stem}/checkpoints/last.ckpt
-#   adamerge export --config configs/{name} --ckpt_path runs/{stem}/checkpoints/last.ckpt --out runs/{stem}/export
+{commands}
 #
 # Downloads on first use: the open_clip `{pretrained}` weights (open_clip's cache) and the test splits
 # of the Hugging Face datasets named in adamerge/data/tasks.yaml (the datasets cache); zero-shot heads and
@@ -136,6 +134,17 @@ CLASS_COMMENTS = {
 DATA_COMMENTS = {"shots": "labeled images per class per task (few-shot supervised objective)",
                  "shots_split": "where the shots come from (not the evaluated test split)"}
 
+def commands(name: str, config: str, stem: str) -> str:
+    """The header's commands: fit, test and export of the run's checkpoint; a training-free row
+    (its module's ``learns`` is false: SMILE) is tested and exported as built."""
+    if not getattr(registry.get(name).build, "learns", True):
+        return (f"#   adamerge test   --config configs/{config} --trainer.default_root_dir runs/{stem}   (nothing to fit)\n"
+                f"#   adamerge export --config configs/{config} --out runs/{stem}/export")
+    return (f"#   adamerge fit  --config configs/{config} --trainer.default_root_dir runs/{stem}\n"
+            f"#   adamerge test --config configs/{config} --ckpt_path runs/{stem}/checkpoints/last.ckpt\n"
+            f"#   adamerge export --config configs/{config} --ckpt_path runs/{stem}/checkpoints/last.ckpt --out runs/{stem}/export")
+
+
 def header(name: str) -> tuple[str, int, str]:
     """A learned row's config header, its steps and their source, from its registry entry."""
     method = registry.get(name)
@@ -229,6 +238,7 @@ def main() -> None:
                     title=name, method_doc=registry.get(method).description, n=n, model=model,
                     pretrained="openai", name=name, stem=name.removesuffix(".yaml"),
                     defaults_note=note, steps=steps, steps_note=steps_note,
+                    commands=commands(method, name, name.removesuffix(".yaml")),
                     model_block=model_block(method, model, experts, n, big, stem_of),
                     tasks=", ".join(tasks), data_extra=data_extra(method), batch_comment=batch_comment(method))
                 official = registry.get(method).recipes.get("paper")
@@ -275,6 +285,7 @@ def protocol_configs() -> None:
             title=name, method_doc=registry.get(method).description, n=len(spec["tasks"]), model=model,
             pretrained="openai", name=name, stem=name.removesuffix(".yaml"),
             defaults_note=spec["note"] + "\n" + note, steps=steps, steps_note=steps_note,
+            commands=commands(method, name, name.removesuffix(".yaml")),
             model_block=model_block(method, model, experts, len(spec["tasks"]), False,
                                     lambda m: m, spec["unseen"]),
             tasks=", ".join(spec["tasks"] + spec["unseen"]), data_extra=spec.get("data", ""),
@@ -314,6 +325,7 @@ def paper_configs() -> None:
                 title=name, method_doc=registry.get(method).description + (" + TIES trim (AdaMerging++)" if suffix == "taskwise_pp" else ""),
                 n=8, model=model, pretrained="openai", name=name, stem=name.removesuffix(".yaml"),
                 defaults_note=note, steps=500, steps_note="official: epochs = 500",
+                commands=commands(method, name, name.removesuffix(".yaml")),
                 model_block=model_block(method, model, experts, 8, key == "vit-l-14", lambda m: m),
                 tasks=", ".join(tasks), data_extra="", batch_comment=batch_comment(method))
             text = text.replace("  batch_size: 16               # unlabeled test images per task per step (paper: 16)",
@@ -360,6 +372,7 @@ def recipe_configs() -> None:
                     title=file, method_doc=registry.get(name).description, n=8, model=model,
                     pretrained="openai", name=file, stem=file.removesuffix(".yaml"), defaults_note=note,
                     steps=steps, steps_note=recipe.steps_note or registry.get(name).steps_note,
+                    commands=commands(name, file, file.removesuffix(".yaml")),
                     model_block=model_block(name, model, experts, 8, key == "vit-l-14", stem_of,
                                             unseen=list(recipe.unseen), overrides=recipe.model),
                     tasks=", ".join(tasks), batch_comment=batch_comment(name),

@@ -128,23 +128,31 @@ def check_learned_row(name: str, tmp_path: Path, capsys, prerequisites: dict[str
     model, dm = build_from_config([str(config)])
     assert registry.row_of(model)[0] == name
 
-    # fit: a straight run, and a second one resumed from the first's checkpoint half-way
+    # fit: a straight run, and a second one resumed from the first's checkpoint half-way; a
+    # training-free row (fit refused) is tested, exported and compared as built, with no checkpoint
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    code, err = cli(capsys, "fit", "--config", config, "--trainer.default_root_dir", straight)
-    assert code == 0, err
-    ckpt = straight / "checkpoints" / "last.ckpt"
-    assert read_checkpoint(ckpt)["adamerge"]["row"] == name
-    half = next((straight / "checkpoints").glob(f"*step={STEPS // 2}.ckpt"))
-    code, err = cli(capsys, "fit", "--config", config, "--trainer.default_root_dir", resumed,
-                    "--ckpt_path", half)
-    assert code == 0, err
-    a, b = learned(ckpt), learned(resumed / "checkpoints" / "last.ckpt")
-    assert a.keys() == b.keys()
-    for key in a:  # same process, same operations in the same order: bitwise equal
-        assert torch.equal(a[key], b[key]), key
+    training_free = model.refusal("fit")
+    if training_free:
+        refused(capsys, training_free, "fit", "--config", config, "--trainer.default_root_dir", straight)
+        assert not (straight / "checkpoints").exists()
+        ckpt, with_ckpt = None, ()
+    else:
+        code, err = cli(capsys, "fit", "--config", config, "--trainer.default_root_dir", straight)
+        assert code == 0, err
+        ckpt = straight / "checkpoints" / "last.ckpt"
+        assert read_checkpoint(ckpt)["adamerge"]["row"] == name
+        half = next((straight / "checkpoints").glob(f"*step={STEPS // 2}.ckpt"))
+        code, err = cli(capsys, "fit", "--config", config, "--trainer.default_root_dir", resumed,
+                        "--ckpt_path", half)
+        assert code == 0, err
+        a, b = learned(ckpt), learned(resumed / "checkpoints" / "last.ckpt")
+        assert a.keys() == b.keys()
+        for key in a:  # same process, same operations in the same order: bitwise equal
+            assert torch.equal(a[key], b[key]), key
+        with_ckpt = ("--ckpt_path", ckpt)
 
     # test: the row's name in results.json
-    code, err = cli(capsys, "test", "--config", config, "--ckpt_path", ckpt,
+    code, err = cli(capsys, "test", "--config", config, *with_ckpt,
                     "--trainer.default_root_dir", tmp_path / "test")
     assert code == 0, err
     results = json.loads(next((tmp_path / "test").rglob("results.json")).read_text())
@@ -154,12 +162,13 @@ def check_learned_row(name: str, tmp_path: Path, capsys, prerequisites: dict[str
     export_dir = tmp_path / "export"
     reason = model.refusal("export")
     if reason:
-        refused(capsys, reason, "export", "--config", config, "--ckpt_path", ckpt, "--out", export_dir)
+        refused(capsys, reason, "export", "--config", config, *with_ckpt, "--out", export_dir)
     else:
-        code, err = cli(capsys, "export", "--config", config, "--ckpt_path", ckpt, "--out", export_dir)
+        code, err = cli(capsys, "export", "--config", config, *with_ckpt, "--out", export_dir)
         assert code == 0, err
         assert json.loads((export_dir / "export.json").read_text())["row"] == name
-        model.load_coefficients(str(ckpt))
+        if ckpt is not None:
+            model.load_coefficients(str(ckpt))
         model.eval()
         exported = ExportedModel.from_folder(export_dir)
         x = torch.stack([dm.dataset(model.task_names[0], "test")[i][0] for i in range(6)])

@@ -22,9 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, action="append",
                    help="the run's config file(s), as given to `adamerge fit`")
     p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", default=None,
-                   help="checkpoint of the run (e.g. RUN/checkpoints/last.ckpt); its method must be the config's")
+                   help="checkpoint of the run (e.g. RUN/checkpoints/last.ckpt); its method must be the config's. "
+                        "A training-free row's config (e.g. smile) needs none: it is exported as built")
     p.add_argument("--method", default=None,
-                   help="instead of a checkpoint: a static or fitted registry row (e.g. ties, tsv_m), merged "
+                   help="instead of a checkpoint: a static, fitted or training-free registry row (e.g. ties, tsv_m, smile), merged "
                         "on the config's pool with its defaults and --hparam values (`adamerge compare "
                         "--methods` lists them; a tuned value of compare's results.json is passed with --hparam)")
     p.add_argument("--hparam", nargs="+", default=[], metavar="KEY=VALUE",
@@ -54,19 +55,24 @@ def build_model(configs: Sequence[str], overrides: Sequence[str] = ()):
 
 def export_method(configs: Sequence[str], overrides: Sequence[str], name: str, hparams: dict,
                   out: str) -> dict:
-    """``adamerge export --method NAME``: the one model of a static or fitted row, as weight files."""
+    """``adamerge export --method NAME``: the one model of a static or fitted row, or the module of a
+    training-free learned row (SMILE), built on the config's pool, as weight files."""
     from ..compare import one_model
     from ..methods import registry
+    from ..models.pool import PreloadedPool
     method = registry.get(name)
-    if method.kind == "learned":
-        raise ValueError(f"--method {name}: a learned row exports a finished run: fit its config, then "
-                         "give --ckpt_path (without --method)")
     reason = method.refusal("export")
     if reason:
         raise ValueError(f"--method {name}: {reason}")
     hp = method.resolve(hparams)
     model, dm = build_from_config(configs, overrides)
     loaded = model.loaded
+    if method.kind == "learned":  # only a training-free one, built on the config's pool
+        module = method.build(PreloadedPool(loaded), **hp)
+        if not module.refusal("fit"):
+            raise ValueError(f"--method {name}: a learned row exports a finished run: fit its config, then "
+                             "give --ckpt_path (without --method)")
+        return export(module, None, out, row=name)
     dm.select_tasks(loaded.task_vectors.task_names, loaded.unseen_tasks)
     params = one_model(method, loaded, dm, hp)
     manifest = {"method": name, "row": name, "tasks": list(loaded.task_vectors.task_names),
@@ -78,8 +84,8 @@ def export_method(configs: Sequence[str], overrides: Sequence[str], name: str, h
 def export_main(argv: Sequence[str]) -> None:
     from ..options import parse_overrides
     args, overrides = build_parser().parse_known_args(list(argv))
-    if bool(args.ckpt_path) == bool(args.method):
-        raise ValueError("give --ckpt_path (a learned run's checkpoint) or --method (a static or fitted row)")
+    if args.ckpt_path and args.method:
+        raise ValueError("give --ckpt_path (a learned run's checkpoint) or --method (a static or fitted row), not both")
     if args.hparam and not args.method:
         raise ValueError("--hparam sets a --method row's hyper-parameters; a checkpoint's come from its config")
     if args.method:
@@ -92,6 +98,9 @@ def export_main(argv: Sequence[str]) -> None:
         reason = model.refusal("export")
         if reason:
             raise ValueError(f"{row} cannot be exported: {reason}")
+        if not args.ckpt_path and not model.refusal("fit"):
+            raise ValueError("give --ckpt_path (a learned run's checkpoint) or --method (a static or fitted row); "
+                             f"only a training-free row ({row} is not) is exported from its config alone")
         paths = export(model, args.ckpt_path, args.out, row=row)
     for kind, path in paths.items():
         print(f"{kind}: {path}", file=sys.stderr)

@@ -170,6 +170,12 @@ class AdaMergeCLI(LightningCLI):
         # point at the same files: write resolved paths into it, not the relative spelling.
         absolute_paths(self.config)
 
+    def before_fit(self) -> None:
+        """A row that learns nothing (a training-free one, e.g. SMILE) says so in one line."""
+        reason = self.model.refusal("fit") if hasattr(self.model, "refusal") else None
+        if reason:
+            raise ValueError(reason)
+
     def instantiate_trainer(self, **kwargs: Any):
         """The trainer, with a :class:`CoefficientHeatmap` in ``fit`` unless the config has one, a
         step-counting progress bar, and a resumed fit's logger on the run's TensorBoard version."""

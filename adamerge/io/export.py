@@ -70,8 +70,9 @@ def export_weights(encoder: nn.Module, params: dict[str, torch.Tensor], heads: d
     return paths
 
 
-def export(model, ckpt_path: str | Path, out: str | Path, row: str | None = None) -> dict[str, Path]:
-    """Load the coefficients of ``ckpt_path`` into ``model`` and write the merged files to ``out``.
+def export(model, ckpt_path: str | Path | None, out: str | Path, row: str | None = None) -> dict[str, Path]:
+    """Load the coefficients of ``ckpt_path`` into ``model`` and write the merged files to ``out``
+    (``ckpt_path`` ``None``: a training-free module, written as built).
 
     Args:
         model: a learned module built from the run's config (e.g.
@@ -81,14 +82,22 @@ def export(model, ckpt_path: str | Path, out: str | Path, row: str | None = None
             ``export_heads()`` (the heads to write, default ``heads``), ``export_task_modules()``
             (per-task tensors) and ``method`` (its name). Heads that L2-normalise features first
             (zero-shot heads) say so with a ``normalizes_features = True`` attribute.
-        ckpt_path: the coefficient checkpoint.
+        ckpt_path: the coefficient checkpoint; ``None`` for a module that learns nothing (its
+            ``refusal("fit")`` says why, e.g. SMILE).
         out: output folder.
         row: the registry row the model is (recorded in ``export.json``).
     """
-    ckpt_path, out = Path(ckpt_path), Path(out)
-    checkpoint = model.load_coefficients(ckpt_path)
+    out = Path(out)
+    if ckpt_path is None:
+        if not (hasattr(model, "refusal") and model.refusal("fit")):
+            raise ValueError(f"{type(model).__name__} learns its {row or 'row'}: export a finished run's checkpoint "
+                             "(--ckpt_path RUN/checkpoints/last.ckpt)")
+        checkpoint: dict = {}
+    else:
+        ckpt_path = Path(ckpt_path)
+        checkpoint = model.load_coefficients(ckpt_path)
     merged = model.merged
-    meta = {"checkpoint": ckpt_path.name, "tasks": ",".join(merged.task_names),
+    meta = {"checkpoint": ckpt_path.name if ckpt_path else "", "tasks": ",".join(merged.task_names),
             "method": str(getattr(model, "method", "adamerging")),
             "granularity": merged.granularity, "global_step": str(checkpoint.get("global_step", ""))}
     if getattr(model, "unseen_tasks", None):  # heads written for tasks that were not merged
@@ -115,7 +124,7 @@ def export(model, ckpt_path: str | Path, out: str | Path, row: str | None = None
     manifest = {"method": meta["method"], "row": row,
                 "tasks": list(merged.task_names),
                 "unseen_tasks": list(getattr(model, "unseen_tasks", [])),
-                "checkpoint": ckpt_path.name, "global_step": checkpoint.get("global_step"),
+                "checkpoint": ckpt_path.name if ckpt_path else None, "global_step": checkpoint.get("global_step"),
                 "encoder": getattr(loaded, "encoder_recipe", None),
                 "files": sorted(p.name for p in paths.values()) + ["coefficients.json"]}
     paths["manifest"] = out / "export.json"

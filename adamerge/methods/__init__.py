@@ -13,12 +13,13 @@ from .adamerging import AdaMerging
 from .adarank import AdaRank
 from .registry import REGISTRY, Method
 from .sharding import ShardedMergeStrategy
+from .smile import Smile, load_smile
 from .static import task_arithmetic, ties, ties_task_vectors, weight_averaging
 from .surgery import Surgery, SurgeryAdapter
 from .tinting import TintedHead, Tinting
 from .twin import TwinMerging, load_twin
 from .wemoe import WEMoE, load_wemoe
 
-__all__ = ["REGISTRY", "AdaMerging", "AdaRank", "Method", "ShardedMergeStrategy", "Surgery", "SurgeryAdapter",
-           "TintedHead", "Tinting", "TwinMerging", "WEMoE", "load_twin", "load_wemoe",
+__all__ = ["REGISTRY", "AdaMerging", "AdaRank", "Method", "ShardedMergeStrategy", "Smile", "Surgery", "SurgeryAdapter",
+           "TintedHead", "Tinting", "TwinMerging", "WEMoE", "load_smile", "load_twin", "load_wemoe",
            "registry", "task_arithmetic", "ties", "ties_task_vectors", "weight_averaging"]

@@ -224,6 +224,9 @@ class AdaMerging(L.LightningModule):
     identity: tuple[str, ...] = ("granularity", "split_qkv", "trim", "preprocess", "preprocess_options",
                                  "objective", "learn_coefficients", "init_from")
     objectives: Mapping[str, Objective] = OBJECTIVES  # what ``objective`` may name
+    # False: a training-free module (SMILE), built from the task vectors alone: ``fit`` and
+    # ``online`` are refused (:meth:`refusal`); test, export and compare take it as built
+    learns: bool = True
 
     def __init__(self, pool: ModelPool, granularity: Granularity = "layerwise", prior: float = 0.3,
                  clamp: bool = True, lr: float = 1e-3, per_task_backward: bool = False,
@@ -615,7 +618,13 @@ class AdaMerging(L.LightningModule):
     def refusal(self, path: str) -> str | None:
         """Why this module cannot take ``path`` (``fit``, ``resume``, ``test``, ``export``,
         ``predict``, ``online``, ``compare``), or ``None`` when it can: the CLI refuses such a
-        run in one line, and the contract matrix (tests/test_contract.py) checks both."""
+        run in one line, and the contract matrix (tests/test_contract.py) checks both. A module
+        that refuses ``fit`` learns nothing (a training-free row, e.g. SMILE): ``test``, ``export``
+        and ``compare`` take it as built, without a checkpoint."""
+        if not self.learns and path in ("fit", "online"):
+            return (f"{type(self).__name__} is training-free (built from the task vectors alone, no data "
+                    f"read): nothing to {path}; `adamerge test --config CONFIG` (no --ckpt_path) evaluates it, "
+                    "`adamerge export --config CONFIG --out DIR` writes it, `adamerge compare` runs it")
         if path == "online" and self.objective_part.needs_labels:
             return (f"objective {self.objective!r} learns from labeled shots (data.shots); online "
                     "adapts on the unlabeled stream: use an unlabeled objective")

@@ -18,7 +18,9 @@ Kinds:
   ``compare``, ``demo``, ``export`` and ``predict`` as a static row is.
 * ``learned``: a LightningModule class, ``build(pool, **hparams)``, trained by a Lightning
   ``Trainer`` on unlabeled adaptation batches; after training ``module.accuracies(datasets,
-  batch_size)`` gives its per-task accuracy.
+  batch_size)`` gives its per-task accuracy. A module whose class sets ``learns = False`` (SMILE)
+  is training-free: ``fit`` and ``online`` refuse it, and ``test``, ``export`` and ``compare`` take
+  it as built (no checkpoint).
 
 Adding a method: write its function or module (one module in this folder), add one entry to
 :data:`REGISTRY`, add its test.
@@ -44,6 +46,7 @@ from .magnitude_merges import della, magmax, pcb
 from .model_stock import model_stock
 from .references import individual, pretrained
 from .regmean import regmean, regmean_plusplus
+from .smile import Smile
 from .sparsify import breadcrumbs, consensus, dare, emr, tall_masks
 from .static import task_arithmetic, ties, weight_averaging
 from .svd_merges import SCALING_GRID, iso_c, iso_cts, tsv_m
@@ -500,6 +503,19 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            paper_batch=16, paper_steps=1000,
            paper_note=("tanganke/fusion_bench config/method/wemoe/sparse_weight_ensembling_moe.yaml L25, L27: "
                        "batch_size 16 per task, max_steps 1000, one step over every task's batch")),
+    Method("smile", "learned",
+           "SMILE: the pretrained model whose linear layers add, per token, the top-1 of K rank-128 experts (each "
+           "task vector's SVD truncation), routed by the token's norm on each task vector's top singular vector "
+           "(training-free)", Smile, demo=False, models="per input", uses="- (training-free: no data, no training)",
+           storage="K rank-k experts (SVD factors) + K x gate_k gate vectors per linear layer",
+           source="Tang et al., 2024 (SMILE, arXiv 2408.10174); tanganke/fusion_bench fusion_bench/method/"
+                  "smile_upscaling/smile_upscaling.py L227-255, fusion_bench/models/smile_moe/linear_from_module.py "
+                  "L17-318, config/method/smile_upscaling/smile_upscaling.yaml L10-12",
+           note=("SMILE upscaling (Tang et al., 2024; FusionBench method/smile_upscaling): training-free; every "
+                 "linear layer adds the top-1 of K rank-128 SVD experts per token, gated by each task vector's top "
+                 "gate_k = 1 right singular vectors. `adamerge test --config` evaluates it and `adamerge export "
+                 "--config` writes it, without fit. Differences: docs/fidelity.md."),
+           steps_note="training-free: no steps", paper_note="training-free: no schedule"),
     Method("twin_merging", "learned",
            "Twin-Merging: task arithmetic (0.29) as shared expert + each expert's exclusive part (10%-rank "
            "SVD) in the linear layers, mixed per input by a router trained on task identity", TwinMerging,
