@@ -13,9 +13,10 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import lightning as L
+import torch
 
 from .data.datamodule import MultiTaskDataModule
 from .methods import registry
@@ -117,18 +118,38 @@ def one_model(method: registry.Method, loaded: LoadedPool, datamodule: MultiTask
     raise ValueError(f"{method.name} is a {method.kind} method: it has no single merged model")
 
 
+def grid_models(method: registry.Method, bench: Bench, hp: Mapping[str, Any],
+                grids: Mapping[str, tuple]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(grid point, the row's model there)`` over every point of ``grids``. A row linear in a
+    gridded hyper-parameter (``Method.linear``, e.g. ``scaling``) is merged once per point of the
+    others, as ``delta`` with a zero base, and each of its values is ``base + value * delta``."""
+    key = method.linear if method.linear in grids else None
+    others = [k for k in grids if k != key]
+    for rest in itertools.product(*(grids[k] for k in others)):
+        point = {**hp, **dict(zip(others, rest))}
+        if key is None:
+            yield dict(zip(others, rest)), one_model(method, bench.loaded, bench.datamodule, point,
+                                                     bench.task_vectors, bench.base)
+            continue
+        zero = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in bench.base.items()}
+        delta = one_model(method, bench.loaded, bench.datamodule, {**point, key: 1.0}, bench.task_vectors, zero)
+        for value in grids[key]:
+            chosen = {**dict(zip(others, rest)), key: value}
+            yield ({k: chosen[k] for k in grids},
+                   {n: (bench.base[n].float() + value * d).to(bench.base[n].dtype) for n, d in delta.items()})
+
+
 def run_one_model(bench: Bench, method: registry.Method, hp: dict[str, Any],
                   fixed: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     """Static and fitted rows: one model; ``tune`` grids picked on the labeled split."""
     grids, tuned = bench.grids(method, fixed), {}
     if grids:
         best, best_acc = None, -1.0
-        for point in itertools.product(*grids.values()):
-            accs = bench.evaluate(one_model(method, bench.loaded, bench.datamodule, {**hp, **dict(zip(grids, point))},
-                                            bench.task_vectors, bench.base), bench.val_sets)
+        for point in grid_models(method, bench, hp, grids):
+            accs = bench.evaluate(point[1], bench.val_sets)
             avg = sum(accs.values()) / len(accs)
             if avg > best_acc:
-                best, best_acc = dict(zip(grids, point)), avg
+                best, best_acc = point[0], avg
         tuned = best
         bench.say(f"  {method.name}: {', '.join(f'{k} {v}' for k, v in best.items())} picked on the "
                   f"'{bench.settings.val_split}' split (val avg {best_acc:.1f})")

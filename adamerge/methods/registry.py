@@ -161,6 +161,10 @@ class Method:
         paper_note: where ``paper_batch`` and ``paper_steps`` come from (file and line of the official
             code; docs/fidelity.md), or why the row keeps AdaMerging's.
         recipes: learned methods: published recipes as generated configs, by folder (:class:`Recipe`).
+        linear: static methods: the hyper-parameter (``scaling``) in which the merge is ``base + value *
+            delta``, ``delta`` depending on neither it nor ``base``: a grid search over it merges once
+            per point of the other hyper-parameters (``delta``, with a zero base) and rescales
+            (:func:`adamerge.compare.run_one_model`) instead of merging once per grid point.
     """
 
     name: str
@@ -186,6 +190,7 @@ class Method:
     paper_steps: int | Mapping[str, int] = PAPER_STEPS
     paper_note: str = _PAPER_DEFAULT_NOTE
     recipes: Mapping[str, Recipe] = field(default_factory=dict)
+    linear: str | None = None
 
     def __post_init__(self) -> None:
         if self.name == ALL:
@@ -200,6 +205,8 @@ class Method:
         if self.starts_from is not None and (self.kind != "learned" or "init_from" not in known):
             raise ValueError(f"method {self.name!r}: starts_from needs a learned method with an "
                              "init_from argument")
+        if self.linear is not None and (self.kind != "static" or self.linear not in known):
+            raise ValueError(f"method {self.name!r}: linear names a hyper-parameter of a static row, got {self.linear!r}")
         if self.bench and self.kind != "learned":
             raise ValueError(f"method {self.name!r}: only learned methods have a step to bench")
         if self.recipes and self.kind != "learned":
@@ -303,22 +310,22 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("weight_averaging", "static", "mean of the fine-tuned models", weight_averaging,
            source="Wortsman et al., ICML 2022 (model soups)", text=True),
     Method("task_arithmetic", "static", "base + scaling * sum of the task vectors",
-           task_arithmetic, tune={"scaling": _TA_GRID}, paper={"scaling": 0.3},
+           task_arithmetic, tune={"scaling": _TA_GRID}, linear="scaling", paper={"scaling": 0.3},
            source="Ilharco et al., ICLR 2023 (task arithmetic)", text=True),
     Method("ties", "static", "TIES: trim to the top `keep` magnitudes, elect signs, disjoint mean",
-           ties, tune={"scaling": _TIES_GRID}, paper={"scaling": 0.3, "merge": "sum", "keep": 0.2},
+           ties, tune={"scaling": _TIES_GRID}, linear="scaling", paper={"scaling": 0.3, "merge": "sum", "keep": 0.2},
            source="Yadav et al., NeurIPS 2023 (TIES-merging)", text=True),
     Method("dare", "static",
            "DARE: drop each task-vector entry with probability p, rescale the kept by 1/(1-p), then "
-           "task arithmetic", dare, tune={"scaling": _TA_GRID}, text=True, demo=False,
+           "task arithmetic", dare, tune={"scaling": _TA_GRID}, linear="scaling", text=True, demo=False,
            source="Yu et al., ICML 2024 (DARE); yule-BUAA/MergeLM model_merging_methods/mask_weights_utils.py"),
     Method("breadcrumbs", "static",
            "Model Breadcrumbs: per row drop the largest `top` magnitudes, keep the next `keep`, then "
-           "task arithmetic", breadcrumbs, tune={"scaling": _TA_GRID}, demo=False,
+           "task arithmetic", breadcrumbs, tune={"scaling": _TA_GRID}, linear="scaling", demo=False,
            source="Davari & Belilovsky, ECCV 2024 (Model Breadcrumbs); rezazzr/breadcrumbs src/task_vectors.py"),
     Method("consensus", "static",
            "Consensus merging: keep the entries that at least k TALL masks keep, then task arithmetic",
-           consensus, tune={"scaling": _TA_GRID}, demo=False,
+           consensus, tune={"scaling": _TA_GRID}, linear="scaling", demo=False,
            source="Wang et al., ICML 2024 (TALL masks / Consensus); nik-dim/tall_masks src/utils/tallmask_utils.py"),
     Method("tall_masks", "per_task",
            "TALL masks: per task, the base plus its TALL mask of the sum of the task vectors (K masks)",
@@ -331,20 +338,20 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            source="Huang et al., NeurIPS 2024 (EMR-Merging); harveyhuang18/EMR_Merging merge_vit/src/main_emr_merging.py"),
     Method("tsv_m", "static",
            "TSV-M: per matrix each task's top r/K singular triplets, singular vectors orthogonalised "
-           "(polar), summed; other tensors averaged", tsv_m, tune={"scaling": SCALING_GRID}, demo=False,
+           "(polar), summed; other tensors averaged", tsv_m, tune={"scaling": SCALING_GRID}, linear="scaling", demo=False,
            source="Gargiulo et al., CVPR 2025 (Task Singular Vectors); AntoAndGar/task_singular_vectors "
                   "src/utils/TSVM_utils.py"),
     Method("iso_c", "static",
            "Iso-C: per matrix the SVD of the summed task vectors with every singular value set to their "
-           "mean; other tensors averaged", iso_c, tune={"scaling": SCALING_GRID}, demo=False,
+           "mean; other tensors averaged", iso_c, tune={"scaling": SCALING_GRID}, linear="scaling", demo=False,
            source="Marczak et al., ICML 2025 (Iso-C); danielm1405/iso-merging src/utils/iso.py"),
     Method("iso_cts", "static",
            "Iso-CTS: the sum's top 80% directions plus each task's top directions off them, "
-           "orthogonalised, flat spectrum; other tensors averaged", iso_cts, tune={"scaling": SCALING_GRID},
+           "orthogonalised, flat spectrum; other tensors averaged", iso_cts, tune={"scaling": SCALING_GRID}, linear="scaling",
            demo=False, source="Marczak et al., ICML 2025 (Iso-CTS); danielm1405/iso-merging src/utils/iso.py"),
     Method("magmax", "static",
            "MagMax: per entry the task-vector value of largest magnitude, times scaling (0.5)", magmax,
-           tune={"scaling": _TA_GRID}, paper={"scaling": 0.5}, demo=False,
+           tune={"scaling": _TA_GRID}, linear="scaling", paper={"scaling": 0.5}, demo=False,
            source="Marczak et al., ECCV 2024 (MagMax); danielm1405/magmax src/merging/task_vectors.py L104-127, "
                   "merge_8datasets.py L25"),
     Method("model_stock", "static",
@@ -358,13 +365,13 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            source="Wang et al., ICLR 2025 (LiNeS); wang-kee/LiNeS src/eval/eval.py L56-126"),
     Method("della", "static",
            "DELLA: drop entries with probabilities ranked by magnitude per row (density 0.7 +/- 0.15), "
-           "restore each tensor's L1 mass, elect signs, disjoint mean", della, tune={"scaling": _TIES_GRID},
+           "restore each tensor's L1 mass, elect signs, disjoint mean", della, tune={"scaling": _TIES_GRID}, linear="scaling",
            demo=False,
            source="Deep et al., 2024 (DELLA-Merging); arcee-ai/mergekit mergekit/sparsify.py L138-175, "
                   "merge_methods/generalized_task_arithmetic.py L119-184"),
     Method("pcb", "static",
            "PCB-merging: intra- and inter-task balancing scores, each task's top 5% as weights of a "
-           "weighted mean of the task vectors, times scaling (1.2)", pcb, tune={"scaling": _PCB_GRID},
+           "weighted mean of the task vectors, times scaling (1.2)", pcb, tune={"scaling": _PCB_GRID}, linear="scaling",
            paper={"scaling": 1.2}, demo=False,
            source="Du et al., NeurIPS 2024 (PCB-merging); duguodong7/pcb-merging vision_source_code/pcb.py L44-105"),
     Method("wudi", "static",
