@@ -247,3 +247,43 @@ def test_regmean_plusplus_on_a_vit_block_by_block():
     out = regmean_plusplus(loaded, data, num_examples=12, batch_size=4, alpha=0.0)
     for n, want in expert(loaded, 0).items():
         torch.testing.assert_close(out[n], want, rtol=1e-10, atol=1e-12)
+
+
+def test_regmean_plusplus_carries_block_outputs_forward_on_a_vit(monkeypatch):
+    """On a ViT (blocks called one after the other) each block's inputs are the merged block before
+    it run on that block's inputs: the encoder runs up to a block once per task for the first block
+    and on one batch per later block (the check), with the result of running it up to every block."""
+    import adamerge.methods.regmean as rm
+    from adamerge.models.layout import infer_layout
+    enc = TinyViT(image_size=8, patch=4, dim=8, depth=3, heads=2, out_dim=8).double()
+    names = [n for n, _ in enc.named_parameters()]
+    g = torch.Generator().manual_seed(5)
+    tv = TaskVectors(["a", "b"], names, [0.1 * torch.randn((2, *p.shape), generator=g, dtype=torch.float64)
+                                         for p in enc.parameters()])
+    loaded = SimpleNamespace(encoder=enc, task_vectors=tv, heads={t: nn.Identity() for t in "ab"},
+                             layout=infer_layout(enc))
+    data = {t: TensorDataset(torch.rand(12, 1, 8, 8, generator=g, dtype=torch.float64), torch.zeros(12)) for t in "ab"}
+    captured = []
+    real = rm.block_inputs
+    monkeypatch.setattr(rm, "block_inputs", lambda *a, **k: captured.append(len(a[3])) or real(*a, **k))
+    fast = regmean_plusplus(loaded, data, num_examples=12, batch_size=4, alpha=0.95)
+    assert captured == [3, 3, 1, 1]  # two tasks x 3 batches up to block 0, then one batch per check
+    monkeypatch.setattr(rm, "next_block_inputs", lambda *a, **k: dict.fromkeys(a[3]))
+    captured.clear()
+    slow = regmean_plusplus(loaded, data, num_examples=12, batch_size=4, alpha=0.95)
+    assert captured == [3, 3] * 3  # the encoder up to every block
+    for n in slow:
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-12, atol=1e-12)
+
+
+def test_regmean_plusplus_runs_the_encoder_where_blocks_do_not_follow_each_other(monkeypatch):
+    """The toy pool has a tanh between its blocks: the carried output is not the next input, the
+    check says so, and the encoder is run up to each block (the merge of the test above)."""
+    import adamerge.methods.regmean as rm
+    loaded, data = toy_pool(k=2)
+    captured = []
+    real = rm.block_inputs
+    monkeypatch.setattr(rm, "block_inputs", lambda *a, **k: captured.append(len(a[3])) or real(*a, **k))
+    regmean_plusplus(loaded, data, num_examples=16, batch_size=8, alpha=1.0)
+    assert captured == [2, 2, 1, 2, 2]
+

@@ -212,10 +212,12 @@ def regmean_plusplus(loaded: Any, data: Mapping[str, Dataset], num_examples: int
     *merged* layer ``l`` (L291-305); ``config/method/regmean_plusplus/clip_regmean_plusplus.yaml``
     L6-13: 256 images, 0.95, batch 32.
 
-    Ours: the blocks are the pool layout's (``loaded.layout.blocks``); each block's input is
-    captured by running the encoder with the merged parameters so far up to that block (a
-    forward pre-hook; the encoder's own code between blocks, masks and keyword arguments
-    included); every parameter outside the blocks is the experts' mean (FusionBench: embeddings
+    Ours: the blocks are the pool layout's (``loaded.layout.blocks``); the first block's input is
+    captured by running the encoder with the merged parameters up to it (a forward pre-hook; the
+    encoder's own code before it, masks and keyword arguments included), each later block's from
+    the merged block before it run on that block's inputs, as FusionBench does, where one batch
+    shows that this is what the encoder feeds it (:func:`next_block_inputs`; otherwise the encoder
+    is run up to that block); every parameter outside the blocks is the experts' mean (FusionBench: embeddings
     and pre-norm the mean, the final norm left at the pretrained value, the projection not merged).
     Arguments as :func:`regmean`.
     """
@@ -232,29 +234,75 @@ def regmean_plusplus(loaded: Any, data: Mapping[str, Dataset], num_examples: int
     taus = dict(zip(tv.names, tv.tensors))
     merged = {n: base[n].detach() + taus[n].to(device=device, dtype=base[n].dtype).mean(0) for n in tv.names}
     batches = {t: list(adaptation_batches(data[t], num_examples, batch_size, seed)) for t in tv.task_names}
+    calls: dict[str, list[tuple[tuple, dict]] | None] = dict.fromkeys(tv.task_names)  # each block's inputs
     was_training = encoder.training
     encoder.eval()
     try:
-        for block in blocks:
+        for i, block in enumerate(blocks):
             prefix = f"{block}."
             local = {n[len(prefix):] for n in tv.names if n.startswith(prefix)}
             module = encoder.get_submodule(block)
             modules = linear_modules(module, local)
-            if not modules:
-                continue
-            grams = []
-            for k, task in enumerate(tv.task_names):
-                calls = block_inputs(encoder, merged, block, batches[task], device)
-                own = {n: base[prefix + n].detach() + taus[prefix + n][k].to(device=device, dtype=base[prefix + n].dtype)
-                       for n in local}
-                grams.append(input_grams(module, own, modules, calls))
-            for name in modules:
-                if not all(name in g for g in grams):
-                    continue  # a layer some expert never ran: the mean
-                key = f"{name}.weight" if name else "weight"
-                w0, tau = base[prefix + key].detach(), taus[prefix + key].to(device)
-                merged[prefix + key] = regmean_solve([g[name] for g in grams], [w0 + tau[k] for k in range(K)],
-                                                     alpha).to(w0.dtype)
+            for task in tv.task_names:  # the encoder up to this block, where the last block's could not say
+                if calls[task] is None:
+                    calls[task] = block_inputs(encoder, merged, block, batches[task], device)
+            if modules:
+                grams = []
+                for k, task in enumerate(tv.task_names):
+                    own = {n: base[prefix + n].detach() + taus[prefix + n][k].to(device=device, dtype=base[prefix + n].dtype)
+                           for n in local}
+                    grams.append(input_grams(module, own, modules, calls[task]))
+                for name in modules:
+                    if not all(name in g for g in grams):
+                        continue  # a layer some expert never ran: the mean
+                    key = f"{name}.weight" if name else "weight"
+                    w0, tau = base[prefix + key].detach(), taus[prefix + key].to(device)
+                    merged[prefix + key] = regmean_solve([g[name] for g in grams], [w0 + tau[k] for k in range(K)],
+                                                         alpha).to(w0.dtype)
+            if i + 1 < len(blocks):
+                calls = next_block_inputs(encoder, module, {n: merged[prefix + n] for n in local}, calls,
+                                          blocks[i + 1], merged, batches, device)
     finally:
         encoder.train(was_training)
     return merged
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two captured call values are identical (tensors bitwise; containers item by item)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype \
+            and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # values that do not compare: not known to be the same
+        return False
+
+
+def next_block_inputs(encoder: nn.Module, module: nn.Module, params: Mapping[str, torch.Tensor],
+                      calls: Mapping[str, list[tuple[tuple, dict]] | None], following: str,
+                      merged: Mapping[str, torch.Tensor], batches: Mapping[str, list[torch.Tensor]],
+                      device: torch.device) -> dict[str, list[tuple[tuple, dict]] | None]:
+    """Each task's inputs of block ``following`` from the merged block ``module`` (``params``) run on
+    its own inputs ``calls``: its output in place of the first argument, the other arguments kept.
+    That holds when the encoder calls the blocks one after the other (a ViT's resblocks); it is
+    checked on one batch against the encoder's own forward up to ``following``, and where it does
+    not hold every task's entry is ``None`` (the caller runs the encoder up to the block instead).
+    Saves re-running every merged block before each block: RegMean++ is then linear in depth."""
+    first = next(iter(calls))
+    out: dict[str, list[tuple[tuple, dict]] | None] = {}
+    with torch.no_grad():
+        for task, own in calls.items():
+            advanced = []
+            for args, kwargs in own or []:
+                y = functional_call(module, dict(params), args, kwargs, strict=False)
+                y = y[0] if isinstance(y, (tuple, list)) else y
+                advanced.append(((y.detach(),) + tuple(args[1:]), kwargs))
+            out[task] = advanced
+    check = block_inputs(encoder, merged, following, batches[first][:1], device)
+    if not (out[first] and check and _same(check[0], out[first][0])):
+        return dict.fromkeys(calls)
+    return out
