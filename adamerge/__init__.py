@@ -23,7 +23,7 @@ _EXPORTS: dict[str, str] = {
     "MergedModel": "engine", "TaskVectors": "engine", "entropy": "engine",
     "ExportedModel": "exported",
     "CheckpointError": "io", "load_state_dict": "io", "save_state_dict": "io",
-    "WEMoE": "methods", "AdaMerging": "methods", "AdaRank": "methods", "Method": "methods",
+    "WEMoE": "methods", "AdaMerging": "methods", "AdaRank": "methods", "ConcreteAdaMerging": "methods", "Method": "methods", "Smile": "methods",
     "Surgery": "methods", "Tinting": "methods", "TwinMerging": "methods", "registry": "methods",
     "ShardedMergeStrategy": "methods",
     "CheckpointPool": "models", "LoadedPool": "models", "ModelPool": "models", "OpenCLIPPool": "models",

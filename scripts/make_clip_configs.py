@@ -116,12 +116,20 @@ COMMENTS = {
     "optimizer": "adam (the paper) or adamw (decoupled weight decay)",
     "weight_decay": "the optimizer's weight decay (0: none)",
     "adapt_tasks": "merged: adapt on the tasks with an expert; unseen: the pool's unseen_tasks only; all: both",
+    "mask_steps": "steps learning the Concrete mask before AdaMerging (null: half the run; FusionBench 1000 + 1000)",
+    "temperature": "Concrete (Gumbel-sigmoid) temperature of the mask samples (FusionBench 0.5)",
+    "initial_logits": "the mask logits' start (FusionBench 0: keep probability 1/2)",
+    "mask_lr": "Adam learning rate of the mask logits (FusionBench lr 1e-3)",
+    "base_lr": "Adam learning rate of the inner coefficient step while learning the mask (FusionBench 1)",
+    "eval_mask_type": "continuous (FusionBench) or discrete: the draw of the mask fixed for AdaMerging and export",
+    "mask_seed": "mixed into the seed of every mask draw",
 }
 
 # Comments of a method class's own meaning of a shared argument name (class name -> key -> comment).
 CLASS_COMMENTS = {
     "AdaMerging": {"lr": "learning rate of model.optimizer"},
     "WEMoE": {"lr_schedule": "cosine over max_steps (official) or constant (FusionBench)"},
+    "ConcreteAdaMerging": {"lr": "Adam learning rate of the coefficients after mask_steps (FusionBench adamerging_lr 1e-3)"},
     "TwinMerging": {
         "scaling": "task arithmetic of the shared expert (official 0.29)",
         "objective": "task_id: the router learns each image's task (official); entropy: the heads' entropy",

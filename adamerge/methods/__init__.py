@@ -11,6 +11,7 @@ May import: :mod:`adamerge.engine`, :mod:`adamerge.models`, :mod:`adamerge.data`
 from . import registry
 from .adamerging import AdaMerging
 from .adarank import AdaRank
+from .concrete import ConcreteAdaMerging
 from .registry import REGISTRY, Method
 from .sharding import ShardedMergeStrategy
 from .smile import Smile, load_smile
@@ -20,6 +21,6 @@ from .tinting import TintedHead, Tinting
 from .twin import TwinMerging, load_twin
 from .wemoe import WEMoE, load_wemoe
 
-__all__ = ["REGISTRY", "AdaMerging", "AdaRank", "Method", "ShardedMergeStrategy", "Smile", "Surgery", "SurgeryAdapter",
+__all__ = ["REGISTRY", "AdaMerging", "AdaRank", "ConcreteAdaMerging", "Method", "ShardedMergeStrategy", "Smile", "Surgery", "SurgeryAdapter",
            "TintedHead", "Tinting", "TwinMerging", "WEMoE", "load_smile", "load_twin", "load_wemoe",
            "registry", "task_arithmetic", "ties", "ties_task_vectors", "weight_averaging"]

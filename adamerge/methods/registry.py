@@ -39,6 +39,7 @@ import lightning as L
 from ..errors import unknown_name
 from .adamerging import AdaMerging
 from .adarank import AdaRank
+from .concrete import ConcreteAdaMerging
 from .fisher import fisher
 from .lines import lines
 from .localize_stitch import localize_stitch
@@ -599,6 +600,21 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
                steps=10000, steps_note="official: 10000 (adarank_TA.yaml); no oracle selection",
                val_every=500, val_note="the accuracy curve every 500 steps (logged, not used to pick)",
                precision="bf16-mixed")}),
+    Method("concrete_adamerging", "learned",
+           "Concrete AdaMerging: a shared Concrete mask over every task-vector entry meta-learned by entropy, "
+           "then layer-wise AdaMerging under it", ConcreteAdaMerging, demo=False,
+           source="Tang et al., 2023 (arXiv 2312.06173); tanganke/fusion_bench "
+                  "fusion_bench/method/concrete_subspace/clip_concrete_adamerging.py:324 (ConcreteLayerWiseAdaMergingForCLIP)",
+           note=("Concrete AdaMerging (Tang et al., 2023; FusionBench clip_concrete_layer_wise_adamerging.yaml): a "
+                 "Concrete mask (T 0.5, logits 0) shared by the tasks, meta-learned for mask_steps steps (inner Adam "
+                 "lr 1 from 0.3, outer Adam lr 1e-3 on the logits), then layer-wise AdaMerging (Adam 1e-3, "
+                 "unclamped) under one draw of it. Differences from FusionBench: docs/fidelity.md."),
+           steps=2000, steps_note=("FusionBench: max_steps 1000 (mask) + max_adamerging_steps 1000 (AdaMerging), "
+                                   "clip_concrete_layer_wise_adamerging.yaml L12-13; mask_steps: half the run"),
+           paper_batch=16, paper_steps=2000,
+           paper_note=("FusionBench config/method/concrete_subspace/clip_concrete_layer_wise_adamerging.yaml L4, "
+                       "L12-13: batch_size 16 per task, 1000 mask steps + 1000 AdaMerging steps (each mask step "
+                       "draws two batches per task; ours reuses the step's one)")),
 )})
 
 
