@@ -27,7 +27,9 @@ def toy_pool(k: int = 2, seed: int = 0, n_per_task: int = 24):
     tasks = [f"t{i}" for i in range(k)]
     tv = TaskVectors(tasks, names, [0.5 * torch.randn((k, *p.shape), generator=g, dtype=torch.float64)
                                     for p in encoder.parameters()])
-    heads = {t: nn.Linear(5, 3).double() for t in tasks}
+    with torch.random.fork_rng():  # the heads' initialisation: the same whatever ran before
+        torch.manual_seed(seed)
+        heads = {t: nn.Linear(5, 3).double() for t in tasks}
     data = {t: TensorDataset(torch.randn(n_per_task, 4, generator=g, dtype=torch.float64),
                              torch.arange(n_per_task) % 3) for t in tasks}
     return SimpleNamespace(encoder=encoder, task_vectors=tv, heads=heads), data
@@ -161,12 +163,13 @@ def official(loaded, data, sparsity, sigmoid_bias, lr, epochs, l1_strength, shot
 
 def test_row_is_the_official_localize_and_stitch_in_float64():
     loaded, data = toy_pool(k=3, n_per_task=30)
-    hp = {"sparsity": 0.2, "sigmoid_bias": 1.0, "lr": 30.0, "epochs": 4, "l1_strength": 0.01, "shots": 7,
+    hp = {"sparsity": 0.2, "sigmoid_bias": 1.0, "lr": 300.0, "epochs": 4, "l1_strength": 0.01, "shots": 7,
           "batch_size": 8, "seed": 3}
     want, masks = official(loaded, data, **hp)
     # the toy training moves masks (else this would only test the initialisation) and they overlap
     init = [initial_mask(list(tau_of(loaded, k).values()), 0.2, 1.0) for k in range(3)]
-    assert any(bool(((s > 0) != m.bool()).any()) for k in range(3) for s, m in zip(init[k], masks[k]))
+    # (25 of 165 entries move here: a margin, so that a change of the heads' draw cannot stop them all)
+    assert sum(int(((s > 0) != m.bool()).sum()) for k in range(3) for s, m in zip(init[k], masks[k])) >= 5
     assert any(bool((m0.bool() & m1.bool()).any()) for m0, m1 in zip(masks[0], masks[1]))
     got = localize_stitch(loaded, data, **hp)
     for n in want:

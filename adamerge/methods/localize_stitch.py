@@ -121,19 +121,34 @@ def train_mask(encoder: nn.Module, head: nn.Module, names: Sequence[str], base: 
     return logits
 
 
+class Stitcher:
+    """The official ``Stitcher``, streamed over the tasks: :meth:`add` one task's task vector and
+    binary mask at a time (only the running sums are kept, never the K masks), :meth:`result` gives
+    ``base + sum_k m_k tau_k / c`` per entry, ``c = sum_k m_k`` (the base where ``c = 0``)."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor]) -> None:
+        self.base = dict(base)
+        self.num = {n: torch.zeros_like(b) for n, b in self.base.items()}
+        self.count = {n: torch.zeros_like(b) for n, b in self.base.items()}
+
+    def add(self, tau: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor]) -> None:
+        for n, b in self.base.items():
+            m = mask[n].to(b.dtype)
+            self.num[n] += m * tau[n].to(b.dtype)
+            self.count[n] += m
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {n: b + torch.where(self.count[n] > 0, self.num[n] / self.count[n].clamp(min=1),
+                                   torch.zeros_like(b)) for n, b in self.base.items()}
+
+
 def stitch(base: Mapping[str, torch.Tensor], taus: Sequence[Mapping[str, torch.Tensor]],
            masks: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``Stitcher``: ``base + sum_k m_k tau_k / c`` per entry, ``c = sum_k m_k`` (0 where c = 0)."""
-    out = {}
-    for n, b in base.items():
-        num = torch.zeros_like(b)
-        count = torch.zeros_like(b)
-        for tau, m in zip(taus, masks):
-            mk = m[n].to(b.dtype)
-            num += mk * tau[n].to(b.dtype)
-            count += mk
-        out[n] = b + torch.where(count > 0, num / count.clamp(min=1), torch.zeros_like(num))
-    return out
+    stitcher = Stitcher(base)
+    for tau, m in zip(taus, masks):
+        stitcher.add(tau, m)
+    return stitcher.result()
 
 
 def localize_stitch(loaded: Any, data: Mapping[str, Dataset], sparsity: float = SPARSITY,
@@ -171,8 +186,7 @@ def localize_stitch(loaded: Any, data: Mapping[str, Dataset], sparsity: float = 
     base = [params[n].detach().to(device) for n in names]
     was_training = encoder.training
     encoder.eval()
-    num = [torch.zeros_like(b) for b in base]
-    count = [torch.zeros_like(b) for b in base]
+    stitcher = Stitcher(dict(zip(names, base)))
     try:
         for k, task in enumerate(tv.task_names):
             taus = [t[k].to(device=device, dtype=b.dtype) for t, b in zip(tv.tensors, base)]
@@ -182,11 +196,8 @@ def localize_stitch(loaded: Any, data: Mapping[str, Dataset], sparsity: float = 
                     return shot_batches(data[task], task, shots, batch_size, data_cap, seed, epoch)
                 logits = train_mask(encoder, loaded.heads[task], names, base, taus, logits, batches_of_epoch,
                                     epochs, lr, l1_strength)
-            for i, (m, t) in enumerate(zip(binary_mask(logits), taus)):  # stitch, streamed over tasks
-                num[i] += m.to(t.dtype) * t
-                count[i] += m.to(t.dtype)
+            stitcher.add(dict(zip(names, taus)), dict(zip(names, binary_mask(logits))))
             del logits, taus
     finally:
         encoder.train(was_training)
-    return {n: b + torch.where(c > 0, s / c.clamp(min=1), torch.zeros_like(s))
-            for n, b, s, c in zip(names, base, num, count)}
+    return stitcher.result()
