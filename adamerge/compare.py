@@ -125,6 +125,8 @@ def grid_models(method: registry.Method, bench: Bench, hp: Mapping[str, Any],
     others, as ``delta`` with a zero base, and each of its values is ``base + value * delta``."""
     key = method.linear if method.linear in grids else None
     others = [k for k in grids if k != key]
+    if key is not None and min(grids[key]) < 0:  # the row's own check of the value (MagMax, PCB refuse it)
+        one_model(method, bench.loaded, bench.datamodule, {**hp, key: min(grids[key])}, bench.task_vectors, bench.base)
     for rest in itertools.product(*(grids[k] for k in others)):
         point = {**hp, **dict(zip(others, rest))}
         if key is None:
@@ -189,7 +191,7 @@ def run_learned(bench: Bench, method: registry.Method, hp: dict[str, Any],
         hp["init_from"] = str(bench.final_checkpoints[method.starts_from])
     L.seed_everything(s.seed, verbose=False)
     model = method.build(PreloadedPool(bench.loaded), **hp)
-    if model.refusal("fit"):  # training-free (e.g. SMILE): evaluated as built
+    if not model.learns:  # training-free (e.g. SMILE): evaluated as built
         return model.accuracies(bench.eval_sets, bench.datamodule.eval_batch_size), {}
     schedule = s.schedules.get(name, {})
     steps = int(schedule.get("steps", s.steps))

@@ -139,3 +139,19 @@ def test_a_resumed_run_is_the_straight_run(tmp_path, resume_at):
     for a, b in zip(straight.learned_state().values(), resumed.learned_state().values()):
         assert torch.equal(a, b)
     assert not torch.equal(straight.merged.mask_logits, torch.zeros_like(straight.merged.mask_logits))
+
+
+def test_every_draw_comes_from_a_cpu_generator_and_fit_refuses_what_it_cannot_sync():
+    """The fixed mask must be the same draw on a GPU (fit, test) and on the CPU (compare's evaluation
+    after the fit, export): CPU and CUDA generators give different streams from one seed."""
+    from types import SimpleNamespace
+    model = ConcreteAdaMerging(RandomPool())
+    assert model.merged.generator(0).device.type == "cpu" and model.merged.generator(-1).device.type == "cpu"
+    first = [m.clone() for m in model.merged.eval_mask()]
+    model.merged._eval_cache = None
+    assert all(torch.equal(a, b) for a, b in zip(first, model.merged.eval_mask()))
+    for world, precision, match in ((2, "32-true", "trains on one device"), (1, "16-mixed", "16-mixed")):
+        model._trainer = SimpleNamespace(world_size=world, precision=precision)
+        with pytest.raises(ValueError, match=match):
+            model.on_fit_start()
+    model._trainer = None

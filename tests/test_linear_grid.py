@@ -64,3 +64,24 @@ def test_a_grid_merges_once_per_point_of_the_other_hyper_parameters(name):
     calls.clear()  # a grid that is not over the linear hyper-parameter merges at every point
     unlinear = dataclasses.replace(row, linear=None)
     assert len(list(grid_models(unlinear, bench, row.defaults(), grids))) == 3 and len(calls) == 3
+
+
+def test_a_value_the_row_refuses_is_still_refused():
+    row = next(registry.get(n) for n in LINEAR if "scaling must be >= 0" in _refusal(registry.get(n)))
+    loaded = RandomPool().load()
+    bench = SimpleNamespace(loaded=loaded, datamodule=None, task_vectors=loaded.task_vectors,
+                            base={n: p.detach() for n, p in loaded.encoder.named_parameters()})
+    with pytest.raises(ValueError, match="scaling must be >= 0"):
+        list(grid_models(row, bench, row.defaults(), {row.linear: (0.5, -0.1)}))
+
+
+def _refusal(method) -> str:
+    """The builder's error at a negative scaling ('' when it takes one)."""
+    loaded = RandomPool().load()
+    base = {n: p.detach() for n, p in loaded.encoder.named_parameters()}
+    try:
+        method.build(loaded.task_vectors, base, **{**method.defaults(), method.linear: -0.1})
+    except ValueError as e:
+        return str(e)
+    return ""
+

@@ -41,7 +41,7 @@ def expert_params(loaded: LoadedPool, k: int) -> dict[str, torch.Tensor]:
 def fusionbench_layer(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, ws: list[torch.Tensor],
                       bs: list[torch.Tensor], gate_k: int, k: int, top_k: int) -> torch.Tensor:
     """FusionBench's ``SmileMoELinear.forward`` (fusion_bench/models/smile_moe/linear_from_module.py
-    L177-318, with SmileGate L17-75 and SmileCompressedLinear L78-139) transcribed in float64."""
+    L244-303, with SmileGate L17-80 and SmileCompressedLinear L82-145) transcribed in float64."""
     x, w0, b0 = x.double(), w0.double(), b0.double()
     diffs = [w.double() - w0 for w in ws]
     svds = [torch.linalg.svd(d, full_matrices=True) for d in diffs]
@@ -103,7 +103,7 @@ def test_one_layer_equals_a_float64_transcription_of_fusionbench(gate_k, k, top_
     x = torch.randn(4, 6, d, generator=g)  # [B, N, D]: every token routed on its own
     f = smile_factors(torch.stack([w - w0 for w in ws]), k, gate_k)
     bias = torch.stack([b - b0 for b in bs])
-    layer = SmileLinear(nn.Linear(d, h).requires_grad_(False), lambda: (f["gate"], f["a"], f["b"], bias), num, top_k)
+    layer = SmileLinear(nn.Linear(d, h).requires_grad_(False), f, bias, num, top_k)
     layer.weight.copy_(w0)
     layer.bias.copy_(b0)
     want = fusionbench_layer(x, w0, b0, ws, bs, gate_k, min(k, min(h, d)), top_k)
@@ -148,6 +148,43 @@ def test_export_by_method_rebuilds_the_routed_model(tmp_path, capsys):
     # a row that learns is still refused without its checkpoint, in one line
     code, err = cli(capsys, "export", "--config", config, "--out", tmp_path / "no-ckpt")
     assert code == 1 and "--ckpt_path" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_layer_no_expert_moved_stays_plain_and_copies_carry_their_experts():
+    """FusionBench skips a layer whose weight task vectors are all zero (its experts' bias differences
+    would otherwise be added by a gate with nothing to score); a deep copy routes with its own buffers,
+    which never enter the state dict."""
+    import copy
+    loaded = RandomPool().load()
+    tv = loaded.task_vectors
+    tensors = [torch.zeros_like(t) if n == "blocks.0.fc2.weight" else t for n, t in zip(tv.names, tv.tensors)]
+    loaded = LoadedPool(loaded.encoder, TaskVectors(list(tv.task_names), list(tv.names), tensors), loaded.heads,
+                        loaded.expert_state)
+    model = Smile(PreloadedPool(loaded))
+    assert "blocks.0.fc2" not in model.smile_layers and type(model.merged.module.blocks[0].fc2) is nn.Linear
+    assert not any(k.endswith((".gate", ".a", ".b", ".expert_bias")) for k in model.merged.module.state_dict())
+    twin = copy.deepcopy(model.merged.module)
+    layer, copied = model.routed_layers()["blocks.0.fc1"], twin.blocks[0].fc1
+    assert copied.a is not layer.a and torch.equal(copied.a, layer.a)
+    x = images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model.merged.module(x), rtol=0, atol=0)
+
+
+def test_mlp_routes_only_the_layouts_mlps():
+    model = Smile(PreloadedPool(RandomPool().load()), layers="mlp")
+    assert model.smile_layers == ["blocks.0.fc1", "blocks.0.fc2"]
+    assert type(model.merged.module.get_submodule("blocks.0.qkv")) is nn.Linear
+
+
+def test_fit_is_refused_in_one_line_before_any_svd(tmp_path, capsys, monkeypatch):
+    import adamerge.methods.smile as smile_module
+    from test_contract import cli, write_config
+    monkeypatch.setattr(smile_module, "smile_factors", lambda *a, **k: pytest.fail("SVDs ran before the refusal"))
+    code, err = cli(capsys, "fit", "--config", write_config("smile", tmp_path), "--trainer.default_root_dir",
+                    tmp_path / "run")
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1 and "Smile is training-free" in lines[0] and "nothing to fit" in lines[0]
 
 
 def test_bad_settings_are_named():

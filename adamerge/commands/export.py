@@ -69,7 +69,7 @@ def export_method(configs: Sequence[str], overrides: Sequence[str], name: str, h
     loaded = model.loaded
     if method.kind == "learned":  # only a training-free one, built on the config's pool
         module = method.build(PreloadedPool(loaded), **hp)
-        if not module.refusal("fit"):
+        if module.learns:
             raise ValueError(f"--method {name}: a learned row exports a finished run: fit its config, then "
                              "give --ckpt_path (without --method)")
         return export(module, None, out, row=name)
@@ -98,7 +98,7 @@ def export_main(argv: Sequence[str]) -> None:
         reason = model.refusal("export")
         if reason:
             raise ValueError(f"{row} cannot be exported: {reason}")
-        if not args.ckpt_path and not model.refusal("fit"):
+        if not args.ckpt_path and getattr(model, "learns", True):
             raise ValueError("give --ckpt_path (a learned run's checkpoint) or --method (a static or fitted row); "
                              f"only a training-free row ({row} is not) is exported from its config alone")
         paths = export(model, args.ckpt_path, args.out, row=row)

@@ -28,6 +28,19 @@ from ..report import (CoefficientHeatmap, StepProgressBar, build_results, quiet_
                       terminal_table, verbose_requested, write_results)
 
 
+def _model_class(model: Any) -> type | None:
+    """The class a parsed ``model`` config names (``class_path``), ``None`` when it names none."""
+    path = model.get("class_path") if hasattr(model, "get") else None
+    if not isinstance(path, str) or "." not in path:
+        return None
+    import importlib
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
 class AdaMergeCLI(LightningCLI):
     """LightningCLI with a checkpoint section that every run gets (periodic + ``last.ckpt``), the
     coefficients in TensorBoard in every ``fit``, and the per-task table and ``results.json``
@@ -169,9 +182,15 @@ class AdaMergeCLI(LightningCLI):
         # The config saved next to the run (lightning_logs/version_N/config.yaml) must still
         # point at the same files: write resolved paths into it, not the relative spelling.
         absolute_paths(self.config)
+        if self.config.get("subcommand") == "fit":  # a training-free row: refused before its build (SVDs)
+            cls = _model_class(self.config["fit"].get("model"))
+            if cls is not None and not getattr(cls, "learns", True):
+                from ..methods.adamerging import training_free
+                raise ValueError(training_free(cls.__name__, "fit"))
 
     def before_fit(self) -> None:
-        """A row that learns nothing (a training-free one, e.g. SMILE) says so in one line."""
+        """A module that cannot be fit says so in one line (a training-free class is refused before
+        it is built, in :meth:`before_instantiate_classes`)."""
         reason = self.model.refusal("fit") if hasattr(self.model, "refusal") else None
         if reason:
             raise ValueError(reason)

@@ -82,14 +82,14 @@ def export(model, ckpt_path: str | Path | None, out: str | Path, row: str | None
             ``export_heads()`` (the heads to write, default ``heads``), ``export_task_modules()``
             (per-task tensors) and ``method`` (its name). Heads that L2-normalise features first
             (zero-shot heads) say so with a ``normalizes_features = True`` attribute.
-        ckpt_path: the coefficient checkpoint; ``None`` for a module that learns nothing (its
-            ``refusal("fit")`` says why, e.g. SMILE).
+        ckpt_path: the coefficient checkpoint; ``None`` for a module that learns nothing
+            (``learns = False``, e.g. SMILE).
         out: output folder.
         row: the registry row the model is (recorded in ``export.json``).
     """
     out = Path(out)
     if ckpt_path is None:
-        if not (hasattr(model, "refusal") and model.refusal("fit")):
+        if getattr(model, "learns", True):
             raise ValueError(f"{type(model).__name__} learns its {row or 'row'}: export a finished run's checkpoint "
                              "(--ckpt_path RUN/checkpoints/last.ckpt)")
         checkpoint: dict = {}

@@ -150,6 +150,13 @@ def prepared_task_vectors(tv: TaskVectors | LowRankTaskVectors, trim: float | No
     return tv
 
 
+def training_free(name: str, path: str) -> str:
+    """Why a training-free module (``learns = False``, e.g. SMILE) refuses ``path`` (fit, online)."""
+    return (f"{name} is training-free (built from the task vectors alone, no data read): nothing to {path}; "
+            "`adamerge test --config CONFIG` (no --ckpt_path) evaluates it, `adamerge export --config CONFIG "
+            "--out DIR` writes it, `adamerge compare` runs it")
+
+
 class AdaMerging(L.LightningModule):
     """Task-wise or layer-wise AdaMerging, and the engine of every learned method.
 
@@ -622,9 +629,7 @@ class AdaMerging(L.LightningModule):
         that refuses ``fit`` learns nothing (a training-free row, e.g. SMILE): ``test``, ``export``
         and ``compare`` take it as built, without a checkpoint."""
         if not self.learns and path in ("fit", "online"):
-            return (f"{type(self).__name__} is training-free (built from the task vectors alone, no data "
-                    f"read): nothing to {path}; `adamerge test --config CONFIG` (no --ckpt_path) evaluates it, "
-                    "`adamerge export --config CONFIG --out DIR` writes it, `adamerge compare` runs it")
+            return training_free(type(self).__name__, path)
         if path == "online" and self.objective_part.needs_labels:
             return (f"objective {self.objective!r} learns from labeled shots (data.shots); online "
                     "adapts on the unlabeled stream: use an unlabeled objective")

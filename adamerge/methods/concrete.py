@@ -54,14 +54,14 @@ def concrete_sample(logits: torch.Tensor, temperature: float, generator: torch.G
     ``u`` clamped to ``[eps, 1 - eps]`` and the sample to ``[tiny, 1 - eps]`` as torch's
     ``RelaxedBernoulli.rsample`` does."""
     info = torch.finfo(logits.dtype)
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype).to(logits.device)
     u = u.clamp(info.eps, 1 - info.eps)
     return torch.sigmoid((logits + (u.log() - (-u).log1p())) / temperature).clamp(info.tiny, 1 - info.eps)
 
 
 def bernoulli_sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A 0/1 sample with ``P(1) = sigmoid(z)`` (FusionBench's ``eval_mask_type: discrete``)."""
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype).to(logits.device)
     return (u < torch.sigmoid(logits)).to(logits.dtype)
 
 
@@ -96,8 +96,11 @@ class ConcreteMaskedModel(MergedModel):
         self._eval_cache: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # (logits, their draw)
 
     def generator(self, step: int) -> torch.Generator:
-        """The generator of step ``step``'s draw (:data:`EVAL_STEP`: the fixed mask's)."""
-        g = torch.Generator(device=self.mask_logits.device)
+        """The generator of step ``step``'s draw (:data:`EVAL_STEP`: the fixed mask's). A CPU
+        generator whatever the logits' device (the noise is moved to them): CPU and CUDA generators
+        give different streams, and the fixed mask must be the same draw on a GPU (fit, test) and on
+        the CPU (compare's evaluation after the fit, export)."""
+        g = torch.Generator()
         g.manual_seed((MASK_SEED * 1_000_003 + self.mask_seed) * 1_000_003 + step + 1)
         return g
 
@@ -224,6 +227,18 @@ class ConcreteAdaMerging(AdaMerging):
         coefficients, logits = self.merged.coefficients, self.merged.mask_logits
         return [torch.optim.Adam([coefficients], lr=self.base_lr), torch.optim.Adam([logits], lr=self.mask_lr),
                 torch.optim.Adam([coefficients], lr=self.lr)]
+
+    def on_fit_start(self) -> None:
+        trainer = self.trainer
+        if trainer.world_size > 1:  # two backwards per DDP forward; the inner gradient is never all-reduced
+            raise ValueError(f"concrete_adamerging trains on one device (its phase-1 step runs two backward "
+                             f"passes per step outside DDP's gradient sync), got {trainer.world_size} processes: "
+                             "set trainer.devices: 1")
+        precision = str(getattr(trainer, "precision", "32-true"))
+        if precision.startswith("16"):  # the inner optimizer steps outside Lightning's GradScaler
+            raise ValueError(f"concrete_adamerging: trainer.precision {precision} scales the gradients of its "
+                             "inner step, which never unscales them; use 32-true or bf16-mixed")
+        super().on_fit_start()
 
     def refusal(self, path: str) -> str | None:
         if path == "online":

@@ -517,8 +517,8 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            "(training-free)", Smile, demo=False, models="per input", uses="- (training-free: no data, no training)",
            storage="K rank-k experts (SVD factors) + K x gate_k gate vectors per linear layer",
            source="Tang et al., 2024 (SMILE, arXiv 2408.10174); tanganke/fusion_bench fusion_bench/method/"
-                  "smile_upscaling/smile_upscaling.py L227-255, fusion_bench/models/smile_moe/linear_from_module.py "
-                  "L17-318, config/method/smile_upscaling/smile_upscaling.yaml L10-12",
+                  "smile_upscaling/smile_upscaling.py L224-254, fusion_bench/models/smile_moe/linear_from_module.py "
+                  "L17-303, config/method/smile_upscaling/smile_upscaling.yaml L10-12",
            note=("SMILE upscaling (Tang et al., 2024; FusionBench method/smile_upscaling): training-free; every "
                  "linear layer adds the top-1 of K rank-128 SVD experts per token, gated by each task vector's top "
                  "gate_k = 1 right singular vectors. `adamerge test --config` evaluates it and `adamerge export "

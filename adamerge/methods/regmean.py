@@ -291,7 +291,9 @@ def next_block_inputs(encoder: nn.Module, module: nn.Module, params: Mapping[str
     That holds when the encoder calls the blocks one after the other (a ViT's resblocks); it is
     checked on one batch against the encoder's own forward up to ``following``, and where it does
     not hold every task's entry is ``None`` (the caller runs the encoder up to the block instead).
-    Saves re-running every merged block before each block: RegMean++ is then linear in depth."""
+    Saves re-running every merged block before each block for every batch: only the check (one
+    batch) still runs the encoder up to the block. Every task's inputs of the current block are held
+    at once (FusionBench holds them too), where running the encoder held one task's at a time."""
     first = next(iter(calls))
     out: dict[str, list[tuple[tuple, dict]] | None] = {}
     with torch.no_grad():

@@ -5,17 +5,17 @@ Foundation Models", 2024 (arXiv 2408.10174); code in FusionBench (tanganke/fusio
 commit 54c9e8c): ``fusion_bench/method/smile_upscaling/smile_upscaling.py`` (the upscaling,
 ``SmileUpscalingAlgorithm``) and ``fusion_bench/models/smile_moe/linear_from_module.py`` (the
 layers). What it does, per ``nn.Linear`` of the model (``_upscale_submodules``, ``smile_upscaling.py``
-L227-255, every linear layer; ``average_experts: false`` keeps every other parameter pretrained):
+L224-254, every linear layer; ``average_experts: false`` keeps every other parameter pretrained):
 
 * each expert's difference ``D_k = W_k - W_0`` is decomposed, ``D_k = U_k S_k V_k^T``
-  (``SmileMoELinear.__init__``, ``linear_from_module.py`` L209-216);
-* the gate (``SmileGate``, L17-75) holds the top ``gate_k`` right singular vectors of each
+  (``SmileMoELinear.__init__``, ``linear_from_module.py`` L201-205);
+* the gate (``SmileGate``, L17-80) holds the top ``gate_k`` right singular vectors of each
   ``D_k`` (``V_k[:, :gate_k]^T``, not scaled by ``S_k``; ``routing_use_diff: true``) and scores
   each *token* ``x`` by ``||V_k[:, :gate_k]^T x||_2`` per expert;
-* routing (``SmileMoELinear.forward``, L265-318): ``softmax`` over the K scores, the ``top_k``
+* routing (``SmileMoELinear.forward``, L244-303, softmax and top-k L260-265): ``softmax`` over the K scores, the ``top_k``
   largest kept and renormalised to sum to one (with one expert: weight 1);
-* expert ``k`` (``SmileCompressedLinear``, L78-139) is the rank-``k`` truncation
-  ``U_k[:, :k] S_k[:k] V_k[:, :k]^T`` with bias ``b_k - b_0`` (L241-243);
+* expert ``k`` (``SmileCompressedLinear``, L82-145) is the rank-``k`` truncation
+  ``U_k[:, :k] S_k[:k] V_k[:, :k]^T`` with bias ``b_k - b_0`` (L239-240);
 * the layer's output is ``W_0 x + b_0 + sum_{selected k} w_k (expert_k(x))``.
 
 FusionBench's config ``config/method/smile_upscaling/smile_upscaling.yaml`` L10-12: ``gate_k: 1``,
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,8 @@ from .adamerging import AdaMerging
 from .parts import MethodParts, pick_objective
 from .twin import find_linears
 from .wemoe import _shallow_module_copy
+
+FACTORS = ("gate", "a", "b")  # a routed layer's buffers from smile_factors (besides its expert_bias)
 
 def smile_factors(delta: torch.Tensor, k: int, gate_k: int, name: str = "") -> dict[str, torch.Tensor]:
     """The gate and experts of one linear weight from its task vectors ``delta [K, H, D]`` (float32):
@@ -86,55 +88,58 @@ class SmileLinear(nn.Module):
     """A linear layer plus SMILE's routed low-rank experts, per token.
 
     It holds the original layer's ``weight`` and ``bias`` under the same names (a functional call
-    with merged parameters still reaches them; here they stay pretrained). ``factors()`` returns
-    ``(gate [K g, D], a [D, K r], b [K r, H], bias [K, H] | None)`` (see :func:`smile_factors`;
-    ``bias``: the experts' bias differences). ``route``, when set (tests), replaces the gate:
+    with merged parameters still reaches them; here they stay pretrained) and, as non-persistent
+    buffers (moved and copied with the module, never in its state dict), ``gate [K g, D]``, ``a [D, K
+    r]``, ``b [K r, H]`` (see :func:`smile_factors`) and ``expert_bias [K, H]`` (the experts' bias
+    differences; ``None`` without a bias). ``route``, when set (tests), replaces the gate:
     ``tokens [T, D] -> weights [T, K]``.
     """
 
-    def __init__(self, linear: nn.Linear, factors: Callable[[], tuple], num_experts: int, top_k: int) -> None:
+    def __init__(self, linear: nn.Linear, factors: Mapping[str, torch.Tensor], expert_bias: torch.Tensor | None,
+                 num_experts: int, top_k: int) -> None:
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        self.factors, self.num_experts, self.top_k = factors, num_experts, top_k
+        for part in FACTORS:
+            self.register_buffer(part, factors[part], persistent=False)
+        self.register_buffer("expert_bias", expert_bias, persistent=False)
+        self.num_experts, self.top_k = num_experts, top_k
         self.route: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, a, b, bias = self.factors()
         y = F.linear(x, self.weight, self.bias)
         tokens = x.reshape(-1, x.shape[-1])
         r = self.route(tokens) if self.route is not None else \
-            smile_routing(tokens, gate, self.num_experts, self.top_k)
+            smile_routing(tokens, self.gate, self.num_experts, self.top_k)
         r = r.to(x.dtype)
-        z = torch.matmul(tokens, a.to(x.dtype)).unflatten(-1, (self.num_experts, -1))
-        out = torch.matmul((z * r[:, :, None]).flatten(-2), b.to(x.dtype))
-        if bias is not None:
-            out = out + torch.matmul(r, bias.to(x.dtype))
+        z = torch.matmul(tokens, self.a.to(x.dtype)).unflatten(-1, (self.num_experts, -1))
+        out = torch.matmul((z * r[:, :, None]).flatten(-2), self.b.to(x.dtype))
+        if self.expert_bias is not None:
+            out = out + torch.matmul(r, self.expert_bias.to(x.dtype))
         return y + out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def install_smile(module: nn.Module, layers: list[str], factors_of: Callable[[str], Callable[[], tuple]],
+def install_smile(module: nn.Module, layers: Mapping[str, tuple[Mapping[str, torch.Tensor], torch.Tensor | None]],
                   num_experts: int, top_k: int) -> None:
-    """Replace ``layers`` of ``module`` in place by :class:`SmileLinear` layers sharing the original
-    parameters."""
-    for name in layers:
+    """Replace each layer of ``layers`` (name -> its factors and expert bias differences) of
+    ``module`` in place by a :class:`SmileLinear` sharing the original parameters."""
+    for name, (factors, expert_bias) in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         linear = getattr(parent, child)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{name} is a {type(linear).__name__}, expected nn.Linear")
-        setattr(parent, child, SmileLinear(linear, factors_of(name), num_experts, top_k))
+        setattr(parent, child, SmileLinear(linear, factors, expert_bias, num_experts, top_k))
 
 
 class SmileLayers:
     """SMILE's merge builder (a :class:`~adamerge.methods.parts.MethodParts` ``merge``): the
     pretrained model (coefficients 0) on a copy of the encoder whose linear layers (``layers``:
-    ``linear``, ``mlp`` or a list of names) are :class:`SmileLinear`. After the build it holds the routed
-    ``layers`` and their factors (``vectors``: non-persistent buffers, moved with the module, never
-    checkpointed)."""
+    ``linear``, ``mlp`` or a list of names) are :class:`SmileLinear`. A layer whose weight task
+    vectors are all zero is left plain (FusionBench skips it: ``ExpertNotTrainedError``). After the
+    build it holds the routed ``layers``."""
 
     def __init__(self, k: int, gate_k: int, top_k: int, layers: str | list[str]) -> None:
         self.k, self.gate_k, self.top_k, self.requested = k, gate_k, top_k, layers
-        self.vectors = nn.Module()
         self.layers: list[str] = []
 
     def __call__(self, encoder: nn.Module, task_vectors: TaskVectors, layout: Layout | None = None,
@@ -145,34 +150,30 @@ class SmileLayers:
         merged = MergedModel(module, task_vectors, **options)
         names = list(task_vectors.names)
         if self.requested == "linear":
-            layers = [n for n in find_linears(module) if f"{n}.weight" in names]
+            chosen = [n for n in find_linears(module) if f"{n}.weight" in names]
         elif self.requested == "mlp":
-            layers = [n for pair in (layout or infer_layout(encoder)).mlps for n in pair if f"{n}.weight" in names]
+            chosen = [n for pair in (layout or infer_layout(encoder)).mlps for n in pair if f"{n}.weight" in names]
         else:
-            layers = list(self.requested)
-            missing = [n for n in layers if f"{n}.weight" not in names]
+            chosen = list(self.requested)
+            missing = [n for n in chosen if f"{n}.weight" not in names]
             if missing:
                 raise ValueError(f"SMILE: layers {missing[:3]} have no task vector (the pool's task vectors "
                                  f"cover {len(names)} parameters, e.g. {names[:3]})")
-        if not layers:
-            raise ValueError(f"SMILE: no linear layer to route in {type(encoder).__name__} (layers="
-                             f"{self.requested!r}); give layers: [name, ...]")
-        dtype, holder = task_vectors.tensors[0].dtype, self.vectors
-        for i, layer in enumerate(layers):
+        dtype = task_vectors.tensors[0].dtype
+        routed: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor | None]] = {}
+        for layer in chosen:
             tau = task_vectors.tensors[names.index(f"{layer}.weight")]
-            for part, t in smile_factors(tau, self.k, self.gate_k, name=f"{layer}.weight").items():
-                holder.register_buffer(f"{part}{i}", t.to(dtype), persistent=False)
-            if f"{layer}.bias" in names:
-                holder.register_buffer(f"bias{i}", task_vectors.tensors[names.index(f"{layer}.bias")].clone(),
-                                       persistent=False)
-        self.layers = layers
-
-        def factors_of(layer: str) -> Callable[[], tuple]:
-            i = layers.index(layer)
-            return lambda: (getattr(holder, f"gate{i}"), getattr(holder, f"a{i}"), getattr(holder, f"b{i}"),
-                            getattr(holder, f"bias{i}", None))
-
-        install_smile(module, layers, factors_of, task_vectors.num_tasks, self.top_k)
+            if not bool(tau.any()):
+                continue  # no expert moved this layer
+            factors = {part: t.to(dtype) for part, t in
+                       smile_factors(tau, self.k, self.gate_k, name=f"{layer}.weight").items()}
+            bias = task_vectors.tensors[names.index(f"{layer}.bias")].clone() if f"{layer}.bias" in names else None
+            routed[layer] = (factors, bias)
+        if not routed:
+            raise ValueError(f"SMILE: no linear layer to route in {type(encoder).__name__} (layers="
+                             f"{self.requested!r}, {len(chosen)} found, none with a nonzero task vector)")
+        install_smile(module, routed, task_vectors.num_tasks, self.top_k)
+        self.layers = list(routed)
         return merged
 
 
@@ -210,8 +211,7 @@ class Smile(AdaMerging):
         super().__init__(pool, granularity="taskwise", prior=0.0, clamp=False, learn_coefficients=False,
                          task_vector_dtype=task_vector_dtype,
                          _parts=MethodParts(pick_objective(type(self).objectives, "entropy"), merge=smile))
-        self.smile_vectors, self.smile_layers = smile.vectors, smile.layers
-        self.top_k = top_k
+        self.smile_layers, self.top_k = smile.layers, top_k
 
     def routed_layers(self) -> dict[str, SmileLinear]:
         """The routed layers of the merged encoder, by name."""
@@ -220,13 +220,13 @@ class Smile(AdaMerging):
     # ------------------------------------------------------------------------------ export
     def export_extra(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
         """``smile.safetensors``: per routed layer its gate (``smile.{layer}.gate`` ``[K g, D]``),
-        expert factors (``.a`` ``[D, K r]``, ``.b`` ``[K r, H]``) and bias differences (``.bias``
-        ``[K, H]``); ``merged.safetensors`` holds the pretrained weights. Rebuild with
+        expert factors (``.a`` ``[D, K r]``, ``.b`` ``[K r, H]``) and bias differences
+        (``.expert_bias`` ``[K, H]``); ``merged.safetensors`` holds the pretrained weights. Rebuild with
         :func:`load_smile`."""
         tensors = {}
-        for i, layer in enumerate(self.smile_layers):
-            for part in ("gate", "a", "b", "bias"):
-                t = getattr(self.smile_vectors, f"{part}{i}", None)
+        for layer, routed in self.routed_layers().items():
+            for part in (*FACTORS, "expert_bias"):
+                t = getattr(routed, part)
                 if t is not None:
                     tensors[f"smile.{layer}.{part}"] = t.detach()
         meta = {"smile": json.dumps({"layers": self.smile_layers, "tasks": list(self.task_names),
@@ -255,17 +255,8 @@ def load_smile(module: nn.Module, folder: str | Path) -> nn.Module:
     if not isinstance(meta, dict) or "layers" not in meta:
         raise ValueError(f"{folder / 'smile.safetensors'}: no 'smile' metadata (not a SMILE export)")
     tensors = load_file(folder / "smile.safetensors")
-    holders: dict[str, nn.Module] = {}
-
-    def factors_of(layer: str) -> Callable[[], tuple]:
-        holder = nn.Module()
-        for part in ("gate", "a", "b", "bias"):
-            holder.register_buffer(part, tensors.get(f"smile.{layer}.{part}"))
-        holders[layer] = holder
-        return lambda: (holder.gate, holder.a, holder.b, holder.bias)
-
-    install_smile(module, meta["layers"], factors_of, len(meta["tasks"]), int(meta["top_k"]))
-    for layer, holder in holders.items():  # the factors move with the routed layer
-        module.get_submodule(layer).factor_buffers = holder
+    routed = {layer: ({part: tensors[f"smile.{layer}.{part}"] for part in FACTORS},
+                      tensors.get(f"smile.{layer}.expert_bias")) for layer in meta["layers"]}
+    install_smile(module, routed, len(meta["tasks"]), int(meta["top_k"]))
     module.requires_grad_(False)
     return module.eval()
