@@ -135,3 +135,25 @@ def export(model, ckpt_path: str | Path | None, out: str | Path, row: str | None
     with atomic_write(paths["coefficients"]) as tmp:
         tmp.write_text(json.dumps(table, indent=1))
     return paths
+
+
+def read_method_export(module: nn.Module, folder: str | Path, key: str, required: str,
+                       what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The start of a routed method's export reader (WEMoE, Twin-Merging, SMILE): loads
+    ``folder/merged.safetensors`` into ``module`` (strict) and returns the ``key`` metadata (a JSON
+    object holding ``required``) and the tensors of ``folder/<key>.safetensors``; one-line errors
+    name a missing file or metadata. ``what``: the method's name in those errors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    extra = folder / f"{key}.safetensors"
+    for f in (folder / "merged.safetensors", extra):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: not found (write it with `adamerge export` of a {what} run)")
+    module.load_state_dict(load_file(folder / "merged.safetensors"), strict=True)
+    with safe_open(str(extra), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get(key, "null") or "null")
+    if not isinstance(meta, dict) or required not in meta:
+        raise ValueError(f"{extra}: no '{key}' metadata (not a {what} export)")
+    return meta, load_file(extra)
+

@@ -45,13 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.merged_model import MergedModel
+from ..io.export import read_method_export
 from ..engine.svd import svd
 from ..engine.task_vectors import TaskVectors
-from ..models.layout import Layout, infer_layout
+from ..models.layout import Layout
 from ..models.pool import ModelPool
 from .adamerging import AdaMerging
 from .parts import MethodParts, pick_objective
-from .twin import find_linears
+from .twin import routed_layer_names
 from .wemoe import _shallow_module_copy
 
 FACTORS = ("gate", "a", "b")  # a routed layer's buffers from smile_factors (besides its expert_bias)
@@ -149,16 +150,7 @@ class SmileLayers:
         module = _shallow_module_copy(encoder)
         merged = MergedModel(module, task_vectors, **options)
         names = list(task_vectors.names)
-        if self.requested == "linear":
-            chosen = [n for n in find_linears(module) if f"{n}.weight" in names]
-        elif self.requested == "mlp":
-            chosen = [n for pair in (layout or infer_layout(encoder)).mlps for n in pair if f"{n}.weight" in names]
-        else:
-            chosen = list(self.requested)
-            missing = [n for n in chosen if f"{n}.weight" not in names]
-            if missing:
-                raise ValueError(f"SMILE: layers {missing[:3]} have no task vector (the pool's task vectors "
-                                 f"cover {len(names)} parameters, e.g. {names[:3]})")
+        chosen = routed_layer_names(module, encoder, names, self.requested, layout, "SMILE")
         dtype = task_vectors.tensors[0].dtype
         routed: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor | None]] = {}
         for layer in chosen:
@@ -243,18 +235,7 @@ def load_smile(module: nn.Module, folder: str | Path) -> nn.Module:
     ``merged.safetensors`` (the pretrained weights, strict) and the gates and experts of
     ``smile.safetensors`` (kept as buffers of the routed layers, so ``.to(device)`` moves them).
     Returns ``module`` in eval mode; ``module(images)`` routes each token."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    for f in ("merged.safetensors", "smile.safetensors"):
-        if not (folder / f).is_file():
-            raise FileNotFoundError(f"{folder / f}: not found (write it with `adamerge export` of a SMILE config)")
-    module.load_state_dict(load_file(folder / "merged.safetensors"), strict=True)
-    with safe_open(str(folder / "smile.safetensors"), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("smile", "null") or "null")
-    if not isinstance(meta, dict) or "layers" not in meta:
-        raise ValueError(f"{folder / 'smile.safetensors'}: no 'smile' metadata (not a SMILE export)")
-    tensors = load_file(folder / "smile.safetensors")
+    meta, tensors = read_method_export(module, folder, "smile", "layers", "SMILE")
     routed = {layer: ({part: tensors[f"smile.{layer}.{part}"] for part in FACTORS},
                       tensors.get(f"smile.{layer}.expert_bias")) for layer in meta["layers"]}
     install_smile(module, routed, len(meta["tasks"]), int(meta["top_k"]))

@@ -80,6 +80,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..engine.merged_model import MergedModel
+from ..io.export import read_method_export
 from ..engine.svd import svd
 from ..engine.task_vectors import TaskVectors
 from ..models.layout import Layout, infer_layout
@@ -100,6 +101,24 @@ def find_linears(module: nn.Module) -> list[str]:
     attention = [n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
     return [n for n, m in module.named_modules() if isinstance(m, nn.Linear)
             and not any(n.startswith(f"{a}.") if a else True for a in attention)]
+
+
+def routed_layer_names(module: nn.Module, encoder: nn.Module, names: Sequence[str],
+                       requested: str | Sequence[str], layout: Layout | None, what: str) -> list[str]:
+    """The linear layers a routed method (Twin-Merging, SMILE) routes, among those with a weight
+    task vector (``names``): ``linear`` (:func:`find_linears` of ``module``), ``mlp`` (the MLPs' two
+    layers of ``layout``, read off ``encoder`` when ``None``) or the names given (one-line error for a
+    name without a task vector)."""
+    if requested == "linear":
+        return [n for n in find_linears(module) if f"{n}.weight" in names]
+    if requested == "mlp":
+        return [n for pair in (layout or infer_layout(encoder)).mlps for n in pair if f"{n}.weight" in names]
+    layers = list(requested)
+    missing = [n for n in layers if f"{n}.weight" not in names]
+    if missing:
+        raise ValueError(f"{what}: layers {missing[:3]} have no task vector (the pool's task vectors cover "
+                         f"{len(names)} parameters, e.g. {list(names)[:3]})")
+    return layers
 
 
 class TwinRouter(nn.Module):
@@ -279,16 +298,7 @@ class TwinLayers:
         merged = MergedModel(module, task_vectors, **options)
         names = list(task_vectors.names)
         chosen = self.requested
-        if chosen == "linear":
-            layers = [n for n in find_linears(module) if f"{n}.weight" in names]
-        elif chosen == "mlp":
-            layers = [n for pair in (layout or infer_layout(encoder)).mlps for n in pair if f"{n}.weight" in names]
-        else:
-            layers = list(chosen)
-            missing = [n for n in layers if f"{n}.weight" not in names]
-            if missing:
-                raise ValueError(f"Twin-Merging: layers {missing[:3]} have no task vector (the pool's "
-                                 f"task vectors cover {len(names)} parameters, e.g. {names[:3]})")
+        layers = routed_layer_names(module, encoder, names, chosen, layout, "Twin-Merging")
         if not layers:
             raise ValueError(f"Twin-Merging: no routed layer in {type(encoder).__name__} (layers="
                              f"{chosen!r}); give layers: [name, ...]")
@@ -510,19 +520,7 @@ def load_twin(module: nn.Module, folder: str | Path, routing_block_numel: int | 
     in place: ``merged.safetensors`` (the shared expert, strict) and the router and twin vectors of
     ``twin.safetensors`` (kept as buffers of the routed layers, so ``.to(device)`` moves them).
     Returns ``module`` in eval mode; ``module(images)`` routes each image."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    for f in ("merged.safetensors", "twin.safetensors"):
-        if not (folder / f).is_file():
-            raise FileNotFoundError(f"{folder / f}: not found (write it with `adamerge export` of a "
-                                    "Twin-Merging run)")
-    module.load_state_dict(load_file(folder / "merged.safetensors"), strict=True)
-    with safe_open(str(folder / "twin.safetensors"), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("twin", "null") or "null")
-    if not isinstance(meta, dict) or "layers" not in meta:
-        raise ValueError(f"{folder / 'twin.safetensors'}: no 'twin' metadata (not a Twin-Merging export)")
-    tensors = load_file(folder / "twin.safetensors")
+    meta, tensors = read_method_export(module, folder, "twin", "layers", "Twin-Merging")
     opts = meta["router"]
     router = TwinRouter(opts["dim"], len(meta["tasks"]), opts["hidden"], opts["norm"], opts["dropout"])
     router.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..engine.merged_model import MergedModel
+from ..io.export import read_method_export
 from ..engine.task_vectors import TaskVectors
 from ..models.layout import MLP_CHILDREN, Layout, infer_layout
 from ..models.pool import ModelPool
@@ -443,18 +444,7 @@ def load_wemoe(module: nn.Module, folder: str | Path, routing_block_numel: int |
     ``wemoe.safetensors`` with its routers and task vectors (kept as buffers of the routed layers,
     so ``module.to(device)`` moves them). Returns ``module``; features are ``module(images)``.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    for f in ("merged.safetensors", "wemoe.safetensors"):
-        if not (folder / f).is_file():
-            raise FileNotFoundError(f"{folder / f}: not found (write it with `adamerge export` of a WEMoE run)")
-    module.load_state_dict(load_file(folder / "merged.safetensors"), strict=True)
-    with safe_open(str(folder / "wemoe.safetensors"), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("wemoe", "null") or "null")
-    if not isinstance(meta, dict) or "mlps" not in meta:
-        raise ValueError(f"{folder / 'wemoe.safetensors'}: no 'wemoe' metadata (not a WEMoE export)")
-    tensors = load_file(folder / "wemoe.safetensors")
+    meta, tensors = read_method_export(module, folder, "wemoe", "mlps", "WEMoE")
     k = len(meta["tasks"])
     routers = nn.ModuleList()
     shared = bool(meta.get("shared_router", False))  # E-WEMoE: one router (router.0.*) for every MLP
