@@ -127,13 +127,13 @@ def grid_models(method: registry.Method, bench: Bench, hp: Mapping[str, Any],
     others = [k for k in grids if k != key]
     if key is not None and min(grids[key]) < 0:  # the row's own check of the value (MagMax, PCB refuse it)
         one_model(method, bench.loaded, bench.datamodule, {**hp, key: min(grids[key])}, bench.task_vectors, bench.base)
+    zero = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in bench.base.items()} if key else {}
     for rest in itertools.product(*(grids[k] for k in others)):
         point = {**hp, **dict(zip(others, rest))}
         if key is None:
             yield dict(zip(others, rest)), one_model(method, bench.loaded, bench.datamodule, point,
                                                      bench.task_vectors, bench.base)
             continue
-        zero = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in bench.base.items()}
         delta = one_model(method, bench.loaded, bench.datamodule, {**point, key: 1.0}, bench.task_vectors, zero)
         for value in grids[key]:
             chosen = {**dict(zip(others, rest)), key: value}

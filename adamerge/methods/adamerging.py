@@ -625,9 +625,9 @@ class AdaMerging(L.LightningModule):
     def refusal(self, path: str) -> str | None:
         """Why this module cannot take ``path`` (``fit``, ``resume``, ``test``, ``export``,
         ``predict``, ``online``, ``compare``), or ``None`` when it can: the CLI refuses such a
-        run in one line, and the contract matrix (tests/test_contract.py) checks both. A module
-        that refuses ``fit`` learns nothing (a training-free row, e.g. SMILE): ``test``, ``export``
-        and ``compare`` take it as built, without a checkpoint."""
+        run in one line, and the contract matrix (tests/test_contract.py) checks both. A class with
+        ``learns = False`` (a training-free row, e.g. SMILE) refuses ``fit`` and ``online``;
+        ``test``, ``export`` and ``compare`` take it as built, without a checkpoint."""
         if not self.learns and path in ("fit", "online"):
             return training_free(type(self).__name__, path)
         if path == "online" and self.objective_part.needs_labels:
